@@ -1,0 +1,138 @@
+"""The hand-derived ORPO gradient (orpo.orpo_grad, orpo.HandORPO) against autograd and
+central finite differences, in float64; its stability in float32; and training on it."""
+import math
+
+import pytest
+import torch
+
+import orpo
+from conftest import losses, run
+
+LAMS = [0.0, 0.1, 1.0]
+EXTREME = [-1e-6, -1e-3, -0.5, -20.0, -200.0]  # P near 1 ... P near 0
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
+
+
+def autograd_ell_grad(ell_w, ell_l, lam):
+    ell = torch.cat([ell_w, ell_l]).detach().requires_grad_()
+    loss, _ = orpo.orpo_loss(None, ell, None, lam, sft_on_prompt=False)
+    (g,) = torch.autograd.grad(loss, ell)
+    B = ell_w.numel()
+    return g[:B], g[B:]
+
+
+def ell_cases():
+    torch.manual_seed(0)
+    yield torch.tensor([-0.7]), torch.tensor([-1.3])  # batch of 1
+    yield -torch.rand(5) * 3, -torch.rand(5) * 3     # a batch
+    for w in EXTREME:                                # every pairing of the extremes
+        for l in EXTREME:
+            yield torch.tensor([w]), torch.tensor([l])
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_grad_wrt_mean_logps_equals_autograd(lam):
+    for ell_w, ell_l in ell_cases():
+        ell_w, ell_l = ell_w.double(), ell_l.double()
+        hw, hl = orpo.orpo_grad(ell_w, ell_l, lam)
+        aw, al = autograd_ell_grad(ell_w, ell_l, lam)
+        assert rel_err(torch.cat([hw, hl]), torch.cat([aw, al])) <= 1e-10, (ell_w, ell_l, lam)
+
+
+def test_grad_checks_catch_planted_errors():
+    """The comparison above fails for a sign slip (the paper's Eqs. 8 and 20) or a dropped
+    1/(1-P) weight: these tests can fail."""
+    ell_w, ell_l, lam = torch.tensor([-0.2, -1.0]).double(), torch.tensor([-0.4, -3.0]).double(), 1.0
+    aw, al = autograd_ell_grad(ell_w, ell_l, lam)
+    delta = torch.sigmoid(-((ell_w - orpo.log1mexp(ell_w)) - (ell_l - orpo.log1mexp(ell_l))))
+    sign_slip = ((-1 + lam * delta / (1 - ell_w.exp())) / 2, (-lam * delta / (1 - ell_l.exp())) / 2)
+    no_weight = ((-1 - lam * delta) / 2, (lam * delta) / 2)
+    for bad in (sign_slip, no_weight):
+        assert rel_err(torch.cat(bad), torch.cat([aw, al])) > 1e-2
+
+
+def logits_case(B, T, V, lengths, targets=None, seed=0):
+    """Random logits (2B, T, V) and a batch whose rows are padded to unequal lengths; with
+    `targets` (one mean log-prob per row), the target logits are set so that each row's
+    mean log-prob is near that value."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * B, T, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (2 * B, T), generator=g)
+    resp = torch.zeros(2 * B, T, dtype=torch.float64)
+    seq = torch.zeros(2 * B, T, dtype=torch.float64)
+    for i, (p, n) in enumerate(lengths):
+        seq[i, :n] = 1
+        resp[i, p:n] = 1
+    if targets is not None:
+        for i, t in enumerate(targets):  # log p(y) = a - log(e^a + V - 1), others at 0
+            logits[i] = 0
+            a = t + math.log(V - 1) - math.log(-math.expm1(t))
+            logits[i].scatter_(-1, y[i][:, None], torch.full((T, 1), a, dtype=torch.float64))
+    return logits, y, resp, seq
+
+
+LENGTHS = [(1, 6), (2, 4), (0, 3), (3, 6)]  # (prompt, prompt + response) per row, B = 2
+
+
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("sft_on_prompt", [False, True])
+def test_grad_wrt_logits_equals_autograd(lam, sft_on_prompt):
+    for B, lengths in ((1, [(1, 5), (2, 4)]), (2, LENGTHS)):
+        logits, y, resp, seq = logits_case(B, 6, 7, lengths)
+        a = logits.clone().requires_grad_()
+        logp, ell = orpo.response_logps(a, y, resp)
+        loss, _ = orpo.orpo_loss(logp, ell, seq, lam, sft_on_prompt)
+        (ga,) = torch.autograd.grad(loss, a)
+        h = logits.clone().requires_grad_()
+        loss_h, _, _ = orpo.HandORPO.apply(h, y, resp, seq, lam, sft_on_prompt)
+        (gh,) = torch.autograd.grad(loss_h, h)
+        assert loss_h.item() == loss.item()
+        assert rel_err(gh, ga) <= 1e-10
+        assert gh[seq == 0].abs().max() == 0 or sft_on_prompt  # padding gets no gradient
+        assert gh[resp == 0].abs().max() == 0 or sft_on_prompt  # nor do prompt tokens (paper)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+@pytest.mark.parametrize("targets", [None, [-1e-6, -20.0], [-1e-3, -200.0], [-200.0, -1e-6]])
+def test_gradcheck_hand_function(lam, targets):
+    B = 1 if targets else 2
+    lengths = [(1, 5), (2, 4)] if targets else LENGTHS
+    logits, y, resp, seq = logits_case(B, 5, 4, lengths, targets)
+    if targets:  # the constructed rows do hit the extremes
+        _, ell = orpo.response_logps(logits, y, resp)
+        for e, t in zip(ell.tolist(), targets):
+            assert math.isclose(e, t, rel_tol=1e-6), (e, t)
+    fn = lambda lg: orpo.HandORPO.apply(lg, y, resp, seq, lam, False)[0]
+    # gradcheck's default tolerances: central differences cannot do better near P = 1, where
+    # log odds curves as 1/l^2 (the exact comparison with autograd is the test above)
+    assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
+
+
+def test_grad_float32_finite_where_the_naive_form_fails():
+    ells = -torch.logspace(-12, 4, 200)  # -1e-12 ... -1e4
+    w, l = torch.meshgrid(ells, ells, indexing="ij")
+    w, l = w.flatten().float().requires_grad_(), l.flatten().float().requires_grad_()
+    loss, _ = orpo.orpo_loss(None, torch.cat([w, l]), None, 1.0, False)
+    loss.backward()
+    hw, hl = orpo.orpo_grad(w.detach(), l.detach(), 1.0)
+    for t in (loss, w.grad, l.grad, hw, hl):
+        assert torch.isfinite(t).all()
+    naive = lambda x: x - torch.log1p(-torch.exp(x))  # log odds, naively
+    bad = -F_logsigmoid(naive(w.detach()) - naive(l.detach()))
+    assert not torch.isfinite(bad).all()
+
+
+def F_logsigmoid(x):
+    return torch.nn.functional.logsigmoid(x)
+
+
+def test_grad_training_on_hand_backward_matches_autograd(tmp_path, data_dir):
+    auto = losses(run(tmp_path / "auto", data_dir, max_iters=20))
+    hand = losses(run(tmp_path / "hand", data_dir, max_iters=20, hand_grad=True))
+    assert len(auto) == len(hand) == 20
+    for a, h in zip(auto, hand):
+        for x, y in zip(a[1:], h[1:]):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, h)

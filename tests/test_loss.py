@@ -1,0 +1,102 @@
+import math
+from decimal import Decimal, localcontext
+
+import numpy as np
+import torch
+
+import orpo
+from model import GPT, GPTConfig
+
+
+def toy_split(rows):
+    """rows of (prompt, chosen, rejected) token lists -> a (tokens, index) split."""
+    tokens, index = [], []
+    for p, c, r in rows:
+        index.append((len(tokens), len(p), len(c), len(r)))
+        tokens += p + c + r
+    return np.array(tokens, np.uint16), np.array(index, np.int64)
+
+
+ROWS = [([1, 2, 3], [4, 5, 0], [6, 0]),
+        ([7], [8, 9, 10, 11, 0], [12, 13, 0]),
+        ([2, 2, 2, 2, 2], [3, 0], [5, 5, 5, 0])]
+
+
+def test_masks_cover_exactly_the_response_tokens():
+    split = toy_split(ROWS)
+    x, y, resp, seq = orpo.make_batch(split, [0, 1, 2], 16, "cpu")
+    B = len(ROWS)
+    assert x.shape == y.shape == (2 * B, 8)  # the longest: 5 + 4 tokens, minus one
+    for i, (p, c, r) in enumerate(ROWS):
+        for row, response in ((i, c), (B + i, r)):
+            assert y[row][resp[row].bool()].tolist() == response  # end-of-text (0) included
+            assert x[row, :len(p)].tolist() == p                  # every row starts with the prompt
+            assert seq[row].sum().item() == len(p) + len(response) - 1
+    assert ((resp == 1) <= (seq == 1)).all()
+
+
+def test_logps_same_alone_and_padded_in_a_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    split = toy_split(ROWS)
+    batch = orpo.make_batch(split, [0, 1, 2], 16, "cpu")
+    _, ell = orpo.response_logps(model(batch[0]), batch[1], batch[2])
+    for i in range(3):
+        x, y, resp, _ = orpo.make_batch(split, [i], 16, "cpu")  # no padding at all
+        _, alone = orpo.response_logps(model(x), y, resp)
+        torch.testing.assert_close(alone, ell[[i, 3 + i]], rtol=0, atol=1e-6)
+
+
+def test_log1mexp_is_stable_and_exact():
+    x = torch.tensor([-1e-12, -1e-6, -0.1, -math.log(2), -1.0, -20.0, -200.0, -1e4], dtype=torch.float64)
+    with localcontext() as ctx:  # the reference, in 60-digit decimal arithmetic
+        ctx.prec = 60
+        want = [float((1 - Decimal(v).exp()).ln()) for v in x.tolist()]
+    want = torch.tensor(want, dtype=torch.float64)
+    torch.testing.assert_close(orpo.log1mexp(x), want, rtol=1e-12, atol=1e-30)
+    x32 = x.float().requires_grad_()
+    y = orpo.log1mexp(x32)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x32.grad).all()
+    naive = torch.log1p(-torch.exp(torch.tensor(-1e-12)))
+    assert not torch.isfinite(naive)  # what the stable form is for
+
+
+def test_loss_matches_the_paper_by_hand():
+    ell = torch.tensor([-0.5, -2.0, -1.5, -0.3], dtype=torch.float64)  # chosen 2, rejected 2
+    logp = torch.zeros(4, 3, dtype=torch.float64)
+    seq = torch.ones(4, 3, dtype=torch.float64)
+    lam = 0.7
+    loss, parts = orpo.orpo_loss(logp, ell, seq, lam, sft_on_prompt=False)
+    want = 0.0
+    for w, l in ((-0.5, -1.5), (-2.0, -0.3)):
+        odds = lambda v: math.exp(v) / (1 - math.exp(v))
+        want += -w + lam * -math.log(1 / (1 + math.exp(-math.log(odds(w) / odds(l)))))
+    assert abs(loss.item() - want / 2) < 1e-12
+    assert parts["acc"].item() == 0.5
+
+
+def test_sft_on_prompt_uses_the_whole_sequence():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    seq = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    ell = torch.tensor([-3.0, -1.0], dtype=torch.float64)
+    _, parts = orpo.orpo_loss(logp, ell, seq, 0.0, sft_on_prompt=True)
+    assert parts["sft"].item() == 2.5  # mean of -2, -3 over the chosen row's sequence mask
+    _, parts = orpo.orpo_loss(logp, ell, seq, 0.0, sft_on_prompt=False)
+    assert parts["sft"].item() == 3.0
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=2, n_head=2, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = orpo.make_batch(toy_split(ROWS), [0, 1, 2], 16, "cpu")
+    for _ in range(300):
+        logp, ell = orpo.response_logps(model(batch[0]), batch[1], batch[2])
+        loss, parts = orpo.orpo_loss(logp, ell, batch[3], 1.0, False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["sft"].item() < 0.01, parts  # chosen memorised
+    assert parts["ell_l"].item() < -5, parts  # rejected pushed far down
+    assert parts["acc"].item() == 1.0
