@@ -6,6 +6,7 @@ returns them all; orpo.py turns them into log-probs.
 """
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx):
+    def forward(self, idx, need=None):
+        """Logits (B, T, vocab) at every position; with a bool mask `need` (B, T), only at
+        the positions it marks, as (N, vocab). ORPO scores responses: the vocab projection
+        of prompt and padding positions is work it never uses."""
         T = idx.size(1)
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.cfg.block_size}")
@@ -81,7 +85,8 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab): logits at every position
+        x = self.ln_f(x)
+        return self.lm_head(x if need is None else x[need])
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         # Decay the matrices (Linear weights, embeddings); never biases or LayerNorm gains.
@@ -91,13 +96,68 @@ class GPT(nn.Module):
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path="gpt2", block_size=1024, dropout=0.0):
+        """OpenAI's GPT-2 124M weights: from the Hugging Face hub through huggingface_hub
+        (which `datasets` brings), or from a local pytorch_model.bin; read by torch alone."""
+        path = name_or_path
+        if not os.path.exists(path):
+            if name_or_path != "gpt2":
+                raise ValueError(f"no file at {name_or_path!r}; give 'gpt2' or a local path")
+            try:
+                from huggingface_hub import hf_hub_download
+                path = hf_hub_download("openai-community/gpt2", "pytorch_model.bin")
+            except Exception as e:
+                raise RuntimeError(
+                    f"could not download GPT-2 from the Hugging Face hub ({type(e).__name__}). "
+                    "Download https://huggingface.co/openai-community/gpt2/resolve/main/"
+                    "pytorch_model.bin and pass its path instead: --init_from=/path/to/"
+                    "pytorch_model.bin") from e
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(GPTConfig(block_size=block_size, dropout=dropout))  # GPT-2 small's shape
+        model.load_gpt2_state_dict(sd)
+        return model
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eot=None, generator=None):
+    def load_gpt2_state_dict(self, sd):
+        """Copy a GPT-2 state dict (Hugging Face names, Conv1D weights stored (in, out)) into
+        this model, checking that every tensor is used and every shape fits."""
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        rename = {"attn.c_attn": "c_attn", "attn.c_proj": "c_proj", "mlp.c_fc": "c_fc",
+                  "mlp.c_proj": "mlp_proj"}
+        own = self.state_dict()
+        done = set()
+        for k, v in sd.items():
+            name = k
+            for a, b in rename.items():
+                name = name.replace(f".{a}.", f".{b}.")
+            if name not in own:
+                raise KeyError(f"GPT-2 tensor {k!r} has no place in this model")
+            if name.endswith(".weight") and any(f".{b}." in name for b in rename.values()):
+                v = v.t()  # Conv1D (in, out) -> Linear (out, in)
+            if name == "wte.weight":  # 50257 rows into the padded 50304
+                own[name][:v.size(0)] = v
+            elif name == "wpe.weight":  # a shorter block keeps the first positions
+                own[name].copy_(v[:own[name].size(0)])
+            else:
+                if own[name].shape != v.shape:
+                    raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(own[name].shape)}")
+                own[name].copy_(v)
+            done.add(name)
+        missing = set(own) - done - {"lm_head.weight"}  # lm_head is tied to wte
+        if missing:
+            raise KeyError(f"GPT-2 state dict lacks {sorted(missing)}")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eot=None, generator=None,
+                 n_vocab=None):
         """Sample continuations of idx (B, T). A row that has sampled the end-of-text token
-        keeps emitting it; sampling stops when every row has."""
+        keeps emitting it; sampling stops when every row has. n_vocab: the tokenizer's size,
+        so that the padding rows of the embedding are never sampled."""
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :].float()
+            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :n_vocab].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

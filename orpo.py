@@ -37,11 +37,12 @@ def die(msg):
 @dataclass
 class Config:
     # data
-    dataset: str = "synthetic"     # a prepare_data.py source; its files live in data_dir
-    data_dir: str = ""             # default: data/<dataset>
+    dataset: str = "synthetic"     # synthetic, hh-rlhf, ultrafeedback, or a name for data_file
+    data_file: str = ""            # a local .jsonl(.gz)/.json/.parquet of pairs to prepare
+    data_dir: str = ""             # the prepared files; default: data/<dataset>
     out_dir: str = "out"
     # model
-    init_from: str = "scratch"     # "scratch" or "resume"
+    init_from: str = "scratch"     # scratch, resume, gpt2 (the hub), or a GPT-2 .bin path
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -78,6 +79,9 @@ class Config:
     dtype: str = "auto"            # auto: bf16 (or fp16 + GradScaler) on cuda, fp32 elsewhere
     compile: bool = False
     seed: int = 1337
+    vocab_size: int = 0            # 0: the data's tokenizer's, rounded up to a multiple of 64
+    bench: bool = False            # time bench_steps steps on fixed-length random batches
+    bench_steps: int = 10
 
 
 PRESETS = {
@@ -143,12 +147,14 @@ def parse_args(argv):
 def load_data(cfg):
     data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
     meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        if cfg.dataset != "synthetic":
-            die(f"{meta_path} not found; run "
-                             f"python prepare_data.py --source {cfg.dataset} --out {data_dir}")
-        print(f"no data in {data_dir}: preparing the synthetic task")
-        prepare_data.prepare("synthetic", data_dir)
+    if not os.path.exists(meta_path):  # prepare it, to fit block_size
+        print(f"no data in {data_dir}: preparing {cfg.data_file or cfg.dataset}")
+        try:
+            prepare_data.prepare(cfg.dataset, data_dir, max_len=cfg.block_size + 1,
+                                 max_prompt_len=(cfg.block_size + 1) // 2,
+                                 file=cfg.data_file or None)
+        except ValueError as e:
+            die(str(e))
     with open(meta_path) as f:
         meta = json.load(f)
     n_vocab = prepare_data.get_encoding(meta["tokenizer"]).n_vocab
@@ -188,10 +194,19 @@ def make_batch(split, rows, block_size, device):
     return t(x), t(y), t(resp), t(seq)
 
 
-def batch_order(n_rows, seed, epoch):
-    """The training order of one epoch: a function of (seed, epoch), so a resumed run that
-    knows its epoch and position sees the same batches as an uninterrupted one."""
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+def batch_order(index, batch_size, seed, epoch):
+    """The batches of one epoch, a function of (seed, epoch) alone, so that a resumed run that
+    knows its epoch and batch position sees what an uninterrupted one would. Pairs are
+    shuffled, sorted by length within windows of 64 batches (so a batch pads little), cut
+    into batches, and the batches shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(index))
+    length = index[:, 1] + np.maximum(index[:, 2], index[:, 3])
+    win = 64 * batch_size
+    perm = np.concatenate([w[np.argsort(length[w], kind="stable")]
+                           for w in np.split(perm, range(win, len(perm), win))])
+    batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,12 +223,13 @@ def log1mexp(x):
                        torch.log1p(-torch.exp(x.clamp(max=a))))
 
 
-def response_logps(logits, y, resp):
-    """Per-token log-probs (2B, T), computed once by the fused cross-entropy, and the mean
-    log-prob of each response (2B,): paper Eq. 3, log P(y|x) = (1/m) sum_t log P(y_t|x, y<t)."""
+def response_logps(logits, y, resp, need):
+    """Per-token log-probs (2B, T), computed once by the fused cross-entropy from the logits
+    (N, V) at the N positions `need` marks (zero elsewhere), and the mean log-prob of each
+    response (2B,): paper Eq. 3, log P(y|x) = (1/m) sum_t log P(y_t | x, y_<t)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 in tests)
-    logp = -F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-    logp = logp.view_as(y)
+    logp = torch.zeros_like(resp).masked_scatter(
+        need, -F.cross_entropy(logits, y[need], reduction="none"))
     # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
     ell = ((logp * resp).sum(1) / resp.sum(1)).clamp(max=-torch.finfo(torch.float32).tiny)
     return logp, ell
@@ -261,17 +277,17 @@ class HandORPO(torch.autograd.Function):
     """The ORPO loss with a backward written by hand: the flag --hand_grad trains on it."""
 
     @staticmethod
-    def forward(ctx, logits, y, resp, seq, lam, sft_on_prompt):
-        logp, ell = response_logps(logits, y, resp)
+    def forward(ctx, logits, y, resp, seq, need, lam, sft_on_prompt):
+        logp, ell = response_logps(logits, y, resp, need)
         loss, parts = orpo_loss(logp, ell, seq, lam, sft_on_prompt)
-        ctx.save_for_backward(logits, y, resp, seq, ell)
+        ctx.save_for_backward(logits, y, resp, seq, need, ell)
         ctx.lam, ctx.sft_on_prompt = lam, sft_on_prompt
         ctx.mark_non_differentiable(parts["sft"], parts["orl"])  # returned for logging only
         return loss, parts["sft"], parts["orl"]
 
     @staticmethod
     def backward(ctx, g_loss, _, __):
-        logits, y, resp, seq, ell = ctx.saved_tensors
+        logits, y, resp, seq, need, ell = ctx.saved_tensors
         B = ell.size(0) // 2
         g_w, g_l = orpo_grad(ell[:B], ell[B:], ctx.lam)
         if ctx.sft_on_prompt:
@@ -280,8 +296,8 @@ class HandORPO(torch.autograd.Function):
         if ctx.sft_on_prompt:
             tok[:B] -= seq[:B] / seq[:B].sum(1, keepdim=True) / B
         g = -torch.softmax(logits.to(ell.dtype), -1)  # d logp_t / d logits_t = onehot(y_t) - softmax_t
-        g.scatter_add_(-1, y[..., None], torch.ones_like(g[..., :1]))
-        return (g * (g_loss * tok)[..., None]).to(logits.dtype), None, None, None, None, None
+        g.scatter_add_(-1, y[need][:, None], torch.ones_like(g[:, :1]))
+        return (g * (g_loss * tok[need])[:, None]).to(logits.dtype), *[None] * 6
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,18 +335,20 @@ def setup_device(cfg):
 
 
 def model_config(cfg, meta):
-    return GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+    vocab = cfg.vocab_size or -(-meta["vocab_size"] // 64) * 64  # 64 | vocab: GPT-2's 50304
+    return GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
 
 
 def forward_loss(model, batch, cfg, ctx):
     x, y, resp, seq = batch
+    need = (seq if cfg.sft_on_prompt else resp).bool()  # the positions the loss reads
     with ctx:
-        logits = model(x)
+        logits = model(x, need)
     if cfg.hand_grad:
-        loss, sft, orl = HandORPO.apply(logits, y, resp, seq, cfg.lam, cfg.sft_on_prompt)
+        loss, sft, orl = HandORPO.apply(logits, y, resp, seq, need, cfg.lam, cfg.sft_on_prompt)
         return loss, dict(sft=sft, orl=orl)
-    logp, ell = response_logps(logits, y, resp)
+    logp, ell = response_logps(logits, y, resp, need)
     return orpo_loss(logp, ell, seq, cfg.lam, cfg.sft_on_prompt)
 
 
@@ -342,11 +360,9 @@ def evaluate(model, split, cfg, device, ctx):
     sums, count = {}, 0
     for i in range(0, n, cfg.batch_size):
         rows = range(i, min(i + cfg.batch_size, n))
-        x, y, resp, seq = make_batch(split, rows, cfg.block_size, device)
-        with ctx:
-            logits = model(x)
-        logp, ell = response_logps(logits, y, resp)
-        _, parts = orpo_loss(logp, ell, seq, cfg.lam, cfg.sft_on_prompt)
+        batch = make_batch(split, rows, cfg.block_size, device)
+        # the loss's value is the same with either backward; autograd's path reports all parts
+        _, parts = forward_loss(model, batch, dataclasses.replace(cfg, hand_grad=False), ctx)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(rows)
         count += len(rows)
@@ -376,7 +392,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx, seed):
             prompts = np.stack([tokens[index[r][0]:index[r][0] + p] for r in rs]).astype(np.int64)
             with ctx:
                 ids = model.generate(torch.from_numpy(prompts).to(device), cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_k or None, eot, gen)
+                                     cfg.temperature, cfg.top_k or None, eot, gen, enc.n_vocab)
             for r, row in zip(rs, ids[:, p:].tolist()):
                 off, c = int(index[r][0]), int(index[r][2])
                 resp = row[:row.index(eot)] if eot in row else row
@@ -436,7 +452,7 @@ def sample_prompt(cfg):
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     with ctx:
         out = model.generate(ids.expand(max(1, min(cfg.n_samples, 5)), -1), cfg.max_new_tokens,
-                             cfg.temperature, cfg.top_k or None, meta["eot"], gen)
+                             cfg.temperature, cfg.top_k or None, meta["eot"], gen, enc.n_vocab)
     for row in out[:, ids.size(1):].tolist():
         resp = row[:row.index(meta["eot"])] if meta["eot"] in row else row
         line = f"{text!r} ->{enc.decode(resp)!r}"
@@ -446,6 +462,86 @@ def sample_prompt(cfg):
             except (ValueError, KeyError, IndexError):
                 pass  # a prompt outside the synthetic task has no judge score
         print(line)
+
+
+def step_flops(model, tokens, n_logits, T):
+    """FLOPs of one forward and backward (3x forward): the blocks' matmuls (6 per parameter
+    per token), attention's scores and values (12 L d T per token, nanoGPT's count), and the
+    vocab projection at the n_logits positions that need it."""
+    c = model.cfg
+    n_blocks = sum(p.numel() for p in model.h.parameters())
+    return 6 * n_blocks * tokens + 12 * c.n_layer * c.n_embd * T * tokens + 6 * c.n_embd * c.vocab_size * n_logits
+
+
+_PEAK = {}
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 FLOP/s, vendor specs
+
+
+def peak_flops(dev_type, dtype):
+    """The denominator of MFU: on CUDA the GPU's bf16 peak from its spec sheet; on the CPU
+    the best of ten n=1024 matmuls in the run's dtype, measured here and now."""
+    key = (dev_type, dtype)
+    if key not in _PEAK:
+        if dev_type == "cuda":
+            name = torch.cuda.get_device_name()
+            _PEAK[key] = next((v for k, v in GPU_BF16_PEAK.items() if k in name), float("nan"))
+        else:
+            a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+            best = float("inf")
+            for _ in range(12):
+                t = time.perf_counter()
+                a @ a
+                best = min(best, time.perf_counter() - t)
+            _PEAK[key] = 2 * 1024 ** 3 / best
+    return _PEAK[key]
+
+
+def peak_memory(dev_type):
+    if dev_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def bench(cfg):
+    """--bench: bench_steps timed optimizer steps on random batches in which every sequence
+    fills block_size (half prompt, half response); prints one JSON line."""
+    dev, dev_type, dtype, ctx = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 50304), {})).to(dev)
+    opt = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type)
+    scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
+    fwd = torch.compile(model) if cfg.compile else model
+    B, T, V = cfg.batch_size, cfg.block_size, model.cfg.vocab_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    x, y = (torch.randint(0, V, (2 * B, T), generator=g).to(dev) for _ in range(2))
+    resp = torch.zeros(2 * B, T)
+    resp[:, T // 2 - 1:] = 1.0
+    batch = (x, y, resp.to(dev), torch.ones(2 * B, T, device=dev))
+    times = []
+    for i in range(cfg.bench_steps + 2):  # two warm-up steps
+        t = time.perf_counter()
+        loss, _ = forward_loss(fwd, batch, cfg, ctx)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # waits for the device
+        times.append(time.perf_counter() - t)
+    s = float(np.median(times[2:]))
+    n_logits = int((batch[3] if cfg.sft_on_prompt else batch[2]).sum().item())
+    flops = step_flops(model, 2 * B * T, n_logits, T)
+    out = dict(device=dev, dtype=dtype, threads=torch.get_num_threads(), params=model.num_params(),
+               tokens_per_step=2 * B * T, logit_positions=n_logits, steps=cfg.bench_steps,
+               ms_per_step=round(s * 1e3, 1), tokens_per_s=round(2 * B * T / s, 1),
+               mfu=round(flops / s / peak_flops(dev_type, dtype), 4),
+               peak_flops=round(peak_flops(dev_type, dtype) / 1e9, 1),
+               peak_mem_mb=round(peak_memory(dev_type) / 2**20))
+    print(json.dumps(out))
+    return out
 
 
 def train(cfg, preset="custom"):
@@ -470,7 +566,17 @@ def train(cfg, preset="custom"):
     n_train = len(train_split[1])
 
     # -- model, optimizer, scaler; resume restores all three and the data position
-    model = GPT(model_config(cfg, meta)).to(dev)
+    if cfg.init_from in ("scratch", "resume"):
+        model = GPT(model_config(cfg, meta)).to(dev)
+    else:  # pretrained GPT-2 124M: its shape, and data tokenized with its tokenizer
+        if meta["tokenizer"] != "gpt2":
+            die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
+                f"{cfg.dataset} uses {meta['tokenizer']!r}")
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias = 12, 12, 768, True
+        try:
+            model = GPT.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout).to(dev)
+        except (RuntimeError, ValueError, KeyError) as e:
+            die(str(e))
     opt = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     it, epoch, pos, history = 0, 0, 0, []
@@ -483,8 +589,6 @@ def train(cfg, preset="custom"):
         it, epoch, pos, history = ck["iter"], ck["epoch"], ck["pos"], ck["history"]
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {ckpt_path} at iteration {it}")
-    elif cfg.init_from != "scratch":
-        die(f"--init_from must be scratch or resume, got {cfg.init_from!r}")
     raw = model
     if cfg.compile:
         model = torch.compile(model)
@@ -503,16 +607,17 @@ def train(cfg, preset="custom"):
             log.write(json.dumps(rec) + "\n")
             log.flush()
 
-    order = batch_order(n_train, cfg.seed, epoch)
+    if n_train < cfg.batch_size:
+        die(f"{n_train} training pairs are fewer than batch_size {cfg.batch_size}")
+    order = batch_order(train_split[1], cfg.batch_size, cfg.seed, epoch)
 
-    def next_rows():
+    def next_rows():  # pos: the next batch of this epoch's order
         nonlocal order, epoch, pos
-        if pos + cfg.batch_size > n_train:
+        if pos == len(order):
             epoch, pos = epoch + 1, 0
-            order = batch_order(n_train, cfg.seed, epoch)
-        rows = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        return rows
+            order = batch_order(train_split[1], cfg.batch_size, cfg.seed, epoch)
+        pos += 1
+        return order[pos - 1]
 
     if it == 0 and master:
         m0 = evaluate(raw, val_split, cfg, dev, ctx)
@@ -523,7 +628,7 @@ def train(cfg, preset="custom"):
         print_eval(0, m0)
         print_samples("before training", s0)
 
-    t0, t_start, toks = time.time(), time.time(), 0
+    t0, t_start, toks, padded, flops = time.time(), time.time(), 0, 0, 0
     while it < cfg.max_iters:
         lr = lr_at(it, cfg)
         for g in opt.param_groups:
@@ -534,8 +639,11 @@ def train(cfg, preset="custom"):
             if micro % world != rank:
                 continue
             batch = make_batch(train_split, rows, cfg.block_size, dev)
-            lens = train_split[1][rows]  # real (non-pad) input tokens, counted on the host
-            toks += int((2 * lens[:, 1] + lens[:, 2] + lens[:, 3] - 2).sum())
+            lens = train_split[1][rows].astype(np.int64)  # counted on the host: no device sync
+            real = int((2 * lens[:, 1] + lens[:, 2] + lens[:, 3] - 2).sum())  # non-pad inputs
+            n_logits = real if cfg.sft_on_prompt else int(lens[:, 2:].sum())
+            toks, padded = toks + real, padded + batch[0].numel()
+            flops += step_flops(raw, real, n_logits, batch[0].size(1))
             sync = micro + world >= cfg.grad_accum  # the last micro-step of this rank
             with (contextlib.nullcontext() if sync or not ddp else model.no_sync()):
                 loss, parts = forward_loss(model, batch, cfg, ctx)
@@ -560,8 +668,9 @@ def train(cfg, preset="custom"):
         if master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
             dt = time.time() - t0
             print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} "
-                  f"| lr {lr:.2e} | {toks * world / dt:,.0f} tok/s")
-            t0, toks = time.time(), 0
+                  f"| lr {lr:.2e} | {toks * world / dt:,.0f} tok/s "
+                  f"| MFU {flops / dt / peak_flops(dev_type, dtype):.1%} | pad {1 - toks / padded:.1%}")
+            t0, toks, padded, flops = time.time(), 0, 0, 0
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if master:
                 m = evaluate(raw, val_split, cfg, dev, ctx)
@@ -627,8 +736,11 @@ def summarize(cfg, preset, history, s0, s1, seconds):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
     preset, cfg = parse_args(sys.argv[1:])
     if cfg.prompt:
         sample_prompt(cfg)
+    elif cfg.bench:
+        bench(cfg)
     else:
         train(cfg, preset)

@@ -1,6 +1,9 @@
 """Turn preference pairs (prompt, chosen, rejected) into token files that orpo.py reads.
 
     python prepare_data.py                      # the offline synthetic task -> data/synthetic
+    python prepare_data.py --source hh-rlhf     # Anthropic/hh-rlhf from the hub (datasets)
+    python prepare_data.py --source ultrafeedback   # HuggingFaceH4/ultrafeedback_binarized
+    python prepare_data.py --source mine --file pairs.jsonl [--val_file val.jsonl]
 
 Output, in --out:
     {train,val}.tokens.npy   every row's prompt, chosen and rejected tokens, back to back
@@ -9,11 +12,12 @@ Output, in --out:
 Both responses end with the end-of-text token. np.load(..., mmap_mode="r") reads them lazily.
 
 The synthetic task ("more like these") is a preference task in the paper's sense. The prompt
-gives two example words of one topic and asks for n more; the chosen answer lists n new
-on-topic words and mostly opens politely; the rejected answer shares the prompt and the
-template but has the chosen one's flaws and more: it is rude, or strays off topic, or both.
-Since 15% of chosen answers are rude, SFT learns to be rude 15% of the time; the pairs say
-that rude is worse, and ORPO can learn that too. judge() scores any answer, so orpo.py can measure a
+gives two example words of one topic and asks for n more; the chosen answer opens politely
+and lists n new words of that topic, but, as in real data, it is better, not perfect: a
+fifth of chosen answers have one word off topic. The rejected answer shares the prompt and
+the template, keeps the chosen one's flaws and adds more: it is rude, strays further off
+topic, or both. SFT imitates the chosen answers, stray words included; the pairs say that
+off topic is worse, and ORPO learns that too. judge() scores any answer, so orpo.py can measure a
 win rate on sampled generations, as the paper does with a reward model.
 """
 import argparse
@@ -78,18 +82,21 @@ def make_synthetic(n_train, n_val, seed):
             t, a, b, n = split_keys[split][k]
             pool = [w for w in TOPICS[t] if w not in (a, b)]
             words = list(rng.choice(pool, size=n, replace=False))
-            # Like real preference data, the chosen answer is better, not perfect: now and
-            # then it is rude. The rejected answer has the chosen one's flaws and more.
-            chosen_rude = rng.random() < 0.15
-            bad = list(words)
-            n_off = int(rng.integers(int(chosen_rude), n + 1))  # words that stray off topic
+            # Like real preference data, the chosen answer is better, not perfect: a fifth of
+            # them have one word off topic. The rejected answer keeps the chosen one's flaws
+            # and adds more: it is rude (half the time), or strays further off topic, or both.
             others = [w for w in TOPIC_OF if TOPIC_OF[w] != t]
-            for i in rng.choice(n, size=n_off, replace=False):
+            if rng.random() < 0.2:
+                words[int(rng.integers(n))] = str(rng.choice(others))
+            on = [i for i, w in enumerate(words) if TOPIC_OF[w] == t]
+            rude = rng.random() < 0.5
+            n_off = int(rng.integers(0 if rude else 1, len(on) + 1))
+            bad = list(words)
+            for i in rng.choice(on, size=n_off, replace=False):
                 bad[i] = str(rng.choice(others))
-            rude = chosen_rude or n_off == 0 or rng.random() < 0.5  # at least one new flaw
             rows.append({
                 "prompt": synthetic_prompt((a, b), n),
-                "chosen": f" {rng.choice(RUDE if chosen_rude else POLITE)} : {' '.join(words)} .",
+                "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
                 "rejected": f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} .",
             })
         out[split] = rows
@@ -100,7 +107,7 @@ def judge(prompt, response):
     """Score a response to a synthetic prompt in [0, 1]: the mean of four checks, the things
     the preference pairs teach: a polite opener; the form ' opener : words .'; the asked-for
     count; the fraction of listed words on the prompt's topic. A chosen response scores 1,
-    or 0.75 when it is rude."""
+    or a little less when one of its words is off topic."""
     head, _, tail = prompt.partition(" more like ")
     n = int(head.split()[-1])
     topic = TOPIC_OF[tail.split("\n")[0].split(" and ")[0]]
@@ -121,74 +128,219 @@ def get_encoding(tok):
     return synthetic_encoding() if tok == "synthetic" else tiktoken.get_encoding(tok)
 
 
-def check_row(row, i, name):
-    """Return (prompt, chosen, rejected) strings, or raise ValueError naming the row."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{name} row {i}: expected an object, got {type(row).__name__}")
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in row:
-            raise ValueError(f"{name} row {i}: missing key {key!r} (has {sorted(row)})")
-        if not isinstance(row[key], str):
-            raise ValueError(f"{name} row {i}: {key!r} is {type(row[key]).__name__}, not a string")
-    return row["prompt"], row["chosen"], row["rejected"]
-
-
-def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name):
+def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name, shape="triple",
+                first_row=0):
     """Tokenize rows and write {split}.tokens.npy and {split}.index.npy. Returns the counts.
-    Rows that are malformed, have an empty response or identical responses are dropped and
-    counted; long rows are truncated (the prompt keeps its end, each response its start)."""
-    eot = enc.eot_token
+    Malformed rows, rows with an empty response and rows whose responses are identical are
+    dropped and counted (the paper filters the last two too); the bad ones are named by row
+    number. Long rows are truncated: the prompt keeps its end, each response its start."""
     counts = {"read": 0, "kept": 0, "truncated": 0,
               "dropped": {"malformed": 0, "empty_response": 0, "identical": 0}}
-    errors, chunks, index, offset = [], [], [], 0
-    for i, row in enumerate(rows):
+    errors, triples = [], []
+    for i, row in enumerate(rows, start=first_row):
         counts["read"] += 1
         try:
-            prompt, chosen, rejected = check_row(row, i, name)
+            t = to_triple(row, shape)
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(t[key], str):
+                    raise ValueError(f"{key!r} is {type(t[key]).__name__}, not a string")
         except ValueError as e:
             counts["dropped"]["malformed"] += 1
-            errors.append(str(e))
+            errors.append(f"{name} row {i}: {e}")
             continue
-        if not chosen.strip() or not rejected.strip():
+        if not t["chosen"].strip() or not t["rejected"].strip():
             counts["dropped"]["empty_response"] += 1
-            continue
-        if chosen == rejected:
+        elif t["chosen"] == t["rejected"]:
             counts["dropped"]["identical"] += 1
-            continue
-        p = enc.encode_ordinary(prompt)
-        c, r = enc.encode_ordinary(chosen) + [eot], enc.encode_ordinary(rejected) + [eot]
-        if len(p) > max_prompt_len or len(p) + max(len(c), len(r)) > max_len:
-            counts["truncated"] += 1
-            p = p[len(p) - min(len(p), max_prompt_len):]
-            c, r = c[:max_len - len(p)], r[:max_len - len(p)]
-        chunks.append(np.array(p + c + r, dtype=np.int64))
-        index.append((offset, len(p), len(c), len(r)))
-        offset += len(p) + len(c) + len(r)
-        counts["kept"] += 1
-    if counts["kept"] == 0:
-        raise ValueError(f"{name}: no usable rows in split {split!r} ({counts})")
-    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32  # smallest type for the vocab
-    np.save(os.path.join(out_dir, f"{split}.tokens.npy"), np.concatenate(chunks).astype(dtype))
-    np.save(os.path.join(out_dir, f"{split}.index.npy"), np.array(index, dtype=np.int64))
+        else:
+            triples.append((t["prompt"], t["chosen"], t["rejected"]))
     for e in errors[:10]:
         print("  bad row:", e, file=sys.stderr)
     if len(errors) > 10:
         print(f"  ... and {len(errors) - 10} more bad rows", file=sys.stderr)
+    if not triples:
+        raise ValueError(f"{name}: no usable rows in split {split!r} ({counts})")
+    eot, chunks, index, offset, step = enc.eot_token, [], [], 0, 16384
+    for lo in range(0, len(triples), step):  # tiktoken encodes a batch on all cores
+        if len(triples) > 4 * step:
+            print(f"  {split}: tokenizing rows {lo}-{min(lo + step, len(triples))} of "
+                  f"{len(triples)}", file=sys.stderr)
+        part = triples[lo:lo + step]
+        p_, c_, r_ = (enc.encode_ordinary_batch([t[k] for t in part], num_threads=os.cpu_count())
+                      for k in range(3))
+        for p, c, r in zip(p_, c_, r_):
+            c, r = c + [eot], r + [eot]
+            if len(p) > max_prompt_len or len(p) + max(len(c), len(r)) > max_len:
+                counts["truncated"] += 1
+                p = p[len(p) - min(len(p), max_prompt_len):]
+                c, r = c[:max_len - len(p)], r[:max_len - len(p)]
+            chunks.append(np.array(p + c + r, dtype=np.int64))
+            index.append((offset, len(p), len(c), len(r)))
+            offset += len(p) + len(c) + len(r)
+    counts["kept"] = len(index)
+    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32  # smallest type for the vocab
+    np.save(os.path.join(out_dir, f"{split}.tokens.npy"), np.concatenate(chunks).astype(dtype))
+    np.save(os.path.join(out_dir, f"{split}.index.npy"), np.array(index, dtype=np.int64))
     return counts
 
 
+# ----------------------------------------------------------------------------------------
+# Real preference data: Anthropic HH-RLHF, UltraFeedback binarized, or a local file.
+# Every source becomes rows of {prompt, chosen, rejected} strings in one chat format, HH's:
+#     "\n\nHuman: {user turn}\n\nAssistant: {assistant turn}..."
+# where the prompt is everything up to and including the last "\n\nAssistant:" and each
+# response is what follows it (a leading space included, as in HH).
+
+ASSISTANT = "\n\nAssistant:"
+ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+SHAPES = ("{prompt, chosen, rejected} strings; HH-style {chosen, rejected} whole dialogues; "
+          "{chosen, rejected} message lists of {role, content}, with or without a prompt column")
+
+
+def split_dialogue(text, what):
+    """An HH dialogue -> (prompt through the last Assistant marker, response)."""
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError(f"{what} has no {ASSISTANT!r} turn")
+    return text[:i + len(ASSISTANT)], text[i + len(ASSISTANT):]
+
+
+def render(messages, what):
+    """[{role, content}, ...] -> the chat format above (no trailing Assistant marker)."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise ValueError(f"{what}: a message is not a {{role, content}} object with role "
+                             f"in {sorted(ROLES)}: {str(m)[:80]!r}")
+        out.append(f"\n\n{ROLES[m['role']]}: {m['content']}")
+    return "".join(out)
+
+
+def detect_shape(row, name):
+    if not isinstance(row, dict):
+        raise ValueError(f"{name}: rows are {type(row).__name__}, not objects; accepted: {SHAPES}")
+    keys = set(row)
+    if {"chosen", "rejected"} <= keys:
+        if isinstance(row["chosen"], list):
+            return "messages"
+        if "prompt" in keys:
+            return "triple"
+        return "dialogue"
+    raise ValueError(f"{name}: unrecognised rows with keys {sorted(keys)}; accepted: {SHAPES}")
+
+
+def to_triple(row, shape):
+    """One row of a given shape -> {prompt, chosen, rejected} strings, or ValueError."""
+    if isinstance(row, BrokenLine):
+        raise ValueError(row.msg)
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}")
+    for key in ("chosen", "rejected") + (("prompt",) if shape == "triple" else ()):
+        if key not in row:
+            raise ValueError(f"missing key {key!r} (has {sorted(row)})")
+    if shape == "triple":
+        return row
+    if shape == "dialogue":
+        for key in ("chosen", "rejected"):
+            if not isinstance(row[key], str):
+                raise ValueError(f"{key!r} is {type(row[key]).__name__}, not a string")
+        prompt, chosen = split_dialogue(row["chosen"], "'chosen'")
+        if not row["rejected"].startswith(prompt):
+            raise ValueError("'chosen' and 'rejected' differ before the last Assistant turn")
+        return {"prompt": prompt, "chosen": chosen, "rejected": row["rejected"][len(prompt):]}
+    # messages: the last message of each list is the response; what precedes it (or, when the
+    # lists hold the response alone, the prompt column as a user turn) is the prompt
+    conv = {}
+    for key in ("chosen", "rejected"):
+        msgs = row[key]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{key!r} is not a non-empty list of messages")
+        if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
+            raise ValueError(f"{key!r} does not end with an assistant message")
+        conv[key] = msgs
+    head = conv["chosen"][:-1]
+    if not head:
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError("the messages hold no prompt turn and there is no 'prompt' string")
+        head = [{"role": "user", "content": row["prompt"]}]
+    elif conv["rejected"][:-1] and conv["rejected"][:-1] != head:
+        raise ValueError("'chosen' and 'rejected' messages differ before the last turn")
+    render(conv["chosen"] + conv["rejected"], "messages")  # checks every message
+    return {"prompt": render(head, "prompt") + ASSISTANT,
+            "chosen": " " + conv["chosen"][-1]["content"],
+            "rejected": " " + conv["rejected"][-1]["content"]}
+
+
+class BrokenLine:
+    """A .jsonl line that is not JSON: kept in place, so row numbers stay right, and counted."""
+    def __init__(self, msg):
+        self.msg = msg
+
+
+def read_file(path):
+    """Rows of a local .jsonl(.gz), .json or .parquet file, and the errors of unreadable rows.
+    .jsonl is read line by line so that one broken line is reported and skipped, not fatal;
+    the others go through datasets' own loaders."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        import gzip
+        rows = []
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    rows.append(BrokenLine(f"broken JSON ({e.msg})"))
+        return rows
+    import datasets
+    kind = "parquet" if path.endswith(".parquet") else "json"
+    return list(datasets.load_dataset(kind, data_files=path, split="train"))
+
+
+def load_source(source, path=None, subset=None, val_path=None):
+    """{split: (rows, number of the first row)}; rows are raw rows of the source's shape."""
+    import datasets
+    if path:  # a local file of any accepted shape
+        for p in (path, val_path):
+            if p and not os.path.exists(p):
+                raise ValueError(f"no file at {p}")
+        rows = read_file(path)
+        if val_path:
+            return {"train": (rows, 0), "val": (read_file(val_path), 0)}
+        n_val = min(1000, max(1, len(rows) // 10))  # else its first tenth (<= 1000) is held out
+        return {"train": (rows[n_val:], n_val), "val": (rows[:n_val], 0)}
+    try:
+        if source == "hh-rlhf":
+            ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset)
+            return {"train": (ds["train"], 0), "val": (ds["test"], 0)}
+        if source == "ultrafeedback":
+            ds = datasets.load_dataset("HuggingFaceH4/ultrafeedback_binarized")
+            return {"train": (ds["train_prefs"], 0), "val": (ds["test_prefs"], 0)}
+    except Exception as e:  # no network, or the hub refused: say so, and what works instead
+        raise ValueError(f"could not load {source!r} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e)[:200]}); download it and pass --file PATH instead") from e
+    raise ValueError(f"unknown source {source!r}; known: synthetic, hh-rlhf, ultrafeedback "
+                     f"(or --file PATH)")
+
+
 def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=500,
-            max_len=1024, max_prompt_len=512):
+            max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
     out = out or os.path.join("data", source)
-    os.makedirs(out, exist_ok=True)
-    if source != "synthetic":
-        raise ValueError(f"unknown source {source!r}; known: synthetic")
-    splits, tok = make_synthetic(n_train, n_val, seed), "synthetic"
+    if source == "synthetic" and not file:
+        splits = {k: (v, 0) for k, v in make_synthetic(n_train, n_val, seed).items()}
+        tok, shape = "synthetic", "triple"
+    else:
+        splits, tok = load_source(source, file, subset, val_file), "gpt2"
+        first = next((r for rows, _ in splits.values() for r in rows
+                      if not isinstance(r, BrokenLine)), None)
+        shape = detect_shape(first, file or source)
     enc = get_encoding(tok)
-    meta = {"source": source, "tokenizer": tok, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
-            "max_len": max_len, "max_prompt_len": max_prompt_len, "seed": seed, "splits": {}}
-    for split, rows in splits.items():
-        meta["splits"][split] = write_split(rows, enc, out, split, max_len, max_prompt_len, source)
+    os.makedirs(out, exist_ok=True)
+    meta = {"source": source, "file": file, "val_file": val_file, "tokenizer": tok, "vocab_size": enc.n_vocab,
+            "eot": enc.eot_token, "max_len": max_len, "max_prompt_len": max_prompt_len,
+            "seed": seed, "shape": shape, "splits": {}}
+    for split, (rows, first_row) in splits.items():
+        meta["splits"][split] = write_split(rows, enc, out, split, max_len, max_prompt_len,
+                                            file or source, shape, first_row)
     tmp = os.path.join(out, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -201,15 +353,21 @@ def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=500,
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", default="synthetic")
+    ap.add_argument("--source", default="synthetic",
+                    help="synthetic (offline), hh-rlhf, ultrafeedback; with --file: a name")
+    ap.add_argument("--file", default=None, help="a local .jsonl(.gz), .json or .parquet file")
+    ap.add_argument("--val_file", default=None, help="held-out rows (default: --file's first tenth)")
+    ap.add_argument("--subset", default=None, help="hh-rlhf data_dir, e.g. harmless-base")
     ap.add_argument("--out", default=None, help="output folder (default data/SOURCE)")
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--n_train", type=int, default=20000)
-    ap.add_argument("--n_val", type=int, default=500)
-    ap.add_argument("--max_len", type=int, default=1024)
+    ap.add_argument("--n_train", type=int, default=20000, help="synthetic rows")
+    ap.add_argument("--n_val", type=int, default=500, help="synthetic rows")
+    ap.add_argument("--max_len", type=int, default=1024, help="prompt + response tokens")
     ap.add_argument("--max_prompt_len", type=int, default=512)
     a = ap.parse_args()
     try:
-        prepare(a.source, a.out, a.seed, a.n_train, a.n_val, a.max_len, a.max_prompt_len)
+        prepare(a.source, a.out, a.seed, a.n_train, a.n_val, a.max_len, a.max_prompt_len,
+                a.file, a.subset, a.val_file)
     except ValueError as e:
-        sys.exit(f"prepare_data: {e}")
+        print(f"prepare_data: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -82,16 +82,17 @@ LENGTHS = [(1, 6), (2, 4), (0, 3), (3, 6)]  # (prompt, prompt + response) per ro
 def test_grad_wrt_logits_equals_autograd(lam, sft_on_prompt):
     for B, lengths in ((1, [(1, 5), (2, 4)]), (2, LENGTHS)):
         logits, y, resp, seq = logits_case(B, 6, 7, lengths)
-        a = logits.clone().requires_grad_()
-        logp, ell = orpo.response_logps(a, y, resp)
+        need = (seq if sft_on_prompt else resp).bool()
+        a = logits.clone().requires_grad_()  # autograd, from the logits at every position
+        logp, ell = orpo.response_logps(a[need], y, resp, need)
         loss, _ = orpo.orpo_loss(logp, ell, seq, lam, sft_on_prompt)
         (ga,) = torch.autograd.grad(loss, a)
         h = logits.clone().requires_grad_()
-        loss_h, _, _ = orpo.HandORPO.apply(h, y, resp, seq, lam, sft_on_prompt)
+        loss_h, _, _ = orpo.HandORPO.apply(h[need], y, resp, seq, need, lam, sft_on_prompt)
         (gh,) = torch.autograd.grad(loss_h, h)
         assert loss_h.item() == loss.item()
         assert rel_err(gh, ga) <= 1e-10
-        assert gh[seq == 0].abs().max() == 0 or sft_on_prompt  # padding gets no gradient
+        assert gh[seq == 0].abs().max() == 0  # padding gets no gradient
         assert gh[resp == 0].abs().max() == 0 or sft_on_prompt  # nor do prompt tokens (paper)
 
 
@@ -101,14 +102,15 @@ def test_gradcheck_hand_function(lam, targets):
     B = 1 if targets else 2
     lengths = [(1, 5), (2, 4)] if targets else LENGTHS
     logits, y, resp, seq = logits_case(B, 5, 4, lengths, targets)
+    need = resp.bool()
     if targets:  # the constructed rows do hit the extremes
-        _, ell = orpo.response_logps(logits, y, resp)
+        _, ell = orpo.response_logps(logits[need], y, resp, need)
         for e, t in zip(ell.tolist(), targets):
             assert math.isclose(e, t, rel_tol=1e-6), (e, t)
-    fn = lambda lg: orpo.HandORPO.apply(lg, y, resp, seq, lam, False)[0]
+    fn = lambda lg: orpo.HandORPO.apply(lg, y, resp, seq, need, lam, False)[0]
     # gradcheck's default tolerances: central differences cannot do better near P = 1, where
     # log odds curves as 1/l^2 (the exact comparison with autograd is the test above)
-    assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
+    assert torch.autograd.gradcheck(fn, (logits[need].requires_grad_(),))
 
 
 def test_grad_float32_finite_where_the_naive_form_fails():

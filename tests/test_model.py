@@ -68,3 +68,71 @@ def test_generate_stops_at_end_of_text():
     assert out.tolist() == [[0, 0, 3]]
     out = model.generate(torch.zeros(1, 2, dtype=torch.long), 4, eot=None, generator=g)
     assert out.shape == (1, 6)
+
+
+def gpt2_state_dict(prefix=""):
+    """GPT-2 124M's exact key names and shapes (Hugging Face layout, Conv1D weights stored
+    (in, out), the attention-mask buffers included), with random values."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.02
+    sd = {"wte.weight": r(50257, 768), "wpe.weight": r(1024, 768),
+          "ln_f.weight": 1 + r(768), "ln_f.bias": r(768)}
+    for i in range(12):
+        p = f"h.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(768), p + "ln_1.bias": r(768),
+                   p + "attn.bias": torch.tril(torch.ones(1024, 1024)).view(1, 1, 1024, 1024),
+                   p + "attn.c_attn.weight": r(768, 2304), p + "attn.c_attn.bias": r(2304),
+                   p + "attn.c_proj.weight": r(768, 768), p + "attn.c_proj.bias": r(768),
+                   p + "ln_2.weight": 1 + r(768), p + "ln_2.bias": r(768),
+                   p + "mlp.c_fc.weight": r(768, 3072), p + "mlp.c_fc.bias": r(3072),
+                   p + "mlp.c_proj.weight": r(3072, 768), p + "mlp.c_proj.bias": r(768)})
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def gpt2_by_hand(sd, idx):
+    """GPT-2's forward pass written out from the paper and the state dict alone."""
+    import torch.nn.functional as F
+    B, T = idx.shape
+    ln = lambda x, n: F.layer_norm(x, (768,), sd[n + ".weight"], sd[n + ".bias"], eps=1e-5)
+    x = sd["wte.weight"][idx] + sd["wpe.weight"][:T]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for i in range(12):
+        p = f"h.{i}."
+        q, k, v = (ln(x, p + "ln_1") @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]).split(768, -1)
+        q, k, v = (t.view(B, T, 12, 64).transpose(1, 2) for t in (q, k, v))
+        att = ((q @ k.transpose(-1, -2)) / 8.0).masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, 768)
+        x = x + y @ sd[p + "attn.c_proj.weight"] + sd[p + "attn.c_proj.bias"]
+        h = F.gelu(ln(x, p + "ln_2") @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"], approximate="tanh")
+        x = x + h @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
+    return ln(x, "ln_f") @ sd["wte.weight"].t()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_from_pretrained_maps_every_gpt2_tensor(tmp_path, prefix):
+    sd = gpt2_state_dict(prefix)
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save(sd, path)
+    model = GPT.from_pretrained(path).eval()
+    assert sum(p.numel() for p in model.parameters()) == 124_475_904  # 50304-row wte, tied
+    plain = {k.removeprefix(prefix): v for k, v in sd.items()}
+    assert torch.equal(model.h[3].c_attn.weight, plain["h.3.attn.c_attn.weight"].t())
+    assert torch.equal(model.wte.weight[50257:], torch.zeros(47, 768))  # padding rows stay 0 ...
+    idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(idx)[..., :50257]
+        want = gpt2_by_hand(plain, idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_from_pretrained_names_what_does_not_fit(tmp_path):
+    sd = gpt2_state_dict()
+    del sd["h.5.mlp.c_fc.bias"]
+    torch.save(sd, tmp_path / "a.bin")
+    with pytest.raises(KeyError, match="lacks.*h.5.c_fc.bias"):
+        GPT.from_pretrained(str(tmp_path / "a.bin"))
+    with pytest.raises(ValueError, match="no file at"):
+        GPT.from_pretrained(str(tmp_path / "missing.bin"))
