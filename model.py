@@ -138,6 +138,7 @@ class GPT(nn.Module):
                 v = v.t()  # Conv1D (in, out) -> Linear (out, in)
             if name == "wte.weight":  # 50257 rows into the padded 50304
                 own[name][:v.size(0)] = v
+                own[name][v.size(0):] = 0  # padding rows: never a target, never sampled
             elif name == "wpe.weight":  # a shorter block keeps the first positions
                 own[name].copy_(v[:own[name].size(0)])
             else:

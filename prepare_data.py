@@ -258,6 +258,7 @@ def to_triple(row, shape):
         if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
             raise ValueError(f"{key!r} does not end with an assistant message")
         conv[key] = msgs
+    render(conv["chosen"] + conv["rejected"], "messages")  # checks every message
     head = conv["chosen"][:-1]
     if not head:
         if not isinstance(row.get("prompt"), str):
@@ -265,7 +266,6 @@ def to_triple(row, shape):
         head = [{"role": "user", "content": row["prompt"]}]
     elif conv["rejected"][:-1] and conv["rejected"][:-1] != head:
         raise ValueError("'chosen' and 'rejected' messages differ before the last turn")
-    render(conv["chosen"] + conv["rejected"], "messages")  # checks every message
     return {"prompt": render(head, "prompt") + ASSISTANT,
             "chosen": " " + conv["chosen"][-1]["content"],
             "rejected": " " + conv["rejected"][-1]["content"]}

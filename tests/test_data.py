@@ -52,9 +52,11 @@ def test_all_hh_rlhf_rows_prepared_and_round_trip(tmp_path, gpt2):
     assert load(out, "train")[0].dtype == np.uint16  # the smallest type that holds 50257
     with gzip.open(HH, "rt") as f:
         raw = [json.loads(line) for line in f]
-    kept = [r for r in raw if r["chosen"] != r["rejected"]
-            and r["chosen"][r["chosen"].rfind("\n\nAssistant:") + 12:].strip()
-            and r["rejected"][r["rejected"].rfind("\n\nAssistant:") + 12:].strip()]
+    def ok(r):  # the rule, restated: same prompt, two non-empty and different responses
+        prompt = r["chosen"][:r["chosen"].rfind("\n\nAssistant:") + 12]
+        return (r["rejected"].startswith(prompt) and r["chosen"] != r["rejected"]
+                and r["chosen"][len(prompt):].strip() and r["rejected"][len(prompt):].strip())
+    kept = [r for r in raw if ok(r)]
     got = list(rows_of(out, "val", gpt2)) + list(rows_of(out, "train", gpt2))
     raw_val, raw_train = raw[:231], raw[231:]
     expect = [r for r in raw_val if r in kept] + [r for r in raw_train if r in kept]

@@ -1,0 +1,85 @@
+"""The scale path on the CPU: DDP through torchrun (gloo), the gpt2-125m preset's shape,
+bf16 autocast and a GradScaler, and --bench."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import orpo
+from conftest import ROOT, losses, run
+
+
+def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, data_dir):
+    """2 ranks x 1 micro-step of 8 pairs against 1 process x 2 micro-steps: the same pairs,
+    the same gradient (averaged over ranks instead of summed over micro-steps)."""
+    kw = ["--config=tiny", f"--data_dir={data_dir}", "--grad_accum=2", "--max_iters=6",
+          "--eval_interval=6", "--n_samples=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "orpo.py", *kw, f"--out_dir={tmp_path / 'one'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "orpo.py", *kw, f"--out_dir={tmp_path / 'two'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es) x 1 micro-steps" in two.stdout
+    read = lambda d: [json.loads(l) for l in open(tmp_path / d / "log.jsonl")]
+    a, b = losses(read("one")), losses(read("two"))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):  # tolerance: float summation order differs (all-reduce vs accumulate)
+        for u, v in zip(x[1:], y[1:]):
+            assert abs(u - v) <= 1e-4 * max(1.0, abs(u)), (x, y)
+
+
+def test_gpt2_125m_preset_runs_two_iterations_on_cpu(tmp_path, data_dir):
+    recs = run(tmp_path, data_dir, preset="gpt2-125m", batch_size=1, block_size=128, max_iters=2,
+               grad_accum=2, eval_interval=2, eval_pairs=2, n_samples=1, max_new_tokens=2,
+               init_from="scratch", dataset="synthetic", vocab_size=50304, warmup_iters=1)
+    assert len(losses(recs)) == 2
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    n = sum(v.numel() for k, v in ck["model"].items() if k != "lm_head.weight")  # tied
+    n -= ck["model"]["wpe.weight"].numel() - 1024 * 768  # count wpe at GPT-2's 1024 positions
+    assert abs(n - 124_475_904) / 124_475_904 < 0.01, n  # GPT-2 small with a 50304 vocab
+
+
+@pytest.mark.parametrize("hand_grad", [False, True])
+def test_bf16_autocast_on_cpu_trains_with_fp32_loss(tmp_path, data_dir, hand_grad):
+    recs = run(tmp_path, data_dir, dtype="bfloat16", max_iters=10, hand_grad=hand_grad)
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert evals[-1]["sft"] < evals[0]["sft"]
+    cfg = orpo.Config(**orpo.PRESETS["tiny"], )
+    cfg.dtype = "bfloat16"
+    _, _, dtype, ctx = orpo.setup_device(cfg)
+    model = orpo.GPT(orpo.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 64, (4, 8))
+    resp = torch.ones(4, 8)
+    with ctx:
+        logits = model(x, resp.bool())
+    assert logits.dtype == torch.bfloat16  # the matmuls ran in bf16 ...
+    logp, ell = orpo.response_logps(logits, x, resp, resp.bool())
+    assert logp.dtype == ell.dtype == torch.float32  # ... the loss in fp32
+
+
+def test_grad_scaler_on_cpu_device(tmp_path, data_dir):
+    """fp16 autocast with torch.amp.GradScaler('cpu'): the scaler's state is checkpointed
+    and the run resumes from it."""
+    recs = run(tmp_path, data_dir, dtype="float16", max_iters=4, eval_interval=4)
+    assert len(losses(recs)) == 4
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["scaler"]["scale"] > 0  # an enabled scaler's state
+    recs = run(tmp_path, data_dir, dtype="float16", max_iters=6, eval_interval=2, init_from="resume")
+    assert len(losses(recs)) == 6
+
+
+def test_bench_prints_one_json_line():
+    r = subprocess.run([sys.executable, "orpo.py", "--bench=true", "--n_layer=1", "--n_head=2",
+                        "--n_embd=32", "--block_size=32", "--batch_size=2", "--bench_steps=3",
+                        "--vocab_size=256"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["tokens_per_step"] == 2 * 2 * 32 and out["steps"] == 3
+    assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["peak_mem_mb"] > 0
+    assert out["logit_positions"] == 4 * 17  # half prompt: response targets from T/2 - 1
