@@ -25,6 +25,40 @@ class GPTConfig:
     bias: bool = True  # GPT-2 has biases in its Linears and LayerNorms
 
 
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(h W^T)[y] at N positions: the fused cross-entropy that ORPO's log-probs
+    come from, a chunk of rows at a time, so that the (N, vocab) logits never exist at once.
+    The backward recomputes each chunk's logits (one more matmul) rather than keeping them:
+    with a 50k vocabulary that saves gigabytes, and the time spent allocating them."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
+            else h.dtype  # the matmuls follow autocast; the softmax is always fp32 or wider
+        out = torch.empty(h.size(0), device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
+        for i in range(0, h.size(0), chunk):
+            z = (h[i:i + chunk].to(dtype) @ w.to(dtype).t()).to(out.dtype)
+            out[i:i + chunk] = torch.log_softmax(z, -1).gather(1, y[i:i + chunk, None])[:, 0]
+        ctx.save_for_backward(h, w, y)
+        ctx.chunk, ctx.dtype, ctx.out_dtype = chunk, dtype, out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, y = ctx.saved_tensors
+        dh, dw = torch.empty_like(h), torch.zeros_like(w)
+        wd = w.to(ctx.dtype)
+        for i in range(0, h.size(0), ctx.chunk):
+            hc, s = h[i:i + ctx.chunk].to(ctx.dtype), slice(i, i + ctx.chunk)
+            # d logp / dz = onehot(y) - softmax(z), times the incoming gradient g
+            p = torch.softmax((hc @ wd.t()).to(ctx.out_dtype), -1)
+            p.scatter_add_(1, y[s, None], -torch.ones_like(p[:, :1]))
+            p = p.mul_(-g[s, None]).to(ctx.dtype)
+            dh[s] = p @ wd
+            dw += (p.t() @ hc).to(dw.dtype)
+        return dh, dw, None, None
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -74,10 +108,11 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, need=None):
+    def forward(self, idx, need=None, targets=None, chunk=512):
         """Logits (B, T, vocab) at every position; with a bool mask `need` (B, T), only at
-        the positions it marks, as (N, vocab). ORPO scores responses: the vocab projection
-        of prompt and padding positions is work it never uses."""
+        the positions it marks, as (N, vocab): ORPO scores responses, and the vocab
+        projection of prompt and padding positions is work it never uses. With `targets`
+        (N,) too, the log-probs of those targets (N,) instead, through TokenLogProbs."""
         T = idx.size(1)
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.cfg.block_size}")
@@ -86,7 +121,10 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         x = self.ln_f(x)
-        return self.lm_head(x if need is None else x[need])
+        x = x if need is None else x[need]
+        if targets is not None:
+            return TokenLogProbs.apply(x, self.lm_head.weight, targets, chunk)
+        return self.lm_head(x)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         # Decay the matrices (Linear weights, embeddings); never biases or LayerNorm gains.

@@ -228,13 +228,18 @@ def log1mexp(x):
                        torch.log1p(-torch.exp(x.clamp(max=a))))
 
 
-def response_logps(logits, y, resp, need):
-    """Per-token log-probs (2B, T), computed once by the fused cross-entropy from the logits
-    (N, V) at the N positions `need` marks (zero elsewhere), and the mean log-prob of each
-    response (2B,): paper Eq. 3, log P(y|x) = (1/m) sum_t log P(y_t | x, y_<t)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 in tests)
-    logp = torch.zeros_like(resp).masked_scatter(
-        need, -F.cross_entropy(logits, y[need], reduction="none"))
+def logps_from_logits(logits, targets):
+    """log P(target) from logits (N, V), in fp32 (fp64 in tests); the model's fused
+    TokenLogProbs computes the same without materialising the logits."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def response_logps(tok, resp, need):
+    """The per-token log-probs tok (N,) at the positions `need` marks, placed in (2B, T)
+    (zero elsewhere), and the mean log-prob of each response (2B,): paper Eq. 3,
+    log P(y|x) = (1/m) sum_t log P(y_t | x, y_<t)."""
+    logp = torch.zeros_like(resp).masked_scatter(need, tok.to(resp.dtype))
     # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
     ell = ((logp * resp).sum(1) / resp.sum(1)).clamp(max=-torch.finfo(torch.float32).tiny)
     return logp, ell
@@ -283,7 +288,7 @@ class HandORPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, y, resp, seq, need, lam, sft_on_prompt):
-        logp, ell = response_logps(logits, y, resp, need)
+        logp, ell = response_logps(logps_from_logits(logits, y[need]), resp, need)
         loss, parts = orpo_loss(logp, ell, seq, lam, sft_on_prompt)
         ctx.save_for_backward(logits, y, resp, seq, need, ell)
         ctx.lam, ctx.sft_on_prompt = lam, sft_on_prompt
@@ -348,12 +353,14 @@ def model_config(cfg, meta):
 def forward_loss(model, batch, cfg, ctx):
     x, y, resp, seq = batch
     need = (seq if cfg.sft_on_prompt else resp).bool()  # the positions the loss reads
-    with ctx:
-        logits = model(x, need)
-    if cfg.hand_grad:
+    if cfg.hand_grad:  # the hand-derived backward starts from the logits
+        with ctx:
+            logits = model(x, need)
         loss, sft, orl = HandORPO.apply(logits, y, resp, seq, need, cfg.lam, cfg.sft_on_prompt)
         return loss, dict(sft=sft, orl=orl)
-    logp, ell = response_logps(logits, y, resp, need)
+    with ctx:
+        tok = model(x, need, y[need])  # log P(y_t) at those positions, fused and chunked
+    logp, ell = response_logps(tok, resp, need)
     return orpo_loss(logp, ell, seq, cfg.lam, cfg.sft_on_prompt)
 
 

@@ -84,7 +84,7 @@ def test_grad_wrt_logits_equals_autograd(lam, sft_on_prompt):
         logits, y, resp, seq = logits_case(B, 6, 7, lengths)
         need = (seq if sft_on_prompt else resp).bool()
         a = logits.clone().requires_grad_()  # autograd, from the logits at every position
-        logp, ell = orpo.response_logps(a[need], y, resp, need)
+        logp, ell = orpo.response_logps(orpo.logps_from_logits(a[need], y[need]), resp, need)
         loss, _ = orpo.orpo_loss(logp, ell, seq, lam, sft_on_prompt)
         (ga,) = torch.autograd.grad(loss, a)
         h = logits.clone().requires_grad_()
@@ -104,7 +104,7 @@ def test_gradcheck_hand_function(lam, targets):
     logits, y, resp, seq = logits_case(B, 5, 4, lengths, targets)
     need = resp.bool()
     if targets:  # the constructed rows do hit the extremes
-        _, ell = orpo.response_logps(logits[need], y, resp, need)
+        _, ell = orpo.response_logps(orpo.logps_from_logits(logits[need], y[need]), resp, need)
         for e, t in zip(ell.tolist(), targets):
             assert math.isclose(e, t, rel_tol=1e-6), (e, t)
     fn = lambda lg: orpo.HandORPO.apply(lg, y, resp, seq, need, lam, False)[0]
@@ -138,3 +138,21 @@ def test_grad_training_on_hand_backward_matches_autograd(tmp_path, data_dir):
     for a, h in zip(auto, hand):
         for x, y in zip(a[1:], h[1:]):
             assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, h)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_grad_fused_token_logprobs_match_cross_entropy(chunk):
+    """model.TokenLogProbs (chunked, backward recomputes the logits) against autograd
+    through F.cross_entropy on the full logits, in float64."""
+    from model import TokenLogProbs
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (10,), generator=g)
+    up = torch.randn(10, generator=g, dtype=torch.float64)  # an arbitrary upstream gradient
+    want = orpo.logps_from_logits(h @ w.t(), y)
+    gh, gw = torch.autograd.grad((want * up).sum(), (h, w))
+    got = TokenLogProbs.apply(h, w, y, chunk)
+    fh, fw = torch.autograd.grad((got * up).sum(), (h, w))
+    assert rel_err(got, want) <= 1e-12 and rel_err(fh, gh) <= 1e-12 and rel_err(fw, gw) <= 1e-12
+    assert torch.autograd.gradcheck(lambda a, b: TokenLogProbs.apply(a, b, y, chunk), (h, w))
