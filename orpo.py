@@ -53,6 +53,8 @@ class Config:
     lam: float = 1.0               # weight of L_OR; 0 gives plain SFT through the same loop
     sft_on_prompt: bool = False    # paper: L_SFT on response tokens only; TRL/official code: True
     hand_grad: bool = False        # backward through the hand-derived gradient (orpo_grad)
+    ratio: str = "odds"            # odds: ORPO (Eq. 5); prob: the probability ratio of Sec. 7.1
+    logp: str = "mean"             # mean: Eq. 3's length-normalised log P(y|x); sum: summed
     # optimisation
     batch_size: int = 32           # pairs per micro-step (each pair is 2 sequences)
     grad_accum: int = 1            # micro-steps per optimizer step (summed over DDP ranks)
@@ -82,6 +84,7 @@ class Config:
     vocab_size: int = 0            # 0: the data's tokenizer's, rounded up to a multiple of 64
     bench: bool = False            # time bench_steps steps on fixed-length random batches
     bench_steps: int = 10
+    figure: str = ""               # run and plot one of FIGURES (several runs, in sequence)
 
 
 PRESETS = {
@@ -141,6 +144,12 @@ def parse_args(argv):
         except ValueError:
             die(f"--{key} expects {typ.__name__}, got {val!r}")
         setattr(cfg, key, val)
+    for key, ok in (("ratio", ("odds", "prob")), ("logp", ("mean", "sum")),
+                    ("figure", ("",) + tuple(FIGURES))):
+        if getattr(cfg, key) not in ok:
+            die(f"--{key} must be one of {', '.join(map(repr, ok))}, got {getattr(cfg, key)!r}")
+    if cfg.hand_grad and (cfg.ratio, cfg.logp) != ("odds", "mean"):
+        die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean")
     return preset, cfg
 
 
@@ -235,18 +244,20 @@ def logps_from_logits(logits, targets):
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
-def response_logps(tok, resp, need):
+def response_logps(tok, resp, need, mean=True):
     """The per-token log-probs tok (N,) at the positions `need` marks, placed in (2B, T)
     (zero elsewhere), and the mean log-prob of each response (2B,): paper Eq. 3,
-    log P(y|x) = (1/m) sum_t log P(y_t | x, y_<t)."""
+    log P(y|x) = (1/m) sum_t log P(y_t | x, y_<t). With mean=False, the sum (no 1/m)."""
     logp = torch.zeros_like(resp).masked_scatter(need, tok.to(resp.dtype))
+    ell = (logp * resp).sum(1) / (resp.sum(1) if mean else 1)
     # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
-    ell = ((logp * resp).sum(1) / resp.sum(1)).clamp(max=-torch.finfo(torch.float32).tiny)
+    ell = ell.clamp(max=-torch.finfo(torch.float32).tiny)
     return logp, ell
 
 
-def orpo_loss(logp, ell, seq, lam, sft_on_prompt):
-    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts)."""
+def orpo_loss(logp, ell, seq, lam, sft_on_prompt, ratio="odds"):
+    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts).
+    ratio="prob" swaps the odds ratio for the probability ratio P_w/P_l (Sec. 7.1)."""
     B = ell.size(0) // 2
     ell_w, ell_l = ell[:B], ell[B:]
     if sft_on_prompt:  # the official code and TRL: NLL over prompt and chosen response
@@ -256,6 +267,8 @@ def orpo_loss(logp, ell, seq, lam, sft_on_prompt):
     log_odds_w = ell_w - log1mexp(ell_w)          # Eq. 4: log odds = log P - log(1 - P)
     log_odds_l = ell_l - log1mexp(ell_l)
     log_or = log_odds_w - log_odds_l              # Eq. 5: log of the odds ratio
+    if ratio == "prob":                           # Sec. 7.1: log P_w/P_l, for comparison
+        log_or = ell_w - ell_l
     l_or = -F.logsigmoid(log_or)                  # Eq. 7: L_OR = -log sigma(log OR)
     loss = (l_sft + lam * l_or).mean()            # Eq. 6
     return loss, dict(sft=l_sft.mean(), orl=l_or.mean(), ell_w=ell_w.mean(), ell_l=ell_l.mean(),
@@ -360,8 +373,8 @@ def forward_loss(model, batch, cfg, ctx):
         return loss, dict(sft=sft, orl=orl)
     with ctx:
         tok = model(x, need, y[need])  # log P(y_t) at those positions, fused and chunked
-    logp, ell = response_logps(tok, resp, need)
-    return orpo_loss(logp, ell, seq, cfg.lam, cfg.sft_on_prompt)
+    logp, ell = response_logps(tok, resp, need, cfg.logp == "mean")
+    return orpo_loss(logp, ell, seq, cfg.lam, cfg.sft_on_prompt, cfg.ratio)
 
 
 @torch.no_grad()
@@ -373,8 +386,10 @@ def evaluate(model, split, cfg, device, ctx):
     for i in range(0, n, cfg.batch_size):
         rows = range(i, min(i + cfg.batch_size, n))
         batch = make_batch(split, rows, cfg.block_size, device)
-        # the loss's value is the same with either backward; autograd's path reports all parts
-        _, parts = forward_loss(model, batch, dataclasses.replace(cfg, hand_grad=False), ctx)
+        # the loss's value is the same with either backward; autograd's path reports all parts.
+        # Always Eq. 3's mean and the odds ratio, so that runs with --logp/--ratio compare.
+        _, parts = forward_loss(model, batch, dataclasses.replace(
+            cfg, hand_grad=False, logp="mean", ratio="odds"), ctx)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(rows)
         count += len(rows)
@@ -705,6 +720,121 @@ def train(cfg, preset="custom"):
         log.close()
     if ddp:
         torch.distributed.destroy_process_group()
+    return raw, val_split, dev, ctx
+
+
+# ----------------------------------------------------------------------------------------
+# Figures: the paper's findings, reproduced by runs of this script in sequence. Each writes
+# its numbers (CSV) to out_dir/<figure>/, and a PNG when matplotlib is installed.
+
+FIGURES = {
+    "sft-vs-orpo": {"SFT (lam=0)": dict(lam=0.0), "ORPO (lam=1)": dict(lam=1.0)},  # Figs. 3, 7
+    "lambda": {f"lam={x}": dict(lam=x) for x in (0.0, 0.1, 0.5, 1.0)},              # App. E
+    "ratio": {"odds ratio": dict(ratio="odds"), "prob ratio": dict(ratio="prob")},   # Sec. 7.1
+    "length": {"mean log P": dict(logp="mean"), "summed log P": dict(logp="sum")},    # Eq. 3
+}
+
+
+def write_csv(path, rows):
+    with open(path, "w") as f:
+        f.write(",".join(rows[0]) + "\n")
+        f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
+    print(f"wrote {path}")
+
+
+@torch.no_grad()
+def pair_logps(model, split, cfg, device, ctx):
+    """Per held-out pair: response lengths and mean log-probs, chosen then rejected."""
+    rows = []
+    for i in range(0, min(cfg.eval_pairs, len(split[1])), cfg.batch_size):
+        x, y, resp, seq = make_batch(split, range(i, min(i + cfg.batch_size, cfg.eval_pairs,
+                                                         len(split[1]))), cfg.block_size, device)
+        need = resp.bool()
+        with ctx:
+            tok = model(x, need, y[need])
+        _, ell = response_logps(tok, resp, need)
+        m, B = resp.sum(1), x.size(0) // 2
+        rows += [dict(len_w=int(m[b]), len_l=int(m[b + B]), mean_w=float(ell[b]),
+                      mean_l=float(ell[b + B])) for b in range(B)]
+    return rows
+
+
+def figure(cfg, preset):
+    """Run each variant of FIGURES[cfg.figure] in turn; write the curves and the plot."""
+    name, d = cfg.figure, os.path.join(cfg.out_dir, cfg.figure)
+    curves, finals, extra = [], [], []
+    for run, change in FIGURES[name].items():
+        rcfg = dataclasses.replace(cfg, figure="", out_dir=os.path.join(d, run.replace(" ", "_")),
+                                   **change)
+        os.makedirs(rcfg.out_dir, exist_ok=True)
+        open(os.path.join(rcfg.out_dir, "log.jsonl"), "w").close()  # a fresh log, not appended
+        print(f"== {name}: run '{run}' ==")
+        model, val, dev, ctx = train(rcfg, preset)
+        evals = [r for r in map(json.loads, open(os.path.join(rcfg.out_dir, "log.jsonl")))
+                 if r["kind"] == "eval"]
+        curves += [dict(run=run, iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
+                        margin=e["margin"], acc=e["acc"]) for e in evals]
+        finals.append(curves[-1])
+        if name == "length":  # lengths and log P per held-out pair, under the final model
+            extra += [dict(run=run, **r) for r in pair_logps(model, val, rcfg, dev, ctx)]
+    write_csv(os.path.join(d, "curves.csv"), curves)
+    if name == "ratio":  # Fig. 6: log OR and log PR for P_w, P_l uniform on (0, 1)
+        p = torch.rand(2, 100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        odds = p.log() - (-p).log1p()
+        extra = [dict(log_or=float(o), log_pr=float(r)) for o, r in
+                 zip(odds[0] - odds[1], p[0].log() - p[1].log())]
+        print(f"uniform P: std of log OR {float((odds[0] - odds[1]).std()):.2f}, "
+              f"of log PR {float((p[0].log() - p[1].log()).std()):.2f}")
+    if extra:
+        write_csv(os.path.join(d, "pairs.csv"), extra)
+    print(f"== {name}: held-out, at the end ==")
+    for f in finals:
+        print(f"  {f['run']:14s} log P chosen {f['logp_chosen']:7.3f} | rejected "
+              f"{f['logp_rejected']:7.3f} | margin {f['margin']:6.3f} | acc {f['acc']:.3f}")
+    if name == "length":
+        for run in FIGURES[name]:
+            rs = [r for r in extra if r["run"] == run]
+            for sign, what in ((-1, "chosen shorter"), (0, "same length"), (1, "chosen longer")):
+                g = [r for r in rs if np.sign(r["len_w"] - r["len_l"]) == sign]
+                by = lambda r, k: r[f"mean_{k}"] * (r[f"len_{k}"] if run.startswith("sum") else 1)
+                acc = sum(by(r, "w") > by(r, "l") for r in g) / max(1, len(g))
+                print(f"  {run:14s} {what:15s} {len(g):4d} pairs, accuracy by its own log P {acc:.3f}")
+    plot(name, d, curves, extra)
+
+
+def plot(name, d, curves, extra):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed, so no {name}.png: `pip install matplotlib` "
+              f"(or -r requirements-extra.txt); the numbers are in {d}/curves.csv")
+        return
+    runs = list(dict.fromkeys(c["run"] for c in curves))
+    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
+    for ax, k in zip(axes, ("logp_chosen", "logp_rejected")):
+        for run in runs:
+            rs = [c for c in curves if c["run"] == run]
+            ax.plot([c["iter"] for c in rs], [c[k] for c in rs], label=run)
+        ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration")
+        ax.legend()
+    if name == "ratio":
+        axes[2].hist([[r["log_or"] for r in extra], [r["log_pr"] for r in extra]], bins=100,
+                     range=(-10, 10), label=["log odds ratio", "log prob ratio"], histtype="step")
+        axes[2].set(title="contrast for uniform random P_w, P_l (Fig. 6)")
+        axes[2].legend()
+    if name == "length":
+        for run in runs:
+            rs = [r for r in extra if r["run"] == run]
+            axes[2].scatter([r["len_w"] - r["len_l"] for r in rs],
+                            [r["mean_w"] - r["mean_l"] for r in rs], s=6, alpha=0.5, label=run)
+        axes[2].set(title="per pair, after training", xlabel="len(chosen) - len(rejected)",
+                    ylabel="mean log P chosen - rejected")
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, f"{name}.png"), dpi=100)
+    print(f"wrote {os.path.join(d, name + '.png')}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -754,5 +884,7 @@ if __name__ == "__main__":
         sample_prompt(cfg)
     elif cfg.bench:
         bench(cfg)
+    elif cfg.figure:
+        figure(cfg, preset)
     else:
         train(cfg, preset)

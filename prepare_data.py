@@ -84,7 +84,8 @@ def make_synthetic(n_train, n_val, seed):
             words = list(rng.choice(pool, size=n, replace=False))
             # Like real preference data, the chosen answer is better, not perfect: a fifth of
             # them have one word off topic. The rejected answer keeps the chosen one's flaws
-            # and adds more: it is rude (half the time), or strays further off topic, or both.
+            # and adds more: it is rude (half the time), or strays further off topic, or both;
+            # and 30% of them list one word too many or too few, so lengths differ too.
             others = [w for w in TOPIC_OF if TOPIC_OF[w] != t]
             if rng.random() < 0.2:
                 words[int(rng.integers(n))] = str(rng.choice(others))
@@ -94,6 +95,9 @@ def make_synthetic(n_train, n_val, seed):
             bad = list(words)
             for i in rng.choice(on, size=n_off, replace=False):
                 bad[i] = str(rng.choice(others))
+            if rng.random() < 0.3:  # a wrong count too: one word more or one fewer
+                bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
+                    [w for w in pool if w not in words]))]
             rows.append({
                 "prompt": synthetic_prompt((a, b), n),
                 "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
