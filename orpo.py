@@ -763,6 +763,12 @@ def figure(cfg, preset):
     """Run each variant of FIGURES[cfg.figure] in turn; write the curves and the plot."""
     name, d = cfg.figure, os.path.join(cfg.out_dir, cfg.figure)
     curves, finals, extra = [], [], []
+    if name == "length":  # the untrained model too: its summed log P prefers shorter answers
+        torch.manual_seed(cfg.seed)
+        meta, data = load_data(cfg)
+        dev, _, _, ctx = setup_device(cfg)
+        model = GPT(model_config(cfg, meta)).to(dev)
+        extra = [dict(run="untrained", **r) for r in pair_logps(model, data["val"], cfg, dev, ctx)]
     for run, change in FIGURES[name].items():
         rcfg = dataclasses.replace(cfg, figure="", out_dir=os.path.join(d, run.replace(" ", "_")),
                                    **change)
@@ -791,14 +797,14 @@ def figure(cfg, preset):
     for f in finals:
         print(f"  {f['run']:14s} log P chosen {f['logp_chosen']:7.3f} | rejected "
               f"{f['logp_rejected']:7.3f} | margin {f['margin']:6.3f} | acc {f['acc']:.3f}")
-    if name == "length":
-        for run in FIGURES[name]:
-            rs = [r for r in extra if r["run"] == run]
+    if name == "length":  # which answer each model's log P prefers, by length difference
+        for run in dict.fromkeys(r["run"] for r in extra):
             for sign, what in ((-1, "chosen shorter"), (0, "same length"), (1, "chosen longer")):
-                g = [r for r in rs if np.sign(r["len_w"] - r["len_l"]) == sign]
-                by = lambda r, k: r[f"mean_{k}"] * (r[f"len_{k}"] if run.startswith("sum") else 1)
-                acc = sum(by(r, "w") > by(r, "l") for r in g) / max(1, len(g))
-                print(f"  {run:14s} {what:15s} {len(g):4d} pairs, accuracy by its own log P {acc:.3f}")
+                g = [r for r in extra if r["run"] == run and np.sign(r["len_w"] - r["len_l"]) == sign]
+                by_mean = sum(r["mean_w"] > r["mean_l"] for r in g) / max(1, len(g))
+                by_sum = sum(r["mean_w"] * r["len_w"] > r["mean_l"] * r["len_l"] for r in g) / max(1, len(g))
+                print(f"  {run:14s} {what:15s} {len(g):4d} pairs | accuracy by mean log P "
+                      f"{by_mean:.3f}, by summed log P {by_sum:.3f}")
     plot(name, d, curves, extra)
 
 
@@ -825,11 +831,11 @@ def plot(name, d, curves, extra):
         axes[2].set(title="contrast for uniform random P_w, P_l (Fig. 6)")
         axes[2].legend()
     if name == "length":
-        for run in runs:
+        for run in dict.fromkeys(r["run"] for r in extra):
             rs = [r for r in extra if r["run"] == run]
             axes[2].scatter([r["len_w"] - r["len_l"] for r in rs],
                             [r["mean_w"] - r["mean_l"] for r in rs], s=6, alpha=0.5, label=run)
-        axes[2].set(title="per pair, after training", xlabel="len(chosen) - len(rejected)",
+        axes[2].set(title="per held-out pair", xlabel="len(chosen) - len(rejected)",
                     ylabel="mean log P chosen - rejected")
         axes[2].legend()
     fig.tight_layout()
