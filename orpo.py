@@ -264,10 +264,11 @@ def orpo_loss(logp, ell, seq, lam, sft_on_prompt, ratio="odds"):
         l_sft = -((logp * seq)[:B].sum(1) / seq[:B].sum(1))
     else:              # the paper's Eq. 1: NLL of the chosen response, per token
         l_sft = -ell_w
-    log_odds_w = ell_w - log1mexp(ell_w)          # Eq. 4: log odds = log P - log(1 - P)
-    log_odds_l = ell_l - log1mexp(ell_l)
-    log_or = log_odds_w - log_odds_l              # Eq. 5: log of the odds ratio
-    if ratio == "prob":                           # Sec. 7.1: log P_w/P_l, for comparison
+    if ratio == "odds":
+        log_odds_w = ell_w - log1mexp(ell_w)      # Eq. 4: log odds = log P - log(1 - P)
+        log_odds_l = ell_l - log1mexp(ell_l)
+        log_or = log_odds_w - log_odds_l          # Eq. 5: log of the odds ratio
+    else:                                         # Sec. 7.1: log P_w/P_l, for comparison
         log_or = ell_w - ell_l
     l_or = -F.logsigmoid(log_or)                  # Eq. 7: L_OR = -log sigma(log OR)
     loss = (l_sft + lam * l_or).mean()            # Eq. 6
@@ -745,10 +746,9 @@ def write_csv(path, rows):
 @torch.no_grad()
 def pair_logps(model, split, cfg, device, ctx):
     """Per held-out pair: response lengths and mean log-probs, chosen then rejected."""
-    rows = []
-    for i in range(0, min(cfg.eval_pairs, len(split[1])), cfg.batch_size):
-        x, y, resp, seq = make_batch(split, range(i, min(i + cfg.batch_size, cfg.eval_pairs,
-                                                         len(split[1]))), cfg.block_size, device)
+    rows, n = [], min(cfg.eval_pairs, len(split[1]))
+    for i in range(0, n, cfg.batch_size):
+        x, y, resp, _ = make_batch(split, range(i, min(i + cfg.batch_size, n)), cfg.block_size, device)
         need = resp.bool()
         with ctx:
             tok = model(x, need, y[need])
