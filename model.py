@@ -27,35 +27,38 @@ class GPTConfig:
 
 class TokenLogProbs(torch.autograd.Function):
     """log softmax(h W^T)[y] at N positions: the fused cross-entropy that ORPO's log-probs
-    come from, a chunk of rows at a time, so that the (N, vocab) logits never exist at once.
-    The backward recomputes each chunk's logits (one more matmul) rather than keeping them:
-    with a 50k vocabulary that saves gigabytes, and the time spent allocating them."""
+    come from. log p(y) = z_y - logsumexp_v z_v with z = h W^T: z_y is one dot product per
+    position, and the logsumexp is taken a slice of `chunk` vocabulary columns at a time, so
+    the (N, vocab) logits never exist and each (N, chunk) slice is still in cache for its
+    softmax. The backward recomputes each slice's logits (one more matmul) rather than
+    keeping them: with a 50k vocabulary that saves gigabytes, and the time to allocate them."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk):
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
-            else h.dtype  # the matmuls follow autocast; the softmax is always fp32 or wider
-        out = torch.empty(h.size(0), device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
-        for i in range(0, h.size(0), chunk):
-            z = (h[i:i + chunk].to(dtype) @ w.to(dtype).t()).to(out.dtype)
-            out[i:i + chunk] = torch.log_softmax(z, -1).gather(1, y[i:i + chunk, None])[:, 0]
-        ctx.save_for_backward(h, w, y)
-        ctx.chunk, ctx.dtype, ctx.out_dtype = chunk, dtype, out.dtype
-        return out
+        auto = torch.is_autocast_enabled(h.device.type)
+        dt = torch.get_autocast_dtype(h.device.type) if auto else h.dtype  # matmuls follow autocast
+        f = torch.promote_types(h.dtype, torch.float32)  # the softmax is always fp32 or wider
+        hd, wd = h.to(dt), w.to(dt)
+        lse = torch.stack([torch.logsumexp((hd @ wd[j:j + chunk].t()).to(f), 1)
+                           for j in range(0, w.size(0), chunk)], 1).logsumexp(1)
+        ctx.save_for_backward(h, w, y, lse)
+        ctx.chunk, ctx.dt = chunk, dt
+        return (hd.to(f) * wd[y].to(f)).sum(1) - lse
 
     @staticmethod
     def backward(ctx, g):
-        h, w, y = ctx.saved_tensors
-        dh, dw = torch.empty_like(h), torch.zeros_like(w)
-        wd = w.to(ctx.dtype)
-        for i in range(0, h.size(0), ctx.chunk):
-            hc, s = h[i:i + ctx.chunk].to(ctx.dtype), slice(i, i + ctx.chunk)
-            # d logp / dz = onehot(y) - softmax(z), times the incoming gradient g
-            p = torch.softmax((hc @ wd.t()).to(ctx.out_dtype), -1)
-            p.scatter_add_(1, y[s, None], -torch.ones_like(p[:, :1]))
-            p = p.mul_(-g[s, None]).to(ctx.dtype)
-            dh[s] = p @ wd
-            dw += (p.t() @ hc).to(dw.dtype)
+        h, w, y, lse = ctx.saved_tensors
+        hd, wd = h.to(ctx.dt), w.to(ctx.dt)
+        # d log p(y) / dz = onehot(y) - softmax(z), times the incoming gradient g: the
+        # softmax part a slice at a time, the one-hot part once at the end
+        dh, dw = torch.zeros_like(h), torch.empty_like(w)
+        for j in range(0, w.size(0), ctx.chunk):
+            s = slice(j, j + ctx.chunk)
+            p = (hd @ wd[s].t()).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(-g[:, None]).to(ctx.dt)
+            dh += p @ wd[s]
+            dw[s] = p.t() @ hd
+        dh += g[:, None] * w[y]
+        dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))
         return dh, dw, None, None
 
 
@@ -108,7 +111,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, need=None, targets=None, chunk=512):
+    def forward(self, idx, need=None, targets=None, chunk=1024):
         """Logits (B, T, vocab) at every position; with a bool mask `need` (B, T), only at
         the positions it marks, as (N, vocab): ORPO scores responses, and the vocab
         projection of prompt and padding positions is work it never uses. With `targets`
