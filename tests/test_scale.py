@@ -76,10 +76,14 @@ def test_grad_scaler_on_cpu_device(tmp_path, data_dir):
     assert len(losses(recs)) == 6
 
 
-def test_bench_prints_one_json_line():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_prints_one_json_line(dtype):
+    """MFU stays below 1 in bf16 too: on a CPU without native bf16 the MFU's measured peak
+    must be the fastest matmul layout, not A @ A alone (20x slower there)."""
     r = subprocess.run([sys.executable, "orpo.py", "--bench=true", "--n_layer=1", "--n_head=2",
                         "--n_embd=32", "--block_size=32", "--batch_size=2", "--bench_steps=3",
-                        "--vocab_size=256"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--vocab_size=256", f"--dtype={dtype}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["tokens_per_step"] == 2 * 2 * 32 and out["steps"] == 3
