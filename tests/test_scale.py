@@ -89,3 +89,17 @@ def test_bench_prints_one_json_line(dtype):
     assert out["tokens_per_step"] == 2 * 2 * 32 and out["steps"] == 3
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["peak_mem_mb"] > 0
     assert out["logit_positions"] == 4 * 17  # half prompt: response targets from T/2 - 1
+
+
+def test_compile_trains_like_eager(tmp_path, data_dir):
+    """--compile=true (torch.compile, inductor on the CPU) logs the eager run's losses, and
+    its checkpoint holds the plain model's keys, so it resumes without compile."""
+    kw = dict(max_iters=6, log_interval=1, eval_interval=100, n_samples=2)
+    eager = losses(run(tmp_path / "eager", data_dir, **kw))
+    comp = losses(run(tmp_path / "comp", data_dir, compile=True, **kw))
+    assert len(eager) == len(comp) == 6
+    for a, b in zip(eager, comp):
+        for x, y in zip(a[1:], b[1:]):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+    ck = torch.load(tmp_path / "comp" / "ckpt.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod") for k in ck["model"])
