@@ -517,7 +517,10 @@ def peak_flops(dev_type, dtype):
             name = torch.cuda.get_device_name()
             _PEAK[key] = next((v for k, v in GPU_BF16_PEAK.items() if k in name), float("nan"))
         else:
-            a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+            # its own generator: drawing from the global one would shift dropout's masks
+            # after the first log line, and a resumed run would no longer match
+            a = torch.randn(1024, 1024, dtype=getattr(torch, dtype),
+                            generator=torch.Generator().manual_seed(0))
             best = float("inf")
             for _ in range(4):
                 for b, c in ((a, a), (a, a.t()), (a.t(), a)):

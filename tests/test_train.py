@@ -31,8 +31,11 @@ def test_tiny_run_learns_and_writes_everything(tmp_path, data_dir):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     kw = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, dropout=0.1)
+    orpo._PEAK.clear()  # each run as in a new process: it measures the MFU peak again
     full = losses(run(tmp_path / "a", data_dir, **kw))
+    orpo._PEAK.clear()
     run(tmp_path / "b", data_dir, **{**kw, "max_iters": 10})
+    orpo._PEAK.clear()
     resumed = losses(run(tmp_path / "b", data_dir, **kw, init_from="resume"))
     assert len(full) == 20 and len(resumed) == 20  # b's log: 10 before the stop, 10 after
     assert resumed == full  # bit for bit: weights, optimizer, lr, data order and RNG restored
