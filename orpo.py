@@ -634,7 +634,8 @@ def train(cfg, preset="custom"):
         print(f"{preset}: {raw.num_params() / 1e6:.2f}M parameters, {dev} {dtype}, lam={cfg.lam}, "
               f"{n_train} train pairs, {world} process(es) x {accum} micro-steps x "
               f"{cfg.batch_size} pairs")
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    mode = "a" if cfg.init_from == "resume" else "w"  # a new run's log holds only that run
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), mode) if master else None
 
     def write(rec):
         if master:
@@ -727,7 +728,7 @@ def train(cfg, preset="custom"):
         log.close()
     if ddp:
         torch.distributed.destroy_process_group()
-    return raw, val_split, dev, ctx
+    return raw, val_split, dev, ctx, history
 
 
 # ----------------------------------------------------------------------------------------
@@ -778,12 +779,8 @@ def figure(cfg, preset):
     for run, change in FIGURES[name].items():
         rcfg = dataclasses.replace(cfg, figure="", out_dir=os.path.join(d, run.replace(" ", "_")),
                                    **change)
-        os.makedirs(rcfg.out_dir, exist_ok=True)
-        open(os.path.join(rcfg.out_dir, "log.jsonl"), "w").close()  # a fresh log, not appended
         print(f"== {name}: run '{run}' ==")
-        model, val, dev, ctx = train(rcfg, preset)
-        evals = [r for r in map(json.loads, open(os.path.join(rcfg.out_dir, "log.jsonl")))
-                 if r["kind"] == "eval"]
+        model, val, dev, ctx, evals = train(rcfg, preset)
         curves += [dict(run=run, iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
                         margin=e["margin"], acc=e["acc"]) for e in evals]
         finals.append(curves[-1])

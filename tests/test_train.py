@@ -41,6 +41,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     assert resumed == full  # bit for bit: weights, optimizer, lr, data order and RNG restored
 
 
+def test_a_new_run_in_the_same_out_dir_starts_a_fresh_log(tmp_path, data_dir):
+    run(tmp_path, data_dir, max_iters=6, log_interval=1)
+    recs = run(tmp_path, data_dir, lam=0.0, max_iters=4, log_interval=1)
+    assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["sft"] for r in recs if r["kind"] == "train")  # the lam=0 run's
+
+
 def test_lam_zero_is_plain_sft(tmp_path, data_dir):
     recs = losses(run(tmp_path, data_dir, lam=0.0, max_iters=5))
     assert all(loss == sft for _, loss, sft, _ in recs)
