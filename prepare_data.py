@@ -8,8 +8,17 @@
 Output, in --out:
     {train,val}.tokens.npy   every row's prompt, chosen and rejected tokens, back to back
     {train,val}.index.npy    (rows, 4) int64: offset, prompt_len, chosen_len, rejected_len
-    meta.json                tokenizer, vocab size, special ids, and the row counts
-Both responses end with the end-of-text token. np.load(..., mmap_mode="r") reads them lazily.
+    meta.json                what it was prepared from (source, file, val_file, max_len,
+                             max_prompt_len), tokenizer, vocab size, special ids, row counts
+Both responses end with the end-of-text token, unless truncated. np.load(..., mmap_mode="r")
+reads them lazily.
+
+Real data comes in three shapes, found from the keys: rows of {prompt, chosen, rejected}
+strings are used as they are; HH-RLHF's whole dialogues are split at the last "\\n\\nAssistant:";
+lists of {role, content} messages are rendered in HH's chat format. Rows are numbered as an
+editor numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped; a file that
+cannot be read, or limits that leave no room for a response, stop with a one-line error
+(exit status 2). Without --val_file, the file's top tenth of usable rows is held out.
 
 The synthetic task ("more like these") is a preference task in the paper's sense. The prompt
 gives two example words of one topic and asks for n more; the chosen answer opens politely
@@ -18,7 +27,8 @@ fifth of chosen answers have one word off topic. The rejected answer shares the 
 the template, keeps the chosen one's flaws and adds more: it is rude, strays further off
 topic, or both. SFT imitates the chosen answers, stray words included; the pairs say that
 off topic is worse, and ORPO learns that too. judge() scores any answer, so orpo.py can measure a
-win rate on sampled generations, as the paper does with a reward model.
+win rate on sampled generations, as the paper does with a reward model; flaws() names what
+judge() found wrong with it.
 """
 import argparse
 import json
@@ -107,98 +117,55 @@ def make_synthetic(n_train, n_val, seed):
     return out
 
 
-def judge(prompt, response):
-    """Score a response to a synthetic prompt in [0, 1]: the mean of four checks, the things
-    the preference pairs teach: a polite opener; the form ' opener : words .'; the asked-for
-    count; the fraction of listed words on the prompt's topic. A chosen response scores 1,
-    or a little less when one of its words is off topic."""
+def read_answer(prompt, response):
+    """The pieces judge() and flaws() check, parsed once, so that the two cannot disagree:
+    the count the prompt asks for; the response's opener (None if it is empty), whether it
+    has the form ' opener : words .', its listed words (all after the opener when it has
+    not), and how many of them are of the prompt's topic."""
     head, _, tail = prompt.partition(" more like ")
     n = int(head.split()[-1])
     topic = TOPIC_OF[tail.split("\n")[0].split(" and ")[0]]
     toks = response.split()
-    polite = float(bool(toks) and toks[0] in POLITE)
-    formed = float(len(toks) >= 3 and toks[1] == ":" and toks[-1] == ".")
+    formed = len(toks) >= 3 and toks[1] == ":" and toks[-1] == "."
     words = toks[2:-1] if formed else toks[1:]
-    count = float(len(words) == n)
-    on_topic = sum(TOPIC_OF.get(w) == topic for w in words) / max(len(words), n)
-    return (polite + formed + count + on_topic) / 4
+    on = sum(TOPIC_OF.get(w) == topic for w in words)
+    return n, toks[0] if toks else None, formed, words, on
 
 
-# ----------------------------------------------------------------------------------------
-# Tokenize and write
+def flaws(prompt, response):
+    """judge()'s four checks, as the flaws a response has: off_topic (a listed word is not of
+    the prompt's topic), rude (the opener is not a POLITE one: a RUDE word, any other word and
+    no opener at all are rude alike, as judge() scores them all 0), wrong_count (not the asked
+    number of words) and malformed (not of the form ' opener : words .')."""
+    n, opener, formed, words, on = read_answer(prompt, response)
+    return {"off_topic": on < len(words), "rude": opener not in POLITE,
+            "wrong_count": len(words) != n, "malformed": not formed}
 
-def get_encoding(tok):
-    """The tokenizer named by meta['tokenizer']."""
-    return synthetic_encoding() if tok == "synthetic" else tiktoken.get_encoding(tok)
 
-
-def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name, shape="triple",
-                first_row=0):
-    """Tokenize rows and write {split}.tokens.npy and {split}.index.npy. Returns the counts.
-    Malformed rows, rows with an empty response and rows whose responses are identical are
-    dropped and counted (the paper filters the last two too); the bad ones are named by row
-    number. Long rows are truncated: the prompt keeps its end, each response its start."""
-    counts = {"read": 0, "kept": 0, "truncated": 0,
-              "dropped": {"malformed": 0, "empty_response": 0, "identical": 0}}
-    errors, triples = [], []
-    for i, row in enumerate(rows, start=first_row):
-        counts["read"] += 1
-        try:
-            t = to_triple(row, shape)
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(t[key], str):
-                    raise ValueError(f"{key!r} is {type(t[key]).__name__}, not a string")
-        except ValueError as e:
-            counts["dropped"]["malformed"] += 1
-            errors.append(f"{name} row {i}: {e}")
-            continue
-        if not t["chosen"].strip() or not t["rejected"].strip():
-            counts["dropped"]["empty_response"] += 1
-        elif t["chosen"] == t["rejected"]:
-            counts["dropped"]["identical"] += 1
-        else:
-            triples.append((t["prompt"], t["chosen"], t["rejected"]))
-    for e in errors[:10]:
-        print("  bad row:", e, file=sys.stderr)
-    if len(errors) > 10:
-        print(f"  ... and {len(errors) - 10} more bad rows", file=sys.stderr)
-    if not triples:
-        raise ValueError(f"{name}: no usable rows in split {split!r} ({counts})")
-    eot, chunks, index, offset, step = enc.eot_token, [], [], 0, 16384
-    for lo in range(0, len(triples), step):  # tiktoken encodes a batch on all cores
-        if len(triples) > 4 * step:
-            print(f"  {split}: tokenizing rows {lo}-{min(lo + step, len(triples))} of "
-                  f"{len(triples)}", file=sys.stderr)
-        part = triples[lo:lo + step]
-        p_, c_, r_ = (enc.encode_ordinary_batch([t[k] for t in part], num_threads=os.cpu_count())
-                      for k in range(3))
-        for p, c, r in zip(p_, c_, r_):
-            c, r = c + [eot], r + [eot]
-            if len(p) > max_prompt_len or len(p) + max(len(c), len(r)) > max_len:
-                counts["truncated"] += 1
-                p = p[len(p) - min(len(p), max_prompt_len):]
-                c, r = c[:max_len - len(p)], r[:max_len - len(p)]
-            chunks.append(np.array(p + c + r, dtype=np.int64))
-            index.append((offset, len(p), len(c), len(r)))
-            offset += len(p) + len(c) + len(r)
-    counts["kept"] = len(index)
-    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32  # smallest type for the vocab
-    np.save(os.path.join(out_dir, f"{split}.tokens.npy"), np.concatenate(chunks).astype(dtype))
-    np.save(os.path.join(out_dir, f"{split}.index.npy"), np.array(index, dtype=np.int64))
-    return counts
+def judge(prompt, response):
+    """Score a response to a synthetic prompt in [0, 1]: the mean of four checks, the things
+    the preference pairs teach: a polite opener; the form ' opener : words .'; the asked-for
+    count; the fraction of listed words on the prompt's topic (of the asked count, when fewer
+    are listed). A response scores 1 exactly when flaws() finds none; a chosen response
+    scores 1, or a little less when one of its words is off topic."""
+    n, opener, formed, words, on = read_answer(prompt, response)
+    return ((opener in POLITE) + formed + (len(words) == n) + on / max(len(words), n)) / 4
 
 
 # ----------------------------------------------------------------------------------------
 # Real preference data: Anthropic HH-RLHF, UltraFeedback binarized, or a local file.
-# Every source becomes rows of {prompt, chosen, rejected} strings in one chat format, HH's:
+# Every source becomes rows of {prompt, chosen, rejected} strings. Rows that are such strings
+# already are used as they are. The others are put in HH's chat format,
 #     "\n\nHuman: {user turn}\n\nAssistant: {assistant turn}..."
 # where the prompt is everything up to and including the last "\n\nAssistant:" and each
-# response is what follows it (a leading space included, as in HH).
+# response is what follows it (a leading space included, as in HH): HH's own dialogues are
+# split there, and message lists are rendered into it.
 
 ASSISTANT = "\n\nAssistant:"
 ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 SHAPES = ("{prompt, chosen, rejected} strings; HH-style {chosen, rejected} whole dialogues; "
           "{chosen, rejected} message lists of {role, content}, with or without a prompt column")
+FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
 def split_dialogue(text, what):
@@ -231,6 +198,15 @@ def detect_shape(row, name):
             return "triple"
         return "dialogue"
     raise ValueError(f"{name}: unrecognised rows with keys {sorted(keys)}; accepted: {SHAPES}")
+
+
+class BrokenLine:
+    """A .jsonl line that is not JSON: kept in place, so row numbers stay right, and counted."""
+    def __init__(self, msg):
+        self.msg = msg
+
+
+BLANK = BrokenLine("a blank line")  # kept in place too, but counted as blank, not reported
 
 
 def to_triple(row, shape):
@@ -275,76 +251,219 @@ def to_triple(row, shape):
             "rejected": " " + conv["rejected"][-1]["content"]}
 
 
-class BrokenLine:
-    """A .jsonl line that is not JSON: kept in place, so row numbers stay right, and counted."""
-    def __init__(self, msg):
-        self.msg = msg
+def one_line(e):
+    """An exception as a short single line, for error messages that must stay one line."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def read_jsonl(path):
+    """A .jsonl(.gz) file's rows, one a line, so that rows[i] is line i + 1. A line that is not
+    JSON is kept as a BrokenLine, to be reported and skipped, not fatal; a blank line as BLANK.
+    Each line is decoded alone, so a stray byte costs one row, and as utf-8-sig, so a
+    byte-order mark (some Windows editors write one) is read, not reported."""
+    import gzip
+    import zlib
+    rows = []
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for line in f:
+                try:
+                    text = line.decode("utf-8-sig")
+                    rows.append(json.loads(text) if text.strip() else BLANK)
+                except UnicodeDecodeError as e:
+                    rows.append(BrokenLine(f"not UTF-8 text ({e.reason} at byte {e.start})"))
+                except json.JSONDecodeError as e:
+                    rows.append(BrokenLine(f"broken JSON ({e.msg})"))
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt or cut-off .gz
+        raise ValueError(f"{path}: cannot read it ({one_line(e)})") from e
+    return rows
 
 
 def read_file(path):
-    """Rows of a local .jsonl(.gz), .json or .parquet file, and the errors of unreadable rows.
-    .jsonl is read line by line so that one broken line is reported and skipped, not fatal;
-    the others go through datasets' own loaders."""
+    """A local file's raw rows, or ValueError with a one-line message. .jsonl(.gz) is read line
+    by line (read_jsonl); .json and .parquet go through datasets' loaders, and their rows are
+    numbered by position."""
     if path.endswith((".jsonl", ".jsonl.gz")):
-        import gzip
+        rows = read_jsonl(path)
+    elif os.path.getsize(path) == 0:  # datasets fails on it with an empty StopIteration
         rows = []
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    rows.append(BrokenLine(f"broken JSON ({e.msg})"))
-        return rows
-    import datasets
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    return list(datasets.load_dataset(kind, data_files=path, split="train"))
+    else:
+        import datasets
+        from datasets.utils import logging
+        # our error says it all: datasets' own log lines and progress bars would make it three
+        level, bars_off = logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()
+        logging.set_verbosity(logging.CRITICAL)
+        datasets.disable_progress_bars()
+        try:
+            kind = "parquet" if path.endswith(".parquet") else "json"
+            rows = list(datasets.load_dataset(kind, data_files=path, split="train"))
+        except Exception as e:  # a corrupt file, or one not of its extension's format
+            cause = e.__cause__ or e  # datasets wraps the reader's error in a vaguer one
+            raise ValueError(f"{path}: cannot read it as {kind} ({one_line(cause)})") from e
+        finally:
+            logging.set_verbosity(level)
+            if not bars_off:
+                datasets.enable_progress_bars()
+    if all(isinstance(r, BrokenLine) for r in rows):  # BLANK is one too
+        raise ValueError(f"{path}: no rows to read: " + ("the file is empty" if all(
+            r is BLANK for r in rows) else "no line of it is JSON (is it a .jsonl file?)"))
+    return rows
 
 
 def load_source(source, path=None, subset=None, val_path=None):
-    """{split: (rows, number of the first row)}; rows are raw rows of the source's shape."""
-    import datasets
+    """{split: (rows, name, number of the first row)}; rows are raw rows of the source's
+    shape. A file without a val_path comes as 'train' alone: prepare() holds out its top."""
     if path:  # a local file of any accepted shape
-        for p in (path, val_path):
-            if p and not os.path.exists(p):
-                raise ValueError(f"no file at {p}")
-        rows = read_file(path)
+        for p in (path, val_path):  # both checked before either is read
+            if p and not os.path.isfile(p):
+                raise ValueError(f"{p} is a directory, not a file" if os.path.isdir(p)
+                                 else f"no file at {p}")
+            if p and not p.endswith(FORMATS):
+                raise ValueError(f"{p}: not a format prepare_data reads; accepted: "
+                                 f"{', '.join(FORMATS)}")
+        splits = {"train": (read_file(path), path, 1)}
         if val_path:
-            return {"train": (rows, 0), "val": (read_file(val_path), 0)}
-        n_val = min(1000, max(1, len(rows) // 10))  # else its first tenth (<= 1000) is held out
-        return {"train": (rows[n_val:], n_val), "val": (rows[:n_val], 0)}
+            splits["val"] = (read_file(val_path), val_path, 1)
+        return splits
+    import datasets
     try:
         if source == "hh-rlhf":
             ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset)
-            return {"train": (ds["train"], 0), "val": (ds["test"], 0)}
+            return {"train": (ds["train"], source, 1), "val": (ds["test"], source, 1)}
         if source == "ultrafeedback":
             ds = datasets.load_dataset("HuggingFaceH4/ultrafeedback_binarized")
-            return {"train": (ds["train_prefs"], 0), "val": (ds["test_prefs"], 0)}
+            return {"train": (ds["train_prefs"], source, 1), "val": (ds["test_prefs"], source, 1)}
     except Exception as e:  # no network, or the hub refused: say so, and what works instead
-        raise ValueError(f"could not load {source!r} from the Hugging Face hub ({type(e).__name__}: "
-                         f"{str(e)[:200]}); download it and pass --file PATH instead") from e
+        raise ValueError(f"could not load {source!r} from the Hugging Face hub ({one_line(e)}); "
+                         f"download it and pass --file PATH instead") from e
     raise ValueError(f"unknown source {source!r}; known: synthetic, hh-rlhf, ultrafeedback "
                      f"(or --file PATH)")
 
 
+# ----------------------------------------------------------------------------------------
+# Tokenize and write
+
+DROPS = ("blank", "malformed", "empty_response", "identical", "too_long")  # why rows are dropped
+
+
+def get_encoding(tok):
+    """The tokenizer named by meta['tokenizer']."""
+    return synthetic_encoding() if tok == "synthetic" else tiktoken.get_encoding(tok)
+
+
+def check(row, shape):
+    """One raw row -> (None, (prompt, chosen, rejected)) when it is usable, else (why, msg):
+    why is one of DROPS, and msg, for a malformed row, says what is wrong. Rows with an empty
+    response and rows whose responses are identical are dropped, as the paper does."""
+    if row is BLANK:
+        return "blank", None
+    try:
+        t = to_triple(row, shape)
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(t[key], str):
+                raise ValueError(f"{key!r} is {type(t[key]).__name__}, not a string")
+    except ValueError as e:
+        return "malformed", str(e)
+    if not t["chosen"].strip() or not t["rejected"].strip():
+        return "empty_response", None
+    if t["chosen"] == t["rejected"]:
+        return "identical", None
+    return None, (t["prompt"], t["chosen"], t["rejected"])
+
+
+def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name, shape="triple",
+                first_row=1):
+    """Tokenize rows and write {split}.tokens.npy and {split}.index.npy. Returns the counts.
+    rows[0] is row first_row of name (in a .jsonl, its line). Dropped rows are counted by why
+    (check); the malformed ones are named. Long rows are truncated: the prompt keeps its last
+    max_prompt_len tokens, each response its first max_len - len(prompt), so a kept row always
+    fits max_len. A cut response loses its end-of-text token (the model should not learn to
+    stop there) but keeps at least one token of its own; a row whose cut responses are empty or
+    the same has no room left to be a pair, and is dropped as too_long."""
+    counts = {"read": 0, "kept": 0, "truncated": 0, "dropped": dict.fromkeys(DROPS, 0)}
+    errors, triples = [], []
+    for i, row in enumerate(rows, start=first_row):
+        counts["read"] += 1
+        why, t = check(row, shape)
+        if why is None:
+            triples.append(t)
+            continue
+        counts["dropped"][why] += 1
+        if why == "malformed":
+            errors.append(f"{name} row {i}: {t}")
+    for e in errors[:10]:
+        print("  bad row:", e, file=sys.stderr)
+    if len(errors) > 10:
+        print(f"  ... and {len(errors) - 10} more bad rows", file=sys.stderr)
+    eot, chunks, index, offset, step = enc.eot_token, [], [], 0, 16384
+    for lo in range(0, len(triples), step):  # tiktoken encodes a batch on all cores
+        if len(triples) > 4 * step:
+            print(f"  {split}: tokenizing rows {lo}-{min(lo + step, len(triples))} of "
+                  f"{len(triples)}", file=sys.stderr)
+        part = triples[lo:lo + step]
+        p_, c_, r_ = (enc.encode_ordinary_batch([t[k] for t in part], num_threads=os.cpu_count())
+                      for k in range(3))
+        for p, c, r in zip(p_, c_, r_):
+            c, r = c + [eot], r + [eot]
+            if len(p) > max_prompt_len or len(p) + max(len(c), len(r)) > max_len:
+                p = p[max(0, len(p) - max_prompt_len):]
+                room = max(0, max_len - len(p))
+                c, r = c[:room], r[:room]
+                if not c or c == r:  # no room for a response, or to tell the two apart
+                    counts["dropped"]["too_long"] += 1
+                    continue
+                counts["truncated"] += 1
+            chunks.append(np.array(p + c + r, dtype=np.int64))
+            index.append((offset, len(p), len(c), len(r)))
+            offset += len(p) + len(c) + len(r)
+    if not index:
+        raise ValueError(f"{name}: no usable rows in split {split!r} ({counts})")
+    counts["kept"] = len(index)
+    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32  # smallest type for the vocab
+    np.save(os.path.join(out_dir, f"{split}.tokens.npy"), np.concatenate(chunks).astype(dtype))
+    np.save(os.path.join(out_dir, f"{split}.index.npy"), np.array(index, dtype=np.int64))
+    return counts
+
+
+def held_out(rows, shape):
+    """How many rows from the top of a file are held out: the fewest that hold a tenth of its
+    usable rows, by check() (at least 1, at most 1000), so that bad rows at the top cannot
+    leave the held-out split empty; row numbers still count from the top of the file."""
+    usable = [i for i, row in enumerate(rows) if check(row, shape)[0] is None]
+    n_val = min(1000, max(1, len(usable) // 10))
+    return usable[n_val - 1] + 1 if usable else 0
+
+
 def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=500,
             max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
+    """Write the source's train and val splits and meta.json to out; return the meta. Bad input
+    is a ValueError whose message is one line."""
+    if not 0 <= max_prompt_len < max_len:  # a kept row needs room for a token of each response
+        raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 0 and below max_len "
+                         f"{max_len}, to leave room for the responses")
     out = out or os.path.join("data", source)
     if source == "synthetic" and not file:
-        splits = {k: (v, 0) for k, v in make_synthetic(n_train, n_val, seed).items()}
+        splits = {k: (v, source, 1) for k, v in make_synthetic(n_train, n_val, seed).items()}
         tok, shape = "synthetic", "triple"
     else:
         splits, tok = load_source(source, file, subset, val_file), "gpt2"
-        first = next((r for rows, _ in splits.values() for r in rows
+        first = next((r for rows, _, _ in splits.values() for r in rows
                       if not isinstance(r, BrokenLine)), None)
         shape = detect_shape(first, file or source)
+        if "val" not in splits:  # one file: the rows at its top are held out
+            rows, name, _ = splits["train"]
+            cut = held_out(rows, shape)
+            splits = {"train": (rows[cut:], name, cut + 1), "val": (rows[:cut], name, 1)}
     enc = get_encoding(tok)
     os.makedirs(out, exist_ok=True)
-    meta = {"source": source, "file": file, "val_file": val_file, "tokenizer": tok, "vocab_size": enc.n_vocab,
-            "eot": enc.eot_token, "max_len": max_len, "max_prompt_len": max_prompt_len,
-            "seed": seed, "shape": shape, "splits": {}}
-    for split, (rows, first_row) in splits.items():
+    # "file" and "val_file" as absolute paths, so the trainer can tell data prepared elsewhere
+    meta = {"source": source, "file": os.path.abspath(file) if file else None,
+            "val_file": os.path.abspath(val_file) if val_file else None, "tokenizer": tok,
+            "vocab_size": enc.n_vocab, "eot": enc.eot_token, "max_len": max_len,
+            "max_prompt_len": max_prompt_len, "seed": seed, "shape": shape, "splits": {}}
+    for split, (rows, name, first_row) in splits.items():
         meta["splits"][split] = write_split(rows, enc, out, split, max_len, max_prompt_len,
-                                            file or source, shape, first_row)
+                                            name, shape, first_row)
     tmp = os.path.join(out, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -360,14 +479,15 @@ if __name__ == "__main__":
     ap.add_argument("--source", default="synthetic",
                     help="synthetic (offline), hh-rlhf, ultrafeedback; with --file: a name")
     ap.add_argument("--file", default=None, help="a local .jsonl(.gz), .json or .parquet file")
-    ap.add_argument("--val_file", default=None, help="held-out rows (default: --file's first tenth)")
+    ap.add_argument("--val_file", default=None,
+                    help="held-out rows (default: --file's top tenth of usable rows)")
     ap.add_argument("--subset", default=None, help="hh-rlhf data_dir, e.g. harmless-base")
     ap.add_argument("--out", default=None, help="output folder (default data/SOURCE)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--n_train", type=int, default=20000, help="synthetic rows")
     ap.add_argument("--n_val", type=int, default=500, help="synthetic rows")
     ap.add_argument("--max_len", type=int, default=1024, help="prompt + response tokens")
-    ap.add_argument("--max_prompt_len", type=int, default=512)
+    ap.add_argument("--max_prompt_len", type=int, default=512, help="below --max_len")
     a = ap.parse_args()
     try:
         prepare(a.source, a.out, a.seed, a.n_train, a.n_val, a.max_len, a.max_prompt_len,

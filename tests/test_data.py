@@ -1,5 +1,5 @@
-"""Real preference data: the rows in ../shared/data (skipped cleanly where absent), and small
-files in the hub's exact schemas, written here."""
+"""prepare_data.py: the real rows in ../shared/data (skipped cleanly where absent), small files
+in the hub's exact schemas and bad files, written here; truncation; the synthetic judge."""
 import gzip
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import SHARED
+from conftest import ROOT, SHARED
 
 HH = os.path.join(SHARED, "hh-rlhf-harmless-base", "test.jsonl.gz")
 UF = os.path.join(SHARED, "ultrafeedback-sample")
@@ -29,6 +29,29 @@ def gpt2(tmp_path_factory):
     return prepare_data.get_encoding("gpt2")
 
 
+def cli(tmp_path, *args):
+    """prepare_data.py as a command; datasets' cache, if it is used, goes under tmp_path."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HOME=str(tmp_path / "hf")))
+
+
+def fails_in_one_line(r, *words):
+    """The project's rule for bad input: exit status 2 and one line that says why."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prepare_data: "), r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """prepare() tokenizes a file with GPT-2's BPE; here with the synthetic one, so that the
+    tests of files need no download and no ../shared/data."""
+    monkeypatch.setattr(prepare_data, "get_encoding", lambda tok: prepare_data.synthetic_encoding())
+
+
 def load(out, split):
     return np.load(os.path.join(out, f"{split}.tokens.npy")), np.load(os.path.join(out, f"{split}.index.npy"))
 
@@ -43,12 +66,12 @@ def rows_of(out, split, enc):
 @needs_shared
 def test_all_hh_rlhf_rows_prepared_and_round_trip(tmp_path, gpt2):
     out = str(tmp_path)
-    meta = prepare_data.prepare("hh-rlhf", out, file=HH, max_len=100_000, max_prompt_len=100_000)
+    meta = prepare_data.prepare("hh-rlhf", out, file=HH, max_len=100_000, max_prompt_len=99_999)
     read = sum(s["read"] for s in meta["splits"].values())
     assert read == 2312
     for s in meta["splits"].values():
         assert s["kept"] + sum(s["dropped"].values()) == s["read"]
-    assert meta["splits"]["val"]["read"] == 231 and meta["vocab_size"] == 50257
+    assert meta["vocab_size"] == 50257
     assert load(out, "train")[0].dtype == np.uint16  # the smallest type that holds 50257
     with gzip.open(HH, "rt") as f:
         raw = [json.loads(line) for line in f]
@@ -56,10 +79,10 @@ def test_all_hh_rlhf_rows_prepared_and_round_trip(tmp_path, gpt2):
         prompt = r["chosen"][:r["chosen"].rfind("\n\nAssistant:") + 12]
         return (r["rejected"].startswith(prompt) and r["chosen"] != r["rejected"]
                 and r["chosen"][len(prompt):].strip() and r["rejected"][len(prompt):].strip())
-    kept = [r for r in raw if ok(r)]
+    expect = [r for r in raw if ok(r)]  # val's rows then train's: the file's order
+    usable_lines = [i + 1 for i, r in enumerate(raw) if ok(r)]
+    assert meta["splits"]["val"]["read"] == usable_lines[len(expect) // 10 - 1] == 231
     got = list(rows_of(out, "val", gpt2)) + list(rows_of(out, "train", gpt2))
-    raw_val, raw_train = raw[:231], raw[231:]
-    expect = [r for r in raw_val if r in kept] + [r for r in raw_train if r in kept]
     assert len(got) == len(expect) == meta["splits"]["train"]["kept"] + meta["splits"]["val"]["kept"]
     for (p, c, r), row in zip(got, expect):
         assert p.endswith("\n\nAssistant:")
@@ -71,8 +94,10 @@ def test_hh_truncation_is_counted_and_bounded(tmp_path, gpt2):
     meta = prepare_data.prepare("hh-rlhf", str(tmp_path), file=HH, max_len=129, max_prompt_len=64)
     s = meta["splits"]["train"]
     assert s["truncated"] > 0 and s["kept"] + sum(s["dropped"].values()) == s["read"]
-    _, index = load(str(tmp_path), "train")
+    tokens, index = load(str(tmp_path), "train")
     assert (index[:, 1] <= 64).all() and (index[:, 1] + index[:, 2:].max(1) <= 129).all()
+    for off, p, c, r in index:  # each response keeps a token of its own
+        assert tokens[off + p] != gpt2.eot_token and tokens[off + p + c] != gpt2.eot_token
 
 
 @needs_shared
@@ -134,8 +159,9 @@ def test_hub_schemas_are_detected_and_converted(tmp_path, row, shape, want):
 
 
 @pytest.mark.parametrize("ext", ["json", "parquet"])
-def test_json_and_parquet_load_through_datasets(tmp_path, ext):
+def test_json_and_parquet_load_through_datasets(tmp_path, monkeypatch, ext):
     import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     path = str(tmp_path / f"f.{ext}")
     ds = datasets.Dataset.from_list([UF_ROW, UF_ROW, UF_ROW])
     ds.to_parquet(path) if ext == "parquet" else ds.to_json(path)
@@ -178,18 +204,15 @@ def test_bad_rows_are_reported_by_row_and_the_rest_prepared(tmp_path, capsys, go
     n_msgs = sum(1 for _, m in bad if m)
     assert counts["dropped"]["malformed"] == n_msgs
     err = capsys.readouterr().err
-    for i, (_, msg) in enumerate(bad, start=1):
+    for i, (_, msg) in enumerate(bad, start=2):  # line 1 is the good row
         if msg:
             assert f"f.jsonl row {i}: " in err and msg in err, (i, msg, err)
 
 
 def test_unrecognised_shape_names_keys_and_shapes(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"question": "q", "answer": "a"}])
-    r = subprocess.run([sys.executable, "prepare_data.py", "--source", "mine", "--file", path,
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 2
-    assert "keys ['answer', 'question']" in r.stderr and "{prompt, chosen, rejected}" in r.stderr
+    r = cli(tmp_path, "--source", "mine", "--file", path, "--out", str(tmp_path / "o"))
+    fails_in_one_line(r, "keys ['answer', 'question']", "{prompt, chosen, rejected}")
 
 
 def test_hub_unreachable_says_so_and_what_works(tmp_path, monkeypatch):
@@ -200,3 +223,200 @@ def test_hub_unreachable_says_so_and_what_works(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match="could not load 'hh-rlhf' from the Hugging Face hub.*--file PATH"):
         prepare_data.prepare("hh-rlhf", str(tmp_path))
+
+
+# --- rows: numbering, counting, truncation ---
+
+def test_bad_rows_are_counted_named_and_the_rest_kept(tmp_path, capsys):
+    enc = prepare_data.get_encoding("synthetic")
+    good = {"prompt": "user: 2 more like cat and dog\nassistant:", "chosen": " sure : owl hen .",
+            "rejected": " ugh : owl hen ."}
+    rows = [good, {"prompt": "p", "chosen": "c"}, ["not", "a", "dict"], dict(good, chosen=3),
+            dict(good, rejected=good["chosen"]), dict(good, chosen="  "), good]
+    counts = prepare_data.write_split(rows, enc, str(tmp_path), "train", 64, 32, "rows.jsonl")
+    assert counts["read"] == 7 and counts["kept"] == 2
+    assert counts["dropped"] == {"blank": 0, "malformed": 3, "empty_response": 1, "identical": 1,
+                                 "too_long": 0}
+    assert counts["kept"] + sum(counts["dropped"].values()) == counts["read"]
+    err = capsys.readouterr().err  # rows are numbered from 1, as an editor numbers lines
+    assert "rows.jsonl row 2: missing key 'rejected'" in err
+    assert "rows.jsonl row 3: expected an object" in err
+    assert "rows.jsonl row 4: 'chosen' is int" in err
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tmp_path):
+    enc = prepare_data.get_encoding("synthetic")
+    row = {"prompt": " cat" * 14 + " fox" * 6, "chosen": " dog" * 10 + " hen" * 10, "rejected": " owl" * 3}
+    counts = prepare_data.write_split([row], enc, str(tmp_path), "train", 16, 6, "t")
+    assert counts["truncated"] == 1 and counts["kept"] == 1
+    tokens, (off, p, c, r) = np.load(tmp_path / "train.tokens.npy"), np.load(tmp_path / "train.index.npy")[0]
+    assert (p, c, r) == (6, 10, 4)  # prompt keeps 6, each response at most 16 - 6
+    assert enc.decode(tokens[off:off + p].tolist()) == " fox" * 6
+    assert enc.decode(tokens[off + p:off + p + c].tolist()) == " dog" * 10  # cut: no end-of-text
+    assert enc.decode(tokens[off + p + c:off + p + c + r].tolist()) == " owl" * 3 + "<|endoftext|>"
+
+
+LONG = {"prompt": " cat" * 20, "chosen": " dog" * 20, "rejected": " owl" * 3}
+SAME_START = {"prompt": " cat" * 20, "chosen": " dog owl", "rejected": " dog hen"}
+SHORT = {"prompt": " cat", "chosen": " dog", "rejected": " owl"}
+
+
+@pytest.mark.parametrize("max_len, max_prompt_len, kept, truncated, too_long", [
+    (16, 15, 2, 1, 1),   # room for one token of each response: SAME_START's are then the same
+    (16, 16, 1, 0, 2),   # no room at all (prepare() refuses these limits; write_split drops)
+    (24, 8, 3, 2, 0),
+])
+def test_kept_rows_fit_max_len_with_a_token_of_each_response(tmp_path, max_len, max_prompt_len,
+                                                             kept, truncated, too_long):
+    enc = prepare_data.get_encoding("synthetic")
+    counts = prepare_data.write_split([LONG, SAME_START, SHORT], enc, str(tmp_path), "train",
+                                      max_len, max_prompt_len, "t")
+    assert (counts["kept"], counts["truncated"], counts["dropped"]["too_long"]) == (kept, truncated, too_long)
+    assert counts["kept"] + sum(counts["dropped"].values()) == counts["read"] == 3
+    tokens, index = load(str(tmp_path), "train")
+    for off, p, c, r in index:
+        assert p <= max_prompt_len and p + max(c, r) <= max_len
+        assert tokens[off + p] != enc.eot_token and tokens[off + p + c] != enc.eot_token
+
+
+def test_a_row_with_no_room_for_its_responses_is_not_kept(tmp_path):
+    with pytest.raises(ValueError, match="no usable rows in split 'train'.*'too_long': 1"):
+        prepare_data.write_split([LONG], prepare_data.get_encoding("synthetic"), str(tmp_path),
+                                 "train", 20, 20, "t")
+
+
+@pytest.mark.parametrize("args", [["--max_len", "65"], ["--max_len", "65", "--max_prompt_len", "65"],
+                                  ["--max_prompt_len", "-1"]])
+def test_max_prompt_len_must_leave_room_for_a_response(tmp_path, args):
+    out = tmp_path / "o"
+    r = cli(tmp_path, *args, "--n_train", "20", "--n_val", "5", "--out", str(out))
+    fails_in_one_line(r, "max_prompt_len", "max_len")
+    assert not out.exists()  # refused before any work
+    with pytest.raises(ValueError, match="max_prompt_len 512 must be at least 0 and below max_len 65"):
+        prepare_data.prepare("synthetic", str(out), n_train=20, n_val=5, max_len=65)
+
+
+def pairs(n):
+    """n distinct, usable {prompt, chosen, rejected} rows."""
+    return [{"prompt": f"user: 2 more like {w} and cat\nassistant:", "chosen": f" sure : {w} .",
+             "rejected": f" ugh : {w} ."} for w in list(prepare_data.TOPIC_OF)[:n]]
+
+
+def test_row_numbers_are_file_lines_and_blank_lines_and_a_bom_are_read(tmp_path, capsys, offline):
+    lines = [json.dumps(r).encode() for r in pairs(23)]
+    lines[1:1] = [b""]                           # line 2: blank
+    lines[12:12] = [b'{"prompt": "x", ']        # line 13: broken JSON
+    lines[13:13] = [b"   "]                      # line 14: blank too
+    lines[19:19] = [b'{"prompt": "\xff"}']      # line 20: not UTF-8
+    lines.append(json.dumps({"prompt": "p", "chosen": "c"}).encode())  # line 28
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM, as some editors write
+    meta = prepare_data.prepare("mine", str(tmp_path / "o"), file=str(path))
+    err = capsys.readouterr().err
+    assert "row 1:" not in err and "row 2:" not in err and "row 14:" not in err
+    assert "f.jsonl row 13: broken JSON" in err and "f.jsonl row 20: not UTF-8" in err
+    assert "f.jsonl row 28: missing key 'rejected'" in err
+    val, train = meta["splits"]["val"], meta["splits"]["train"]
+    assert (val["read"], val["kept"], val["dropped"]["blank"]) == (3, 2, 1)  # 23 usable: 2 held out
+    assert (train["read"], train["kept"], train["dropped"]["blank"]) == (25, 21, 1)
+    assert train["dropped"]["malformed"] == 3
+
+
+def test_bad_rows_of_the_val_file_are_named_by_that_file(tmp_path, capsys, offline):
+    f = write_jsonl(tmp_path / "f.jsonl", pairs(3))
+    v = write_jsonl(tmp_path / "v.jsonl", pairs(2)[:1] + ["[1]"] + pairs(2)[1:])
+    prepare_data.prepare("mine", str(tmp_path / "o"), file=f, val_file=v)
+    assert "v.jsonl row 2: expected an object, got list" in capsys.readouterr().err
+
+
+def test_held_out_rows_are_taken_from_usable_rows(tmp_path, capsys, offline):
+    rows = pairs(10)
+    rows[0] = dict(rows[0], rejected=rows[0]["chosen"])  # identical: dropped
+    rows[6] = {"prompt": "p"}
+    meta = prepare_data.prepare("mine", str(tmp_path / "o"), file=write_jsonl(tmp_path / "f.jsonl", rows))
+    val, train = meta["splits"]["val"], meta["splits"]["train"]
+    assert (val["read"], val["kept"], val["dropped"]["identical"]) == (2, 1, 1)
+    assert (train["read"], train["kept"], train["dropped"]["malformed"]) == (8, 7, 1)
+    assert "f.jsonl row 7: missing key" in capsys.readouterr().err  # still the file's line
+
+
+# --- files prepare_data cannot read: one line, exit 2, no traceback ---
+
+def truncated_gz(path):
+    data = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in pairs(40)))
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name, make, words", [
+    ("pairs.csv", lambda p: p.write_text("prompt,chosen,rejected\nq,a,b\n"), [".jsonl, .jsonl.gz"]),
+    ("d", lambda p: p.mkdir(), ["is a directory"]),
+    ("f.jsonl.gz", lambda p: p.write_bytes(b"not gzip at all\n"), ["cannot read it"]),
+    ("f.jsonl.gz", truncated_gz, ["cannot read it"]),
+    ("f.jsonl", lambda p: p.write_bytes(b""), ["the file is empty"]),
+    ("f.jsonl", lambda p: p.write_bytes(b"\n\n"), ["the file is empty"]),
+    ("f.json", lambda p: p.write_bytes(b""), ["the file is empty"]),
+    ("f.jsonl", lambda p: p.write_bytes(gzip.compress(b"x" * 1000)), ["no line of it is JSON"]),
+    ("f.parquet", lambda p: p.write_bytes(b"not parquet\n"), ["cannot read it as parquet"]),
+    ("missing.jsonl", lambda p: None, ["no file at"]),
+])
+def test_a_file_that_cannot_be_read_is_one_line_exit_2(tmp_path, name, make, words):
+    path = tmp_path / name
+    make(path)
+    r = cli(tmp_path, "--source", "mine", "--file", str(path), "--out", str(tmp_path / "o"))
+    fails_in_one_line(r, str(path), *words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unreadable_val_file_is_named(tmp_path):
+    f = write_jsonl(tmp_path / "f.jsonl", pairs(3))
+    r = cli(tmp_path, "--file", f, "--val_file", str(tmp_path / "v.csv"), "--out", str(tmp_path / "o"))
+    fails_in_one_line(r, "no file at", "v.csv")
+
+
+# --- meta.json records what the data was prepared from ---
+
+def test_meta_records_the_files_as_absolute_paths_and_the_limits(tmp_path, monkeypatch, offline):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "f.jsonl", pairs(4))
+    write_jsonl(tmp_path / "v.jsonl", pairs(2))
+    meta = prepare_data.prepare("mine", "o", file="f.jsonl", val_file="v.jsonl", max_len=40,
+                                max_prompt_len=30)
+    with open(tmp_path / "o" / "meta.json") as f:
+        assert json.load(f) == meta
+    assert os.path.isabs(meta["file"]) and os.path.samefile(meta["file"], tmp_path / "f.jsonl")
+    assert os.path.isabs(meta["val_file"]) and os.path.samefile(meta["val_file"], tmp_path / "v.jsonl")
+    assert (meta["source"], meta["max_len"], meta["max_prompt_len"]) == ("mine", 40, 30)
+    meta = prepare_data.prepare("synthetic", "s", n_train=20, n_val=5)
+    assert (meta["source"], meta["file"], meta["val_file"]) == ("synthetic", None, None)
+
+
+# --- the synthetic judge ---
+
+PROMPT = prepare_data.synthetic_prompt(("cat", "dog"), 3)
+
+
+@pytest.mark.parametrize("answer, want, score", [
+    (" sure : fox owl hen .", set(), 1.0),
+    (" ugh : fox owl hen .", {"rude"}, 0.75),
+    (" hmm : fox owl hen .", {"rude"}, 0.75),              # not polite is rude: judge scores it 0
+    (" sure : fox red hen .", {"off_topic"}, (3 + 2 / 3) / 4),
+    (" sure : fox owl .", {"wrong_count"}, (2 + 2 / 3) / 4),
+    (" sure : fox owl hen ant .", {"wrong_count"}, 3 / 4),
+    (" sure fox owl hen", {"malformed"}, 0.75),
+    (" whatever : fox red .", {"rude", "off_topic", "wrong_count"}, (1 + 1 / 3) / 4),
+    ("", {"rude", "wrong_count", "malformed"}, 0.0),
+])
+def test_flaws_name_what_judge_checks(answer, want, score):
+    got = prepare_data.flaws(PROMPT, answer)
+    assert set(got) == {"off_topic", "rude", "wrong_count", "malformed"}
+    assert {k for k, v in got.items() if v} == want
+    assert prepare_data.judge(PROMPT, answer) == pytest.approx(score)
+
+
+def test_flaws_agree_with_judge_on_the_synthetic_pairs():
+    for row in prepare_data.make_synthetic(300, 0, 0)["train"]:
+        found = {k: prepare_data.flaws(row["prompt"], row[k]) for k in ("chosen", "rejected")}
+        for k, f in found.items():
+            assert (prepare_data.judge(row["prompt"], row[k]) == 1.0) == (not any(f.values()))
+        assert not {k for k, v in found["chosen"].items() if v} - {"off_topic"}  # a stray word at most
+        assert any(found["rejected"].values())  # a rejected answer always adds a flaw
