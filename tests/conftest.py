@@ -1,5 +1,6 @@
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -15,12 +16,30 @@ import prepare_data  # noqa: E402
 torch.set_num_threads(2)  # CI has 2 cores; fixed threads also fix float summation order
 
 
+@pytest.fixture(scope="session", autouse=True)
+def caches_in_tmp(tmp_path_factory):
+    """Every file a test writes stays under pytest's tmp_path: datasets and the hub cache
+    too (subprocesses inherit the environment)."""
+    d = str(tmp_path_factory.mktemp("hf"))
+    old = {k: os.environ.get(k) for k in ("HF_HOME", "HF_DATASETS_CACHE")}
+    os.environ.update(HF_HOME=d, HF_DATASETS_CACHE=os.path.join(d, "datasets"))
+    yield
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.update({k: v})
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small synthetic dataset, prepared once per test session."""
     d = str(tmp_path_factory.mktemp("data"))
     prepare_data.prepare("synthetic", d, n_train=2000, n_val=100)
     return d
+
+
+def cli(script, *args, cwd=ROOT, env=None, timeout=300):
+    """Run one of the project's scripts (orpo.py, sample.py, ...) as a user would."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def run(out_dir, data_dir, preset="tiny", **overrides):
@@ -31,9 +50,22 @@ def run(out_dir, data_dir, preset="tiny", **overrides):
         assert hasattr(cfg, k), k
         setattr(cfg, k, v)
     orpo.train(cfg, preset)
+    return read_log(out_dir)
+
+
+def read_log(out_dir):
     with open(os.path.join(str(out_dir), "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
 def losses(records):
-    return [(r["iter"], r["loss"], r["sft"], r["orl"]) for r in records if r["kind"] == "train"]
+    """(iter, loss, L_SFT, L_OR) of each train record."""
+    return [(r["iter"], r["loss"], r["l_sft"], r["l_or"]) for r in records if r["kind"] == "train"]
+
+
+def assert_same_losses(a, b, rtol=0.0):
+    """Two runs' loss logs agree, iteration by iteration: exactly, or to rtol."""
+    assert len(a) == len(b) and [x[0] for x in a] == [y[0] for y in b], (a, b)
+    for x, y in zip(a, b):
+        for u, v in zip(x[1:], y[1:]):
+            assert abs(u - v) <= rtol * max(1.0, abs(u)), (x, y)

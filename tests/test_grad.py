@@ -18,7 +18,7 @@ def rel_err(a, b):
 
 def autograd_ell_grad(ell_w, ell_l, lam):
     ell = torch.cat([ell_w, ell_l]).detach().requires_grad_()
-    loss, _ = orpo.orpo_loss(None, ell, None, lam, sft_on_prompt=False)
+    loss, _ = orpo.orpo_loss(None, ell, None, lam=lam)
     (g,) = torch.autograd.grad(loss, ell)
     B = ell_w.numel()
     return g[:B], g[B:]
@@ -85,7 +85,7 @@ def test_grad_wrt_logits_equals_autograd(lam, sft_on_prompt):
         need = (seq if sft_on_prompt else resp).bool()
         a = logits.clone().requires_grad_()  # autograd, from the logits at every position
         logp, ell = orpo.response_logps(orpo.logps_from_logits(a[need], y[need]), resp, need)
-        loss, _ = orpo.orpo_loss(logp, ell, seq, lam, sft_on_prompt)
+        loss, _ = orpo.orpo_loss(logp, ell, seq, lam=lam, sft_on_prompt=sft_on_prompt)
         (ga,) = torch.autograd.grad(loss, a)
         h = logits.clone().requires_grad_()
         loss_h, _, _ = orpo.HandORPO.apply(h[need], y, resp, seq, need, lam, sft_on_prompt)
@@ -117,7 +117,7 @@ def test_grad_float32_finite_where_the_naive_form_fails():
     ells = -torch.logspace(-12, 4, 200)  # -1e-12 ... -1e4
     w, l = torch.meshgrid(ells, ells, indexing="ij")
     w, l = w.flatten().float().requires_grad_(), l.flatten().float().requires_grad_()
-    loss, _ = orpo.orpo_loss(None, torch.cat([w, l]), None, 1.0, False)
+    loss, _ = orpo.orpo_loss(None, torch.cat([w, l]), None, lam=1.0)
     loss.backward()
     hw, hl = orpo.orpo_grad(w.detach(), l.detach(), 1.0)
     for t in (loss, w.grad, l.grad, hw, hl):

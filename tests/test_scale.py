@@ -1,5 +1,5 @@
 """The scale path on the CPU: DDP through torchrun (gloo), the gpt2-125m preset's shape,
-bf16 autocast and a GradScaler, and --bench."""
+bf16 autocast, a GradScaler, and torch.compile."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import orpo
-from conftest import ROOT, losses, run
+from conftest import ROOT, assert_same_losses, losses, run
 
 
 def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, data_dir):
@@ -28,10 +28,8 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, data_d
     assert "2 process(es) x 1 micro-steps" in two.stdout
     read = lambda d: [json.loads(l) for l in open(tmp_path / d / "log.jsonl")]
     a, b = losses(read("one")), losses(read("two"))
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):  # tolerance: float summation order differs (all-reduce vs accumulate)
-        for u, v in zip(x[1:], y[1:]):
-            assert abs(u - v) <= 1e-4 * max(1.0, abs(u)), (x, y)
+    assert len(a) == 6
+    assert_same_losses(a, b, rtol=1e-4)  # float summation order differs (all-reduce vs sum)
 
 
 def test_gpt2_125m_preset_runs_two_iterations_on_cpu(tmp_path, data_dir):
@@ -49,16 +47,14 @@ def test_gpt2_125m_preset_runs_two_iterations_on_cpu(tmp_path, data_dir):
 def test_bf16_autocast_on_cpu_trains_with_fp32_loss(tmp_path, data_dir, hand_grad):
     recs = run(tmp_path, data_dir, dtype="bfloat16", max_iters=10, hand_grad=hand_grad)
     evals = [r for r in recs if r["kind"] == "eval"]
-    assert evals[-1]["sft"] < evals[0]["sft"]
-    cfg = orpo.Config(**orpo.PRESETS["tiny"], )
-    cfg.dtype = "bfloat16"
-    _, _, dtype, ctx = orpo.setup_device(cfg)
+    assert evals[-1]["l_sft"] < evals[0]["l_sft"]
+    _, _, dtype, ctx = orpo.setup_device("cpu", "bfloat16")
     model = orpo.GPT(orpo.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 64, (4, 8))
     resp = torch.ones(4, 8)
     with ctx:
         logits = model(x, resp.bool())
-        tok = model(x, resp.bool(), x.flatten())
+        tok = model.token_logps(x, resp.bool(), x.flatten())
     assert logits.dtype == torch.bfloat16  # the matmuls ran in bf16 ...
     assert tok.dtype == torch.float32      # ... the log-probs in fp32
     logp, ell = orpo.response_logps(tok, resp, resp.bool())
@@ -76,30 +72,13 @@ def test_grad_scaler_on_cpu_device(tmp_path, data_dir):
     assert len(losses(recs)) == 6
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bench_prints_one_json_line(dtype):
-    """MFU stays below 1 in bf16 too: on a CPU without native bf16 the MFU's measured peak
-    must be the fastest matmul layout, not A @ A alone (20x slower there)."""
-    r = subprocess.run([sys.executable, "orpo.py", "--bench=true", "--n_layer=1", "--n_head=2",
-                        "--n_embd=32", "--block_size=32", "--batch_size=2", "--bench_steps=3",
-                        "--vocab_size=256", f"--dtype={dtype}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["tokens_per_step"] == 2 * 2 * 32 and out["steps"] == 3
-    assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["peak_mem_mb"] > 0
-    assert out["logit_positions"] == 4 * 17  # half prompt: response targets from T/2 - 1
-
-
 def test_compile_trains_like_eager(tmp_path, data_dir):
     """--compile=true (torch.compile, inductor on the CPU) logs the eager run's losses, and
     its checkpoint holds the plain model's keys, so it resumes without compile."""
     kw = dict(max_iters=6, log_interval=1, eval_interval=100, n_samples=2)
     eager = losses(run(tmp_path / "eager", data_dir, **kw))
     comp = losses(run(tmp_path / "comp", data_dir, compile=True, **kw))
-    assert len(eager) == len(comp) == 6
-    for a, b in zip(eager, comp):
-        for x, y in zip(a[1:], b[1:]):
-            assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+    assert len(eager) == 6
+    assert_same_losses(eager, comp, rtol=1e-5)
     ck = torch.load(tmp_path / "comp" / "ckpt.pt", weights_only=False)
     assert not any(k.startswith("_orig_mod") for k in ck["model"])

@@ -1,51 +1,63 @@
+"""The training loop: it learns, resumes bit for bit, logs what it ran, and refuses bad input
+with one line and exit status 2 before any work."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import orpo
-import prepare_data
-from conftest import ROOT, losses, run
-
-
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "orpo.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+from conftest import ROOT, assert_same_losses, cli, losses, read_log, run
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path, data_dir):
     recs = run(tmp_path, data_dir, max_iters=40, eval_interval=20)
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [e["iter"] for e in evals] == [0, 20, 40]
-    assert evals[-1]["sft"] < evals[0]["sft"] - 0.5   # chosen NLL falls
-    assert evals[-1]["acc"] > evals[0]["acc"]         # held-out preference accuracy rises
+    assert evals[-1]["l_sft"] < evals[0]["l_sft"] - 0.5  # chosen NLL falls
+    assert evals[-1]["acc"] > evals[0]["acc"]            # held-out preference accuracy rises
     assert len(losses(recs)) == 40
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["iters"] == 40 and 0 <= summary["win_rate"][1] <= 1
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert {"model", "optimizer", "scaler", "config", "iter", "epoch", "pos", "rng"} <= set(ck)
+    assert {"model", "model_args", "optimizer", "scaler", "config", "iter", "epoch", "pos",
+            "rng", "seconds"} <= set(ck)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     kw = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, dropout=0.1)
-    orpo._PEAK.clear()  # each run as in a new process: it measures the MFU peak again
     full = losses(run(tmp_path / "a", data_dir, **kw))
-    orpo._PEAK.clear()
     run(tmp_path / "b", data_dir, **{**kw, "max_iters": 10})
-    orpo._PEAK.clear()
     resumed = losses(run(tmp_path / "b", data_dir, **kw, init_from="resume"))
-    assert len(full) == 20 and len(resumed) == 20  # b's log: 10 before the stop, 10 after
-    assert resumed == full  # bit for bit: weights, optimizer, lr, data order and RNG restored
+    assert len(full) == 20
+    assert_same_losses(resumed, full)  # bit for bit: weights, optimizer, lr, data order, RNG
+
+
+def test_resume_logs_each_iteration_once_and_counts_the_whole_time(tmp_path, data_dir):
+    """A run killed after its checkpoint at 10 had logged iterations 11-14: the resumed run
+    runs them again and logs them once; its clock starts from the checkpoint's."""
+    kw = dict(lr_decay_iters=20, eval_interval=10, log_interval=1)
+    recs = run(tmp_path, data_dir, max_iters=10, **kw)
+    first = torch.load(tmp_path / "ckpt.pt", weights_only=False)["seconds"]
+    with open(tmp_path / "log.jsonl", "a") as f:  # what the killed process had written
+        for rec in losses(recs)[:4]:
+            f.write(json.dumps(dict(kind="train", iter=rec[0] + 10, loss=0, l_sft=0, l_or=0)) + "\n")
+    recs = run(tmp_path, data_dir, max_iters=20, **kw, init_from="resume")
+    assert [r[0] for r in losses(recs)] == list(range(1, 21))
+    assert [r["iter"] for r in recs if r["kind"] == "eval"] == [0, 10, 20]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert first > 0 and ck["seconds"] > first  # the clock carried over
 
 
 def test_a_new_run_in_the_same_out_dir_starts_a_fresh_log(tmp_path, data_dir):
     run(tmp_path, data_dir, max_iters=6, log_interval=1)
     recs = run(tmp_path, data_dir, lam=0.0, max_iters=4, log_interval=1)
     assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["sft"] for r in recs if r["kind"] == "train")  # the lam=0 run's
+    assert all(r["loss"] == r["l_sft"] for r in recs if r["kind"] == "train")  # the lam=0 run's
 
 
 def test_lam_zero_is_plain_sft(tmp_path, data_dir):
@@ -53,79 +65,131 @@ def test_lam_zero_is_plain_sft(tmp_path, data_dir):
     assert all(loss == sft for _, loss, sft, _ in recs)
 
 
-@pytest.mark.parametrize("args, msg", [
+BAD = [  # each: the arguments, and what the one line must say
     (["--nope=1"], "unknown config key 'nope'"),
     (["--lr=fast"], "--lr expects float, got 'fast'"),
-    (["--compile=maybe"], "--compile expects bool"),
+    (["--compile=maybe"], "--compile expects true or false"),
     (["--config", "huge"], "unknown config 'huge'"),
     (["stray"], "expected --key=value"),
-])
-def test_bad_overrides_exit_2_with_a_clear_message(args, msg):
-    r = cli(*args)
+    (["--batch_size=0"], "--batch_size must be a number >= 1, got 0"),
+    (["--eval_interval=0"], "--eval_interval must be a number >= 1"),
+    (["--log_interval=0"], "--log_interval must be a number >= 1"),
+    (["--grad_accum=0"], "--grad_accum must be a number >= 1"),
+    (["--n_head=3", "--n_embd=32"], "--n_embd=32 must be a multiple of --n_head=3"),
+    (["--top_k=-1"], "--top_k must be a number >= 0"),
+    (["--eval_pairs=0"], "--eval_pairs must be a number >= 1"),
+    (["--vocab_size=10"], "--vocab_size=10 is below the synthetic tokenizer's 546"),
+    (["--lr=-1"], "--lr must be a number > 0"),
+    (["--dropout=1.5"], "--dropout must be a number in [0, 1)"),
+    (["--device=bogus"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'bogus'"),
+    (["--max_iters=-1"], "--max_iters must be a number >= 0"),
+    (["--n_layer=0"], "--n_layer must be a number >= 1"),
+    (["--lam=-1"], "--lam must be a number >= 0"),
+    (["--init_from=bogus"], "--init_from='bogus': no such file or directory"),
+    (["--ratio=log"], "--ratio must be one of odds, prob"),
+    (["--logp=median"], "--logp must be one of mean, sum"),
+    (["--hand_grad=true", "--ratio=prob"], "--hand_grad derives ORPO's own gradient"),
+    (["--data_dir=no/such/dir"], "no prepared data in no/such/dir"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["--device=cuda"], "--device=cuda, but torch sees no CUDA GPU"))
+
+
+@pytest.mark.parametrize("args, msg", BAD)
+def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, args, msg):
+    r = cli("orpo.py", "--config", "tiny", *args, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert msg in r.stderr
+    assert os.listdir(tmp_path) == []  # no data prepared, no out_dir made
+
+
+def test_help_lists_keys_defaults_and_presets():
+    for flag in ("--help", "-h"):
+        r = cli("orpo.py", flag)
+        assert r.returncode == 0, r.stderr
+        assert "presets: tiny, small, gpt2-125m" in r.stdout and "--lam=1.0" in r.stdout
 
 
 def test_overrides_parse_both_spellings():
-    preset, cfg = orpo.parse_args(["--config", "tiny", "--lr=0.5", "--max_iters", "7",
-                                   "--sft_on_prompt=true"])
+    preset, cfg, _ = orpo.parse_args(["--config", "tiny", "--lr=0.5", "--max_iters", "7",
+                                      "--sft_on_prompt=true"])
     assert (preset, cfg.lr, cfg.max_iters, cfg.sft_on_prompt, cfg.n_layer) == ("tiny", 0.5, 7, True, 2)
 
 
-def test_bad_rows_are_counted_named_and_the_rest_kept(tmp_path, capsys):
-    enc = prepare_data.get_encoding("synthetic")
-    good = {"prompt": "user: 2 more like cat and dog\nassistant:", "chosen": " sure : owl hen .",
-            "rejected": " ugh : owl hen ."}
-    rows = [good, {"prompt": "p", "chosen": "c"}, ["not", "a", "dict"], dict(good, chosen=3),
-            dict(good, rejected=good["chosen"]), dict(good, chosen="  "), good]
-    counts = prepare_data.write_split(rows, enc, str(tmp_path), "train", 64, 32, "rows.jsonl")
-    assert counts["read"] == 7 and counts["kept"] == 2
-    assert counts["dropped"] == {"malformed": 3, "empty_response": 1, "identical": 1}
-    assert counts["kept"] + sum(counts["dropped"].values()) == counts["read"]
-    err = capsys.readouterr().err
-    assert "rows.jsonl row 1: missing key 'rejected'" in err
-    assert "rows.jsonl row 2: expected an object" in err
-    assert "rows.jsonl row 3: 'chosen' is int" in err
-
-
-def test_truncation_keeps_prompt_end_and_response_start(tmp_path):
-    enc = prepare_data.get_encoding("synthetic")
-    row = {"prompt": " cat" * 20, "chosen": " dog" * 20, "rejected": " owl" * 3}
-    counts = prepare_data.write_split([row], enc, str(tmp_path), "train", 16, 6, "t")
-    assert counts["truncated"] == 1
-    import numpy as np
-    tokens, (off, p, c, r) = np.load(tmp_path / "train.tokens.npy"), np.load(tmp_path / "train.index.npy")[0]
-    assert (p, c, r) == (6, 10, 4)  # prompt keeps 6, each response at most 16 - 6
-    assert enc.decode(tokens[off + p:off + p + c].tolist()) == " dog" * 10
+def test_stale_data_is_never_reused(tmp_path, data_dir):
+    """data_dir holds synthetic data: asking for another dataset or file there is an error
+    that says how to prepare again."""
+    r = cli("orpo.py", "--config", "tiny", f"--data_dir={data_dir}", "--dataset=hh-rlhf",
+            f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and f"{data_dir} was prepared from synthetic, not hh-rlhf" in r.stderr
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
+    r = cli("orpo.py", "--config", "tiny", f"--data_dir={data_dir}", f"--data_file={f}",
+            f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and "prepare it again into a new --data_dir" in r.stderr
+    r = cli("orpo.py", "--config", "tiny", f"--data_dir={data_dir}", "--block_size=8",
+            f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and "more than block_size + 1 = 9" in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tmp_path, data_dir):
     run(tmp_path, data_dir, max_iters=2, eval_interval=2)
-    r = cli("--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
-            "--init_from=resume", "--n_embd=64")
+    base = ["--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--init_from=resume"]
+    r = cli("orpo.py", *base, "--n_embd=64")
     assert r.returncode == 2 and "has n_embd=32, but the run asks for n_embd=64" in r.stderr
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    del ck["model"]["h.1.ln_2.weight"]
+    torch.save(ck, tmp_path / "ckpt.pt")
+    r = cli("orpo.py", *base)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "the weights do not fit the model" in r.stderr and "h.1.ln_2.weight" in r.stderr
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    r = cli("--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
-            "--init_from=resume")
+    r = cli("orpo.py", *base)
     assert r.returncode == 2 and "is not a readable checkpoint" in r.stderr
-    r = cli(f"--out_dir={tmp_path / 'none'}", "--prompt=hi")
-    assert r.returncode == 2 and "no checkpoint at" in r.stderr
 
 
 def test_nan_loss_stops_naming_iteration_and_term(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, data_dir, lam=float("nan"), max_iters=3)
     assert e.value.code == 2
-    assert "iteration 1: non-finite loss=nan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "iteration 1: non-finite loss=nan" in err and "no checkpoint yet" in err
     assert not (tmp_path / "ckpt.pt").exists()  # nothing saved over a good checkpoint
 
 
-def test_sample_from_a_checkpoint_for_a_typed_prompt(tmp_path, data_dir):
-    run(tmp_path, data_dir, max_iters=2, eval_interval=2)
-    r = cli(f"--out_dir={tmp_path}", "--prompt=user: 3 more like cat and dog\\nassistant:",
-            "--n_samples=2", "--max_new_tokens=4")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(l.startswith("'user: 3 more like cat and dog\\nassistant:' ->")
-                                   for l in lines)
-    assert "judge" in lines[0]
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "ckpt.pt")
+    orpo.save_checkpoint(path, x=1)
+
+    def full(obj, f):  # torch.save on a full disk: part of a file, then an error
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: "
+                           "basic_ios::clear: iostream error")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        orpo.save_checkpoint(path, x=2)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: could not write {path}: the disk is full; the last good checkpoint is unchanged\n"
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the partial .tmp is gone
+    monkeypatch.undo()
+    assert torch.load(path)["x"] == 1
+
+
+def test_ctrl_c_stops_with_one_line(tmp_path, data_dir):
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config", "tiny",
+                          f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000",
+                          "--eval_interval=5", "--n_samples=2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # wait for the first checkpoint
+        if (tmp_path / "ckpt.pt").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: interrupted at iteration ") and "ckpt.pt holds iteration" in err

@@ -1,0 +1,108 @@
+"""The sibling scripts as a user runs them: sample.py, bench.py, figures.py."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import figures
+import orpo
+from conftest import ROOT, cli, run
+from model import GPT
+
+
+def test_sample_from_a_checkpoint_for_a_typed_prompt(tmp_path, data_dir):
+    run(tmp_path, data_dir, max_iters=2, eval_interval=2)
+    r = cli("sample.py", f"--out_dir={tmp_path}", "--prompt=user: 3 more like cat and dog\\nassistant:",
+            "--n_samples=2", "--max_new_tokens=4")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("'user: 3 more like cat and dog\\nassistant:' ->")
+                                   for l in lines)
+    assert "judge" in lines[0]
+
+
+def test_sample_errors(tmp_path):
+    r = cli("sample.py", f"--out_dir={tmp_path}", "--prompt=")
+    assert r.returncode == 2 and "give --prompt=TEXT" in r.stderr  # no training started
+    r = cli("sample.py", f"--out_dir={tmp_path / 'none'}", "--prompt=hi")
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr
+    r = cli("sample.py", "--temperature=-1", "--prompt=hi")
+    assert r.returncode == 2 and "--temperature must be a number >= 0" in r.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_export_then_load_gives_the_same_logits(tmp_path, data_dir):
+    run(tmp_path, data_dir, max_iters=2, eval_interval=2)
+    r = cli("sample.py", f"--out_dir={tmp_path}", f"--export={tmp_path / 'hf'}")
+    assert r.returncode == 0, r.stderr
+    assert "not GPT-2's" in r.stdout  # the synthetic task's tokenizer, said plainly
+    ck = orpo.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    mine = orpo.model_from_checkpoint(ck, "ckpt").eval()
+    back = GPT.from_pretrained(str(tmp_path / "hf"), block_size=mine.cfg.block_size).eval()
+    cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    assert cfg["vocab_size"] == ck["meta"]["vocab_size"] == 546  # cut back to the tokenizer's
+    x = torch.randint(0, 546, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), mine(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_prints_one_json_line(dtype):
+    """The fraction of the limit is the step's FLOPs over its time at the measured peak:
+    above 0 (not rounded away on a fast CPU) and below 1."""
+    r = cli("bench.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=2", "--steps=3", "--vocab_size=256", f"--dtype={dtype}")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["tokens_per_step"] == 2 * 2 * 32 and out["steps"] == 3 and out["dtype"] == dtype
+    assert out["logit_positions"] == 4 * 17  # half prompt: response targets from T/2 - 1
+    assert out["tokens_per_s"] > 0 and out["peak_mem_mb"] > 0 and out["peak_shape"]
+    assert 0 < out["mfu"] < 1
+    ratio = out["tokens_per_s"] / out["limit_tokens_per_s"]
+    assert abs(out["mfu"] - ratio) <= 1e-3 * ratio
+
+
+# figures.py run as a script, with matplotlib made unimportable or left as it is
+HIDE = "import sys; sys.modules['matplotlib'] = None; "
+SCRIPT = ("import runpy, sys; sys.argv = ['figures.py'] + sys.argv[1:]; "
+          "runpy.run_path('figures.py', run_name='__main__')")
+
+
+def figure(tmp_path, data_dir, name, hide):
+    args = [name, "--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
+            "--max_iters=10", "--eval_interval=5", "--n_samples=4"]
+    r = subprocess.run([sys.executable, "-c", (HIDE if hide else "") + SCRIPT, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, tmp_path / name
+
+
+@pytest.mark.parametrize("name", list(figures.FIGURES))
+def test_figure_writes_numbers_without_matplotlib(tmp_path, data_dir, name):
+    out, d = figure(tmp_path, data_dir, name, hide=True)
+    assert "matplotlib is not installed" in out
+    assert not (d / f"{name}.png").exists()
+    rows = list(csv.DictReader(open(d / "curves.csv")))
+    assert {r["run"] for r in rows} == set(figures.FIGURES[name])
+    assert [r["iter"] for r in rows] == ["0", "5", "10"] * len(figures.FIGURES[name])
+    if name in ("ratio", "length"):
+        assert len(list(csv.DictReader(open(d / "pairs.csv")))) > 0
+
+
+def test_figure_writes_png_with_matplotlib(tmp_path, data_dir):
+    pytest.importorskip("matplotlib", reason="pip install -r requirements-extra.txt")
+    out, d = figure(tmp_path, data_dir, "ratio", hide=False)
+    png = d / "ratio.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (d / "curves.csv").exists()
+
+
+def test_figure_name_comes_first():
+    r = cli("figures.py", "--config", "tiny")
+    assert r.returncode == 2 and "the first argument names the figure" in r.stderr
+    r = cli("figures.py", "fig9")
+    assert r.returncode == 2 and "sft-vs-orpo" in r.stderr
