@@ -61,6 +61,9 @@ class Config:
     hand_grad: bool = False        # backward through the hand-derived gradient (orpo_grad)
     ratio: str = "odds"            # odds: ORPO (Eq. 5); prob: the probability ratio of Sec. 7.1
     logp: str = "mean"             # mean: Eq. 3's length-normalised log P(y|x); sum: summed
+    loss: str = "orpo"             # dpo: Rafailov et al. (2023), against the frozen model --ref
+    ref: str = ""                  # dpo: the reference checkpoint, usually the SFT run's ckpt.pt
+    beta: float = 0.1              # dpo: its beta, the strength of the pull towards --ref
     # optimisation
     batch_size: int = 32           # pairs per micro-step (each pair is 2 sequences)
     grad_accum: int = 1            # micro-steps per optimizer step (summed over DDP ranks)
@@ -114,6 +117,7 @@ RULES = {  # key: (test, what it accepts); checked before any work
     "block_size": at_least(2), "vocab_size": at_least(0),
     "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "lam": at_least(0),
     "ratio": one_of("odds", "prob"), "logp": one_of("mean", "sum"),
+    "loss": one_of("orpo", "dpo"), "beta": (lambda v: v > 0, "a number > 0"),
     "batch_size": at_least(1), "grad_accum": at_least(1), "max_iters": at_least(0),
     "lr_decay_iters": at_least(0), "lr": (lambda v: v > 0, "a number > 0"),
     "min_lr": at_least(0), "warmup_iters": at_least(0), "weight_decay": at_least(0),
@@ -186,12 +190,16 @@ def check(cfg):
         die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     if cfg.min_lr > cfg.lr:
         die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
-    if cfg.hand_grad and (cfg.ratio, cfg.logp) != ("odds", "mean"):
-        die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean")
+    if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
+        die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean --loss=orpo")
+    if cfg.loss == "dpo" and not cfg.ref:
+        die("--loss=dpo needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
+    if cfg.ref and not os.path.isfile(cfg.ref):
+        die(f"--ref={cfg.ref!r}: no such checkpoint file")
     known = ("scratch", "resume") + GPT2_NAMES
     if cfg.init_from not in known and not os.path.exists(cfg.init_from):
-        die(f"--init_from={cfg.init_from!r}: no such file or directory; accepts "
-            f"{', '.join(known)}, or a GPT-2 weights file or directory")
+        die(f"--init_from={cfg.init_from!r}: no such file or directory; accepts {', '.join(known)}, "
+            f"an orpo checkpoint (.pt), or a GPT-2 weights file or directory")
     dev = cfg.device
     if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:")):
         die(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
@@ -209,47 +217,24 @@ OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: of
 
 
 def load_data(cfg):
-    """meta and {split: (tokens, index)}. Prepares data/<dataset> on first use; refuses a
-    data_dir that was prepared from other data, and rows that do not fit block_size."""
+    """meta and {split: (tokens, index)}. data/<dataset> is prepared on first use; data that
+    was prepared from other data, or holds pairs longer than block_size + 1, is refused."""
     d = cfg.data_dir or os.path.join("data", cfg.dataset)
-    meta_path, file = os.path.join(d, "meta.json"), cfg.data_file and os.path.abspath(cfg.data_file)
-    redo = (f"prepare it again into a new --data_dir (or delete {d})")
-    if not os.path.exists(meta_path):
-        if cfg.data_dir and not cfg.data_file:  # a typo should not quietly get synthetic data
-            die(f"no prepared data in {d} (no meta.json); prepare it with `python "
-                f"prepare_data.py --out {d} ...`, or give --data_file to prepare it")
-        tok = "synthetic" if cfg.dataset == "synthetic" and not file else "gpt2"
-        if cfg.vocab_size and cfg.vocab_size < prepare_data.get_encoding(tok).n_vocab:
-            die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's "
-                f"{prepare_data.get_encoding(tok).n_vocab}")
-        print(f"no data in {d}: preparing {cfg.data_file or cfg.dataset}")
-        try:
-            prepare_data.prepare(cfg.dataset, d, max_len=cfg.block_size + 1,
-                                 max_prompt_len=(cfg.block_size + 1) // 2, file=file or None)
-        except ValueError as e:
-            die(str(e))
+    tok = "synthetic" if cfg.dataset == "synthetic" and not cfg.data_file else "gpt2"
+    if cfg.vocab_size and cfg.vocab_size < prepare_data.get_encoding(tok).n_vocab:
+        die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's "
+            f"{prepare_data.get_encoding(tok).n_vocab}")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        was = (meta["source"], meta.get("file"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        die(f"{meta_path} is not readable ({type(e).__name__}); {redo}")
-    if was[0] != cfg.dataset or (file and was[1] != file):
-        die(f"{d} was prepared from {was[1] or was[0]}, not {file or cfg.dataset}; {redo}")
-    n_vocab = prepare_data.get_encoding(meta["tokenizer"]).n_vocab
-    if n_vocab != meta["vocab_size"]:
-        die(f"{meta_path} says vocab_size {meta['vocab_size']}, but tokenizer "
-            f"{meta['tokenizer']!r} has {n_vocab}: the data is stale; {redo}")
-    if cfg.vocab_size and cfg.vocab_size < n_vocab:
-        die(f"--vocab_size={cfg.vocab_size} is below the data's tokenizer's {n_vocab}")
-    splits = {s: (np.load(os.path.join(d, f"{s}.tokens.npy"), mmap_mode="r"),
-                  np.load(os.path.join(d, f"{s}.index.npy"))) for s in ("train", "val")}
-    for s, (_, index) in splits.items():
-        longest = int((index[:, PROMPT] + index[:, CHOSEN:].max(1)).max())
-        if longest > cfg.block_size + 1:
-            die(f"{d}/{s} holds a pair of {longest} tokens, more than block_size + 1 = "
-                f"{cfg.block_size + 1}; {redo} with --max_len {cfg.block_size + 1}")
-    return meta, splits
+        if not os.path.exists(os.path.join(d, "meta.json")):
+            if cfg.data_dir and not cfg.data_file:  # a typo should not quietly get new data
+                die(f"no prepared data in {d} (no meta.json); prepare it with `python "
+                    f"prepare_data.py --out {d} ...`, or give --data_file to prepare it")
+            print(f"no data in {d}: preparing {cfg.data_file or cfg.dataset}")
+            prepare_data.prepare(cfg.dataset, d, max_len=cfg.block_size + 1, file=cfg.data_file
+                                 or None, max_prompt_len=(cfg.block_size + 1) // 2)
+        return prepare_data.load(d, cfg.dataset, cfg.data_file, max_len=cfg.block_size + 1)
+    except ValueError as e:
+        die(str(e))
 
 
 def make_batch(split, rows, device):
@@ -350,6 +335,15 @@ def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False, ratio="odds"):
                       ell_l=ell_l.mean(), log_or=log_or.mean(), acc=(log_or > 0).float().mean())
 
 
+def dpo_loss(pi, ref, *, beta):
+    """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
+    pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
+    reference, chosen rows first. L = -log sigma(beta * (log-ratio_w - log-ratio_l))."""
+    B = pi.size(0) // 2
+    z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
+    return -F.logsigmoid(z).mean()
+
+
 # ----------------------------------------------------------------------------------------
 # The gradient by hand (see README, "Deriving the gradient"). With d = log OR,
 #   dL_OR/dd = -sigma(-d) = -delta                 (delta: the paper's Eq. 9)
@@ -415,8 +409,9 @@ class Scorer(torch.nn.Module):
         return self.model(idx, scored) if targets is None else self.model.token_logps(idx, scored, targets)
 
 
-def forward_loss(scorer, batch, cfg, ctx):
-    """The loss of one batch and its parts, through autograd or the hand-derived backward."""
+def forward_loss(scorer, batch, cfg, ctx, ref=None):
+    """The loss of one batch and its parts, through autograd or the hand-derived backward.
+    With --loss=dpo the loss is DPO's; the parts are still ORPO's terms, to compare."""
     x, y, resp_mask, seq_mask = batch
     scored = (seq_mask if cfg.sft_on_prompt else resp_mask).bool()  # where the loss reads
     if cfg.hand_grad:  # the hand-derived backward starts from the logits
@@ -428,8 +423,15 @@ def forward_loss(scorer, batch, cfg, ctx):
     with ctx:
         tok = scorer(x, scored, y[scored])  # log P(y_t) at those positions, fused and chunked
     logp, ell = response_logps(tok, resp_mask, scored, cfg.logp == "mean")
-    return orpo_loss(logp, ell, seq_mask, lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt,
-                     ratio=cfg.ratio)
+    loss, parts = orpo_loss(logp, ell, seq_mask, lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt,
+                            ratio=cfg.ratio)
+    if cfg.loss == "dpo":  # the reference: a forward pass without gradients, every batch
+        with torch.no_grad(), ctx:
+            ref_tok = ref(x, scored, y[scored])
+        pi_sum = (logp * resp_mask).sum(1)
+        ref_sum = (torch.zeros_like(logp).masked_scatter(scored, ref_tok.to(logp.dtype)) * resp_mask).sum(1)
+        loss = dpo_loss(pi_sum, ref_sum, beta=cfg.beta)
+    return loss, parts
 
 
 def lr_at(it, cfg):
@@ -447,12 +449,12 @@ def lr_at(it, cfg):
 
 @torch.no_grad()
 def evaluate(scorer, split, cfg, device, ctx):
-    """Held-out metrics, averaged over the first eval_pairs pairs of the split. Always Eq. 3's
-    mean and the odds ratio through autograd's path, so that runs with --logp, --ratio or
-    --hand_grad compare."""
+    """Held-out metrics, averaged over the first eval_pairs pairs of the split. Always ORPO's
+    terms, with Eq. 3's mean and the odds ratio, through autograd's path, so that runs with
+    --logp, --ratio, --hand_grad or --loss compare."""
     scorer.eval()
     n, sums = min(cfg.eval_pairs, len(split[1])), {}
-    same = dataclasses.replace(cfg, hand_grad=False, logp="mean", ratio="odds")
+    same = dataclasses.replace(cfg, hand_grad=False, logp="mean", ratio="odds", loss="orpo")
     for i in range(0, n, cfg.batch_size):
         rows = range(i, min(i + cfg.batch_size, n))
         _, parts = forward_loss(scorer, make_batch(split, rows, device), same, ctx)
@@ -485,14 +487,17 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
                                      cfg.temperature, cfg.top_k or None, eot, gen)
             for r, row in zip(rs, ids[:, p:].tolist()):
                 off, c = int(index[r][OFF]), int(index[r][CHOSEN])
+                chosen = tokens[off + p:off + p + c].tolist()
                 out.append(dict(row=r, prompt=enc.decode(tokens[off:off + p].tolist()),
                                 sample=enc.decode(row[:row.index(eot)] if eot in row else row),
-                                chosen=enc.decode(tokens[off + p:off + p + c - 1].tolist())))
+                                chosen=enc.decode(chosen[:-1] if chosen[-1] == eot else chosen)))
     out.sort(key=lambda s: s["row"])
     model.train()
-    if meta["source"] == "synthetic":
+    if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
         for s in out:
             s["score"] = prepare_data.judge(s["prompt"], s["sample"])
+            s["flaws"] = prepare_data.flaws(s["prompt"], s["sample"])
+            s["chosen_flaws"] = prepare_data.flaws(s["prompt"], s["chosen"])
             ref = prepare_data.judge(s["prompt"], s["chosen"])
             s["win"] = 1.0 if s["score"] > ref else 0.5 if s["score"] == ref else 0.0
     return out
@@ -572,9 +577,38 @@ def print_samples(title, samples, k=3):
         print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}")
 
 
+def peak_mem_mb(dev_type):
+    """This process's peak memory: its GPU allocations on CUDA, else its resident set."""
+    if dev_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # the judge's four checks
+
+
+def mean_se(xs):
+    """The mean of xs and its standard error, std / sqrt(n): for 0/1 values, the binomial one."""
+    x = np.asarray(xs, dtype=float)
+    return float(x.mean()), float(x.std() / math.sqrt(len(x)))
+
+
+def judged(s0, s1):
+    """(mean, standard error) over the prompts of: the win rate and judge score before and
+    after training, and the rate of each flaw before, after, and in the chosen answers."""
+    sets = dict(before=[s["flaws"] for s in s0], after=[s["flaws"] for s in s1],
+                chosen=[s["chosen_flaws"] for s in s1])
+    return dict(win_rate=[mean_se([s["win"] for s in ss]) for ss in (s0, s1)],
+                judge_score=[mean_se([s["score"] for s in ss]) for ss in (s0, s1)],
+                flaw_rates={k: {f: mean_se([x[f] for x in v]) for f in FLAWS} for k, v in sets.items()})
+
+
 def summarize(cfg, preset, history, s0, s1, seconds):
     a, b = history[0], history[-1]
-    what = "SFT baseline (lam=0)" if cfg.lam == 0 else f"ORPO (lam={cfg.lam})"
+    what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
+            if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
     row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
     lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations, {seconds:.0f} s ==",
              f"held-out pairs ({cfg.eval_pairs}):          start      end",
@@ -583,14 +617,20 @@ def summarize(cfg, preset, history, s0, s1, seconds):
              row("log odds ratio        (Eq. 5)", "log_or"),
              row("preference accuracy", "acc", "log odds chosen > rejected"),
              row("L_SFT                 (Eq. 1)", "l_sft"), row("L_OR                  (Eq. 7)", "l_or")]
-    out = dict(config=preset, lam=cfg.lam, iters=b["iter"], seconds=seconds, start=a, end=b)
+    out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
+               start=a, end=b)
     if s0 and s1 and "win" in s1[0]:
-        w0, w1 = (sum(s["win"] for s in s) / len(s) for s in (s0, s1))
-        j0, j1 = (sum(s["score"] for s in s) / len(s) for s in (s0, s1))
-        lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}):",
-                  f"  win rate vs chosen (ties 1/2)         {w0:8.3f} {w1:8.3f}",
-                  f"  mean judge score              {j0:8.3f} {j1:8.3f}"]
-        out.update(win_rate=[w0, w1], judge_score=[j0, j1])
+        j, pm = judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
+        lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",
+                  *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
+                    (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
+                  f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
+                  *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
+                    for k in ("before", "after", "chosen")) for f in FLAWS)]
+        out.update(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
+                   judge_score=[m for m, _ in j["judge_score"]],
+                   flaw_rates={k: {f: v[f][0] for f in FLAWS} for k, v in j["flaw_rates"].items()},
+                   flaw_rates_se={k: {f: v[f][1] for f in FLAWS} for k, v in j["flaw_rates"].items()})
     print("\n".join(lines))
     return out
 
@@ -624,13 +664,15 @@ def model_config(cfg, meta):
 
 
 def build_model(cfg, meta, path):
-    """The model to train: from scratch, resumed from path, or a pretrained GPT-2; and the
-    checkpoint when resuming."""
+    """The model to train: from scratch, resumed from path, the weights of another run's
+    checkpoint (.pt), or a pretrained GPT-2; and the checkpoint when resuming."""
     if cfg.init_from == "resume":
         ck = load_checkpoint(path, cfg, meta)
         return model_from_checkpoint(ck, path), ck
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg, meta)), None
+    if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
+        return model_from_checkpoint(load_checkpoint(cfg.init_from, None, meta), cfg.init_from), None
     if meta["tokenizer"] != "gpt2":
         die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
             f"{cfg.dataset} uses {meta['tokenizer']!r}")
@@ -638,6 +680,17 @@ def build_model(cfg, meta, path):
         return GPT.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout), None
     except ValueError as e:
         die(str(e))
+
+
+def load_reference(cfg, meta, policy):
+    """DPO's frozen reference: the checkpoint --ref, of the policy's shape, in eval mode (no
+    dropout), its weights never given a gradient."""
+    ref = model_from_checkpoint(load_checkpoint(cfg.ref, None, meta), cfg.ref)
+    for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab"):
+        if getattr(ref.cfg, k) != getattr(policy.cfg, k):
+            die(f"--ref={cfg.ref} has {k}={getattr(ref.cfg, k)}, but the policy has "
+                f"{k}={getattr(policy.cfg, k)}: DPO's reference must be of the policy's shape")
+    return Scorer(ref.requires_grad_(False).eval())
 
 
 def setup(cfg):
@@ -661,14 +714,16 @@ def setup(cfg):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     raw, ck = build_model(cfg, meta, path)
     raw.to(dev)
+    ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
     opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-    state = dict(it=0, epoch=0, pos=0, history=[], seconds=0.0)
+    state = dict(it=0, epoch=0, pos=0, history=[], seconds=0.0,
+                 cost=dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0))
     if ck:
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        state = dict(it=ck["iter"], epoch=ck["epoch"], pos=ck["pos"], history=ck["history"],
-                     seconds=ck.get("seconds", 0.0))
+        state = {k: ck[k] for k in ("epoch", "pos", "history", "seconds", "cost")}
+        state["it"] = ck["iter"]
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {path} at iteration {state['it']}")
     scorer = Scorer(raw)
@@ -679,8 +734,8 @@ def setup(cfg):
             model, device_ids=[dev] if dev_type == "cuda" else None)
     return SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, dev_type=dev_type,
                            dtype=dtype, ctx=ctx, meta=meta, train=data["train"], val=data["val"],
-                           raw=raw, scorer=scorer, model=model, opt=opt, scaler=scaler, path=path, order=order,
-                           **state)
+                           raw=raw, scorer=scorer, model=model, ref=ref, opt=opt, scaler=scaler,
+                           path=path, order=order, **state)
 
 
 def open_log(cfg, r):
@@ -706,8 +761,8 @@ def write(r, rec):
 def train_step(r, cfg):
     """One optimizer step: grad_accum micro-steps (this process's share of them), a check
     that the losses are finite, clipping, the step. Returns [loss, L_SFT, L_OR] as floats
-    (one device sync), and the tokens and FLOPs this process ran."""
-    tot, toks, flops = torch.zeros(3, device=r.dev), 0, 0  # loss, L_SFT, L_OR summed
+    (one device sync), and the tokens and FLOPs this process ran; adds to the run's cost."""
+    tot, toks, flops, t0 = torch.zeros(3, device=r.dev), 0, 0, time.time()  # tot: loss, L_SFT, L_OR
     for micro in range(cfg.grad_accum):
         if r.pos == len(r.order):  # the next epoch: a new order, a function of its number
             r.epoch, r.pos = r.epoch + 1, 0
@@ -718,9 +773,13 @@ def train_step(r, cfg):
         batch = make_batch(r.train, rows, r.dev)
         real, n_scored = batch_tokens(r.train[1], rows, cfg.sft_on_prompt)
         toks, flops = toks + real, flops + r.raw.flops(real, n_scored, batch[0].size(1))
+        if r.ref:  # a forward pass alone: a third of forward and backward
+            flops += r.raw.flops(real, n_scored, batch[0].size(1)) / 3
+            r.cost["ref_passes"] += len(batch[0])
+        r.cost["policy_passes"] += len(batch[0])
         last = micro + r.world >= cfg.grad_accum  # DDP syncs gradients on a process's last
         with (r.model.no_sync() if r.world > 1 and not last else contextlib.nullcontext()):
-            loss, parts = forward_loss(r.model, batch, cfg, r.ctx)
+            loss, parts = forward_loss(r.model, batch, cfg, r.ctx, r.ref)
             r.scaler.scale(loss / (cfg.grad_accum // r.world)).backward()
         tot += torch.stack([loss.detach(), parts["l_sft"].detach(), parts["l_or"].detach()])
     tot /= cfg.grad_accum
@@ -738,6 +797,9 @@ def train_step(r, cfg):
     r.scaler.step(r.opt)
     r.scaler.update()
     r.opt.zero_grad(set_to_none=True)
+    r.cost["steps"] += 1
+    r.cost["flops"] += flops
+    r.cost["train_seconds"] += time.time() - t0
     return vals, toks, flops
 
 
@@ -750,7 +812,8 @@ def eval_and_save(r, cfg, seconds):
         save_checkpoint(r.path, model=r.raw.state_dict(), model_args=dataclasses.asdict(r.raw.cfg),
                         optimizer=r.opt.state_dict(), scaler=r.scaler.state_dict(),
                         config=dataclasses.asdict(cfg), meta=r.meta, iter=r.it, epoch=r.epoch,
-                        pos=r.pos, history=r.history, rng=torch.get_rng_state(), seconds=seconds)
+                        pos=r.pos, history=r.history, rng=torch.get_rng_state(), seconds=seconds,
+                        cost=r.cost)
 
 
 def finish(r, cfg, preset, seconds):
@@ -763,6 +826,8 @@ def finish(r, cfg, preset, seconds):
         s0 = next((rec["samples"] for rec in map(json.loads, f)
                    if rec["kind"] == "samples" and rec["iter"] == 0), None)
     summary = summarize(cfg, preset, r.history, s0, s1, seconds)
+    summary["cost"] = dict(r.cost, processes=r.world, peak_mem_mb=round(peak_mem_mb(r.dev_type)))
+    r.samples = s1
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -806,7 +871,7 @@ def train(cfg, preset="custom"):
     if r.world > 1:
         torch.distributed.destroy_process_group()
     return SimpleNamespace(model=r.raw, val=r.val, meta=r.meta, dev=r.dev, ctx=r.ctx,
-                           history=r.history, summary=summary)
+                           history=r.history, summary=summary, samples=getattr(r, "samples", None))
 
 
 def main():

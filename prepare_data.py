@@ -474,6 +474,33 @@ def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=500,
     return meta
 
 
+def load(data_dir, source, file=None, max_len=None):
+    """meta and {split: (tokens, index)} of data prepared in data_dir, checked against what
+    the caller asks for: the same source (and file, when given), and pairs of at most max_len
+    tokens. Stale or unreadable data is a ValueError that says how to prepare again."""
+    meta_path, redo = os.path.join(data_dir, "meta.json"), \
+        f"prepare it again into a new --data_dir (or delete {data_dir})"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        was = (meta["source"], meta.get("file"), meta["tokenizer"], meta["vocab_size"])
+        splits = {s: (np.load(os.path.join(data_dir, f"{s}.tokens.npy"), mmap_mode="r"),
+                      np.load(os.path.join(data_dir, f"{s}.index.npy"))) for s in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{data_dir} holds no readable prepared data ({one_line(e)}); {redo}")
+    file = file and os.path.abspath(file)
+    if was[0] != source or (file and was[1] != file):
+        raise ValueError(f"{data_dir} was prepared from {was[1] or was[0]}, not {file or source}; {redo}")
+    if get_encoding(was[2]).n_vocab != was[3]:
+        raise ValueError(f"{meta_path} says vocab_size {was[3]}, but tokenizer {was[2]!r} has "
+                         f"{get_encoding(was[2]).n_vocab}: the data is stale; {redo}")
+    for s, (_, index) in splits.items():
+        longest = int((index[:, 1] + index[:, 2:].max(1)).max())
+        if max_len and longest > max_len:
+            raise ValueError(f"{data_dir}/{s} holds a pair of {longest} tokens, more than "
+                             f"{max_len}; {redo} with --max_len {max_len}")
+    return meta, splits
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="synthetic",

@@ -1,6 +1,7 @@
 """The training loop: it learns, resumes bit for bit, logs what it ran, and refuses bad input
 with one line and exit status 2 before any work."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import orpo
+import prepare_data
 from conftest import ROOT, assert_same_losses, cli, losses, read_log, run
 
 
@@ -90,6 +92,9 @@ BAD = [  # each: the arguments, and what the one line must say
     (["--logp=median"], "--logp must be one of mean, sum"),
     (["--hand_grad=true", "--ratio=prob"], "--hand_grad derives ORPO's own gradient"),
     (["--data_dir=no/such/dir"], "no prepared data in no/such/dir"),
+    (["--loss=dpo"], "--loss=dpo needs --ref=PATH"),
+    (["--loss=dpo", "--ref=nope.pt"], "--ref='nope.pt': no such checkpoint file"),
+    (["--beta=0"], "--beta must be a number > 0"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["--device=cuda"], "--device=cuda, but torch sees no CUDA GPU"))
@@ -130,7 +135,7 @@ def test_stale_data_is_never_reused(tmp_path, data_dir):
     assert r.returncode == 2 and "prepare it again into a new --data_dir" in r.stderr
     r = cli("orpo.py", "--config", "tiny", f"--data_dir={data_dir}", "--block_size=8",
             f"--out_dir={tmp_path / 'o'}")
-    assert r.returncode == 2 and "more than block_size + 1 = 9" in r.stderr
+    assert r.returncode == 2 and "more than 9; prepare it again" in r.stderr and "--max_len 9" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -193,3 +198,56 @@ def test_ctrl_c_stops_with_one_line(tmp_path, data_dir):
     assert p.returncode == 130, err
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("error: interrupted at iteration ") and "ckpt.pt holds iteration" in err
+
+
+def test_dpo_trains_the_policy_and_never_touches_the_reference(tmp_path, data_dir, monkeypatch):
+    run(tmp_path / "sft", data_dir, lam=0.0, max_iters=10, eval_interval=10)
+    sft = str(tmp_path / "sft" / "ckpt.pt")
+    before = torch.load(sft, weights_only=False)["model"]
+    refs = []
+    load = orpo.load_reference
+    monkeypatch.setattr(orpo, "load_reference", lambda *a: refs.append(load(*a)) or refs[-1])
+    recs = run(tmp_path / "dpo", data_dir, loss="dpo", ref=sft, init_from=sft, lr=1e-4,
+               max_iters=10, eval_interval=10)
+    after = refs[0].model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical reference
+    assert all(p.grad is None and not p.requires_grad for p in refs[0].parameters())
+    policy = torch.load(tmp_path / "dpo" / "ckpt.pt", weights_only=False)["model"]
+    assert not torch.equal(policy["h.0.attn.c_attn.weight"], before["h.0.attn.c_attn.weight"])
+    first = losses(recs)[0][1]
+    assert abs(first - math.log(2)) < 1e-6  # step 1: policy = reference, so L = log 2
+    cost = json.load(open(tmp_path / "dpo" / "summary.json"))["cost"]
+    assert cost["ref_passes"] == cost["policy_passes"] == 10 * 2 * 8 and cost["steps"] == 10
+
+
+def test_dpo_reference_errors(tmp_path, data_dir):
+    run(tmp_path / "sft", data_dir, lam=0.0, max_iters=2, eval_interval=2)
+    sft = str(tmp_path / "sft" / "ckpt.pt")
+    base = ["--config", "tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'dpo'}",
+            "--loss=dpo"]
+    r = cli("orpo.py", *base, f"--ref={sft}", "--n_embd=64")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "has n_embd=32, but the policy has n_embd=64" in r.stderr
+    ck = torch.load(sft, weights_only=False)
+    ck["meta"]["vocab_size"] = 600
+    torch.save(ck, tmp_path / "other.pt")
+    r = cli("orpo.py", *base, f"--ref={tmp_path / 'other.pt'}")
+    assert r.returncode == 2 and "has vocab_size 600, but the data has 546" in r.stderr
+    r = cli("orpo.py", *base, f"--ref={tmp_path / 'none.pt'}")
+    assert r.returncode == 2 and "no such checkpoint file" in r.stderr
+    assert not (tmp_path / "dpo").exists()
+
+
+def test_flaw_rates_and_their_errors_match_the_judge_on_handmade_answers():
+    p = "user: 2 more like cat and dog\nassistant:"
+    answers = [" sure : owl hen .", " ugh : owl hen .", " sure : owl red .", " sure : owl .",
+               " sure owl hen", " fine : red blue pink ."]
+    s = [dict(score=prepare_data.judge(p, a), win=0.0, flaws=prepare_data.flaws(p, a),
+              chosen_flaws=prepare_data.flaws(p, " sure : owl hen .")) for a in answers]
+    j = orpo.judged(s, s)
+    rates = {f: m for f, (m, _) in j["flaw_rates"]["after"].items()}
+    assert rates == dict(off_topic=2 / 6, rude=2 / 6, wrong_count=2 / 6, malformed=1 / 6)
+    m, se = j["flaw_rates"]["after"]["malformed"]
+    assert abs(se - math.sqrt(m * (1 - m) / 6)) < 1e-12  # the binomial standard error
+    assert j["flaw_rates"]["chosen"]["off_topic"] == (0.0, 0.0)
+    assert [prepare_data.judge(p, a) == 1.0 for a in answers] == [not any(x["flaws"].values()) for x in s]
