@@ -1,15 +1,20 @@
 """The paper's findings, reproduced by runs of orpo.py's training loop in sequence. Each
 figure writes its numbers (CSV) to out_dir/<figure>/, and a PNG when matplotlib is installed.
 
-    python figures.py sft-vs-orpo          # Figs. 3 and 7: SFT lifts the rejected answers too
+    python figures.py sft-vs-orpo [--seeds=3]  # Figs. 3, 7: SFT lifts the rejected answers too
+    python figures.py methods              # SFT then DPO against ORPO: cost and outcome
     python figures.py lambda               # App. E: the weight of L_OR
     python figures.py ratio                # Sec. 7.1: odds ratio against probability ratio
     python figures.py length               # Eq. 3: why log P is a mean, not a sum
 
 The figure's name comes first; orpo.py's --config NAME and --key=value overrides follow.
+Every figure evaluates about 30 times per run, so that its curves show their shape.
 """
 import dataclasses
+import json
+import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -22,6 +27,7 @@ FIGURES = {
     "lambda": {f"lam={x}": dict(lam=x) for x in (0.0, 0.1, 0.5, 1.0)},              # App. E
     "ratio": {"odds ratio": dict(ratio="odds"), "prob ratio": dict(ratio="prob")},   # Sec. 7.1
     "length": {"mean log P": dict(logp="mean"), "summed log P": dict(logp="sum")},    # Eq. 3
+    "methods": {"SFT": dict(lam=0.0), "SFT then DPO": dict(loss="dpo"), "ORPO": dict(lam=1.0)},
 }
 
 
@@ -70,6 +76,16 @@ def uniform_ratios():
     return [dict(log_or=float(o), log_pr=float(r)) for o, r in zip(log_or, log_pr)]
 
 
+def dense(cfg):
+    """About 30 evaluations per run, so that a curve shows its shape, not its corners."""
+    return min(cfg.eval_interval, max(1, cfg.max_iters // 30))
+
+
+def curve(run, history, **tags):
+    return [dict(run=run, **tags, iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
+                 margin=e["margin"], acc=e["acc"]) for e in history]
+
+
 def figure(name, cfg, preset):
     """Run each variant of FIGURES[name] in turn; write the curves and the plot."""
     d = os.path.join(cfg.out_dir, name)
@@ -78,11 +94,11 @@ def figure(name, cfg, preset):
         r = orpo.setup(cfg)
         extra = [dict(run="untrained", **p) for p in pair_logps(r.raw, r.val, cfg, r.dev, r.ctx)]
     for run, change in FIGURES[name].items():
-        rcfg = dataclasses.replace(cfg, out_dir=os.path.join(d, run.replace(" ", "_")), **change)
+        rcfg = dataclasses.replace(cfg, out_dir=os.path.join(d, run.replace(" ", "_")),
+                                   eval_interval=dense(cfg), **change)
         print(f"== {name}: run '{run}' ==")
         res = orpo.train(rcfg, preset)
-        curves += [dict(run=run, iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
-                        margin=e["margin"], acc=e["acc"]) for e in res.history]
+        curves += curve(run, res.history)
         finals.append(curves[-1])
         if name == "length":  # lengths and log P per held-out pair, under the final model
             extra += [dict(run=run, **p) for p in pair_logps(res.model, res.val, rcfg, res.dev, res.ctx)]
@@ -99,23 +115,185 @@ def figure(name, cfg, preset):
     plot(name, d, curves, extra)
 
 
-def plot(name, d, curves, extra):
+# ----------------------------------------------------------------------------------------
+# What the models say: flaw rates, head-to-head, over seeds (sft-vs-orpo), and the cost and
+# outcome of SFT then DPO against ORPO (methods)
+
+
+def head_to_head(a, b):
+    """a's samples against b's on the same prompts, by judge score: (win, tie, loss) rates,
+    and a's win rate with ties counted half as (mean, standard error)."""
+    by_row = {s["row"]: s["score"] for s in b}
+    w = [1.0 if s["score"] > by_row[s["row"]] else 0.5 if s["score"] == by_row[s["row"]] else 0.0
+         for s in a]
+    return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], orpo.mean_se(w)
+
+
+def over_seeds(values):
+    """Mean and standard error over seeds (one seed: its value, no error)."""
+    m = float(np.mean(values))
+    return m, float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def sft_vs_orpo(cfg, preset, seeds):
+    """SFT (lam=0) and ORPO (lam=1) with `seeds` seeds; what each says, and its noise."""
+    d, curves, scores, table = os.path.join(cfg.out_dir, "sft-vs-orpo"), [], [], []
+    for k in range(seeds):
+        res = {}
+        for run, change in FIGURES["sft-vs-orpo"].items():
+            rcfg = dataclasses.replace(cfg, seed=cfg.seed + k, eval_interval=dense(cfg), **change,
+                                       out_dir=os.path.join(d, f"{run.split()[0]}_seed{cfg.seed + k}"))
+            print(f"== sft-vs-orpo: run '{run}', seed {rcfg.seed} ==")
+            res[run] = orpo.train(rcfg, preset)
+            curves += curve(run, res[run].history, seed=rcfg.seed)
+            scores += [dict(run=run, seed=rcfg.seed, row=s["row"], score=s["score"])
+                       for s in res[run].samples]
+        (sft, o) = (res[r] for r in FIGURES["sft-vs-orpo"])
+        (win, tie, loss), (h2h, h2h_se) = head_to_head(o.samples, sft.samples)
+        row = dict(seed=cfg.seed + k, h2h_orpo_vs_sft=h2h, h2h_se=h2h_se, win=win, tie=tie, loss=loss)
+        for tag, r in (("sft", sft), ("orpo", o)):
+            row.update({f"{tag}_logp_rejected": r.history[-1]["ell_l"], f"{tag}_margin": r.history[-1]["margin"]})
+            for f in orpo.FLAWS:
+                row[f"{tag}_{f}"] = r.summary["flaw_rates"]["after"][f]
+                row[f"{tag}_{f}_se"] = r.summary["flaw_rates_se"]["after"][f]
+        for f in orpo.FLAWS:
+            row[f"chosen_{f}"] = o.summary["flaw_rates"]["chosen"][f]
+            row[f"chosen_{f}_se"] = o.summary["flaw_rates_se"]["chosen"][f]
+        table.append(row)
+    write_csv(os.path.join(d, "curves.csv"), curves)
+    write_csv(os.path.join(d, "scores.csv"), scores)
+    write_csv(os.path.join(d, "table.csv"), table)
+    print_sft_vs_orpo(table)
+    plot_sft_vs_orpo(d, curves, scores, table)
+
+
+def print_sft_vs_orpo(table):
+    """Mean ± standard error over seeds; with one seed, the standard errors over its prompts."""
+    n, pm = len(table), lambda m_se: f"{m_se[0]:7.3f} ± {m_se[1]:.3f}"
+    col = lambda k: over_seeds([t[k] for t in table]) if n > 1 else (table[0][k], table[0].get(k + "_se"))
+    show = lambda m_se: pm(m_se) if m_se[1] is not None else f"{m_se[0]:7.3f}        "
+    print(f"== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
+          if n > 1 else "one seed, ± 1 standard error over the sampled prompts =="))
+    print(f"  {'':26s} {'SFT':>15s} {'ORPO':>15s} {'chosen answers':>15s}")
+    for k in ("logp_rejected", "margin"):
+        print(f"  {k.replace('_', ' '):26s} {show(col('sft_' + k)):>15s} {show(col('orpo_' + k)):>15s}")
+    for f in orpo.FLAWS:
+        print(f"  {f.replace('_', ' ') + ' rate':26s} " + " ".join(
+            f"{show(col(f'{tag}_{f}')):>15s}" for tag in ("sft", "orpo", "chosen")))
+    h2h = col("h2h_orpo_vs_sft") if n > 1 else (table[0]["h2h_orpo_vs_sft"], table[0]["h2h_se"])
+    print(f"  {'ORPO vs SFT, head-to-head':26s} {show(h2h):>15s}   (wins + ties/2; win "
+          f"{col('win')[0]:.3f}, tie {col('tie')[0]:.3f}, loss {col('loss')[0]:.3f})")
+    for t in table:  # the effect within one run, in its own standard errors
+        gap = t["sft_off_topic"] - t["orpo_off_topic"]
+        se = math.hypot(t["sft_off_topic_se"], t["orpo_off_topic_se"])
+        apart = f"{gap / se:.1f} standard errors apart" if se > 0 else "no spread to measure"
+        print(f"  seed {t['seed']}: off-topic rate SFT {t['sft_off_topic']:.3f}, ORPO "
+              f"{t['orpo_off_topic']:.3f}: {apart}")
+
+
+def run_phase(args, extra, out_dir):
+    """One phase as its own `python orpo.py` process; its summary and final samples."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "orpo.py"),
+           *args, *extra, f"--out_dir={out_dir}"]
+    print(f"== methods: {' '.join(cmd[2:])} ==")
+    if subprocess.run(cmd).returncode:
+        orpo.die(f"the phase in {out_dir} failed (its error is above)")
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        samples = [r for r in map(json.loads, f) if r["kind"] == "samples"][-1]["samples"]
+    return summary, samples
+
+
+def methods(args, cfg, dpo_iters, dpo_lr):
+    """SFT for max_iters; then DPO for dpo_iters from it, with it as the frozen reference;
+    and ORPO for max_iters from scratch. Each phase in its own process, so that its peak
+    memory is its own."""
+    d, M = os.path.join(cfg.out_dir, "methods"), dpo_iters or cfg.max_iters // 2
+    sft = os.path.join(d, "SFT", "ckpt.pt")
+    dpo = ["--loss=dpo", f"--init_from={sft}", f"--ref={sft}", f"--max_iters={M}",
+           f"--lr={dpo_lr}", f"--min_lr={dpo_lr / 10}", f"--warmup_iters={M // 20}"]
+    res, every = {}, f"--eval_interval={dense(cfg)}"
+    for phase, extra in (("SFT", ["--lam=0"]), ("DPO", dpo), ("ORPO", ["--lam=1"])):
+        extra = [every, *extra] if phase != "DPO" else [f"--eval_interval={max(1, M // 30)}", *extra]
+        res[phase] = run_phase(args, extra, os.path.join(d, phase))
+    rows = []
+    for name, phases in (("SFT", ["SFT"]), ("DPO phase", ["DPO"]), ("SFT then DPO", ["SFT", "DPO"]),
+                         ("ORPO", ["ORPO"])):
+        costs = [res[p][0]["cost"] for p in phases]
+        summary, samples = res[phases[-1]]  # what comes out: the last phase's model
+        end, (_, (h2h, h2h_se)) = summary["end"], head_to_head(samples, res["ORPO"][1])
+        rows.append(dict(
+            method=name, steps=sum(c["steps"] for c in costs),
+            policy_passes=sum(c["policy_passes"] for c in costs),
+            ref_passes=sum(c["ref_passes"] for c in costs),
+            gflop=round(sum(c["flops"] for c in costs) / 1e9, 3),
+            train_s=round(sum(c["train_seconds"] for c in costs), 1),
+            peak_mb=max(c["peak_mem_mb"] for c in costs),
+            logp_chosen=end["ell_w"], logp_rejected=end["ell_l"], margin=end["margin"], acc=end["acc"],
+            **{f: summary["flaw_rates"]["after"][f] for f in orpo.FLAWS},
+            win_vs_chosen=summary["win_rate"][1], win_se=summary["win_rate_se"][1],
+            h2h_vs_orpo=h2h, h2h_se=h2h_se))
+    write_csv(os.path.join(d, "methods.csv"), rows)
+    print_methods(rows)
+    plot_methods(d, rows)
+
+
+def print_methods(rows):
+    print("== methods: what each costs ==")
+    print(f"  {'method':14s} {'steps':>6s} {'policy fwd':>10s} {'ref fwd':>8s} {'GFLOP':>9s} "
+          f"{'train s':>8s} {'peak MB':>8s}")
+    for r in rows:
+        print(f"  {r['method']:14s} {r['steps']:6d} {r['policy_passes']:10d} {r['ref_passes']:8d} "
+              f"{r['gflop']:9,.1f} {r['train_s']:8.1f} {r['peak_mb']:8d}")
+    print("== methods: what comes out (held-out pairs; sampled answers, ± 1 standard error) ==")
+    print(f"  {'method':14s} {'log P ch':>8s} {'log P rej':>9s} {'margin':>7s} {'acc':>6s} "
+          + " ".join(f"{f.replace('_', ' '):>11s}" for f in orpo.FLAWS)
+          + f" {'win vs chosen':>15s} {'vs ORPO':>15s}")
+    for r in rows:
+        print(f"  {r['method']:14s} {r['logp_chosen']:8.3f} {r['logp_rejected']:9.3f} "
+              f"{r['margin']:7.3f} {r['acc']:6.3f} " + " ".join(f"{r[f]:11.3f}" for f in orpo.FLAWS)
+              + f" {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} {r['h2h_vs_orpo']:7.3f} ± {r['h2h_se']:.3f}")
+
+
+def pyplot(name, d):
+    """matplotlib's pyplot, or None, with a note, where it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print(f"matplotlib is not installed, so no {name}.png: `pip install matplotlib` "
-              f"(or -r requirements-extra.txt); the numbers are in {d}/curves.csv")
-        return
-    runs = list(dict.fromkeys(c["run"] for c in curves))
-    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
+              f"(or -r requirements-extra.txt); the numbers are in {d}/")
+        return None
+
+
+def save(fig, d, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, f"{name}.png"), dpi=100)
+    print(f"wrote {os.path.join(d, name + '.png')}")
+
+
+def plot_curves(axes, curves):
+    """Held-out mean log P of the chosen and the rejected answers, per run (mean over seeds)."""
     for ax, k in zip(axes, ("logp_chosen", "logp_rejected")):
-        for run in runs:
-            rs = [c for c in curves if c["run"] == run]
-            ax.plot([c["iter"] for c in rs], [c[k] for c in rs], label=run)
+        for run in dict.fromkeys(c["run"] for c in curves):
+            by_iter = {}
+            for c in curves:
+                if c["run"] == run:
+                    by_iter.setdefault(c["iter"], []).append(c[k])
+            ax.plot(list(by_iter), [np.mean(v) for v in by_iter.values()], label=run)
         ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration")
         ax.legend()
+
+
+def plot(name, d, curves, extra):
+    plt = pyplot(name, d)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
+    plot_curves(axes, curves)
     if name == "ratio":
         axes[2].hist([[r["log_or"] for r in extra], [r["log_pr"] for r in extra]], bins=100,
                      range=(-10, 10), label=["log odds ratio", "log prob ratio"], histtype="step")
@@ -129,19 +307,75 @@ def plot(name, d, curves, extra):
                     ylabel="mean log P chosen - rejected")
     if extra:
         axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, f"{name}.png"), dpi=100)
-    print(f"wrote {os.path.join(d, name + '.png')}")
+    save(fig, d, name)
+
+
+def plot_sft_vs_orpo(d, curves, scores, table):
+    plt = pyplot("sft-vs-orpo", d)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    plot_curves(axes, curves)
+    x, n = np.arange(len(orpo.FLAWS)), len(table)
+    for j, (tag, label) in enumerate((("sft", "SFT"), ("orpo", "ORPO"), ("chosen", "chosen answers"))):
+        m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in orpo.FLAWS]
+        err = [over_seeds([t[f"{tag}_{f}"] for t in table])[1] if n > 1 else
+               table[0].get(f"{tag}_{f}_se", 0.0) for f in orpo.FLAWS]
+        axes[2].bar(x + (j - 1) * 0.27, m, 0.27, yerr=err, capsize=3, label=label)
+    axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x,
+                xticklabels=[f.replace("_", " ") for f in orpo.FLAWS])
+    axes[2].legend()
+    runs = list(dict.fromkeys(s["run"] for s in scores))
+    axes[3].hist([[s["score"] for s in scores if s["run"] == r] for r in runs], bins=9,
+                 range=(0, 1.0001), label=runs)
+    axes[3].set(title="judge scores of the sampled answers", xlabel="score")
+    axes[3].legend()
+    save(fig, d, "sft-vs-orpo")
+
+
+def plot_methods(d, rows):
+    plt = pyplot("methods", d)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    names = [r["method"] for r in rows]
+    for ax, k, title in ((axes[0], "gflop", "training GFLOP"), (axes[1], "peak_mb", "peak memory, MB"),
+                         (axes[2], "logp_rejected", "held-out mean log P(rejected)")):
+        ax.bar(names, [r[k] for r in rows])
+        ax.set(title=title)
+    x = np.arange(len(orpo.FLAWS))
+    for j, r in enumerate(rows):
+        axes[3].bar(x + (j - 1.5) * 0.2, [r[f] for f in orpo.FLAWS], 0.2, label=r["method"])
+    axes[3].set(title="flaw rates of the sampled answers", xticks=x,
+                xticklabels=[f.replace("_", " ") for f in orpo.FLAWS])
+    axes[3].legend()
+    save(fig, d, "methods")
+
+
+OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4)  # figures.py's own: sft-vs-orpo, methods
 
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)
     args = sys.argv[1:]
-    if not args or args[0] not in FIGURES and args[0] not in ("-h", "--help"):
+    if args[:1] in (["-h"], ["--help"]):
+        orpo.parse_args(args, OPTIONS)  # prints the keys and exits
+    if not args or args[0] not in FIGURES:
         orpo.die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
-    name = args.pop(0) if args[0] in FIGURES else ""
-    preset, cfg, _ = orpo.parse_args(args)
-    figure(name, cfg, preset)
+    name, args = args[0], args[1:]
+    preset, cfg, opts = orpo.parse_args(args, OPTIONS)
+    if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["dpo_lr"] <= 0:
+        orpo.die("--seeds must be >= 1, --dpo_iters >= 0 (0: max_iters / 2), --dpo_lr > 0")
+    if name == "sft-vs-orpo":
+        sft_vs_orpo(cfg, preset, opts["seeds"])
+    elif name == "methods":
+        own, rest = tuple(f"--{k}" for k in OPTIONS), []
+        for a, before in zip(args, [""] + args):  # orpo.py's own overrides, both spellings
+            if not a.startswith(own) and not (before.startswith(own) and "=" not in before):
+                rest.append(a)
+        methods(rest, cfg, opts["dpo_iters"], opts["dpo_lr"])
+    else:
+        figure(name, cfg, preset)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class Config:
     eval_interval: int = 100
     eval_pairs: int = 500          # held-out pairs per eval
     log_interval: int = 20
-    n_samples: int = 400           # sampled answers judged before and after training
+    n_samples: int = 1000          # held-out prompts answered and judged before and after training
     temperature: float = 1.0
     top_k: int = 0                 # 0: no top-k
     max_new_tokens: int = 32

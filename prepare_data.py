@@ -434,7 +434,7 @@ def held_out(rows, shape):
     return usable[n_val - 1] + 1 if usable else 0
 
 
-def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=500,
+def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=1000,
             max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
     """Write the source's train and val splits and meta.json to out; return the meta. Bad input
     is a ValueError whose message is one line."""
@@ -512,7 +512,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="output folder (default data/SOURCE)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--n_train", type=int, default=20000, help="synthetic rows")
-    ap.add_argument("--n_val", type=int, default=500, help="synthetic rows")
+    ap.add_argument("--n_val", type=int, default=1000, help="synthetic rows")
     ap.add_argument("--max_len", type=int, default=1024, help="prompt + response tokens")
     ap.add_argument("--max_prompt_len", type=int, default=512, help="below --max_len")
     a = ap.parse_args()

@@ -72,25 +72,46 @@ SCRIPT = ("import runpy, sys; sys.argv = ['figures.py'] + sys.argv[1:]; "
           "runpy.run_path('figures.py', run_name='__main__')")
 
 
-def figure(tmp_path, data_dir, name, hide):
+def figure(tmp_path, data_dir, name, hide, extra=()):
     args = [name, "--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
-            "--max_iters=10", "--eval_interval=5", "--n_samples=4"]
+            "--max_iters=10", "--eval_interval=5", "--n_samples=4", *extra]
     r = subprocess.run([sys.executable, "-c", (HIDE if hide else "") + SCRIPT, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout, tmp_path / name
 
 
-@pytest.mark.parametrize("name", list(figures.FIGURES))
+@pytest.mark.parametrize("name", [n for n in figures.FIGURES if n != "methods"])
 def test_figure_writes_numbers_without_matplotlib(tmp_path, data_dir, name):
-    out, d = figure(tmp_path, data_dir, name, hide=True)
+    out, d = figure(tmp_path, data_dir, name, hide=True, extra=["--seeds=2"] if name == "sft-vs-orpo" else [])
     assert "matplotlib is not installed" in out
     assert not (d / f"{name}.png").exists()
     rows = list(csv.DictReader(open(d / "curves.csv")))
     assert {r["run"] for r in rows} == set(figures.FIGURES[name])
-    assert [r["iter"] for r in rows] == ["0", "5", "10"] * len(figures.FIGURES[name])
+    n = len(figures.FIGURES[name]) * (2 if name == "sft-vs-orpo" else 1)  # two seeds there
+    assert [r["iter"] for r in rows] == [str(i) for i in range(11)] * n  # dense: every iteration
     if name in ("ratio", "length"):
         assert len(list(csv.DictReader(open(d / "pairs.csv")))) > 0
+    if name == "sft-vs-orpo":  # per seed: flaw rates of both, head-to-head; 4 scores a run
+        table = list(csv.DictReader(open(d / "table.csv")))
+        assert [t["seed"] for t in table] == ["1337", "1338"]
+        assert all(0 <= float(t["h2h_orpo_vs_sft"]) <= 1 and 0 <= float(t["orpo_off_topic"]) <= 1
+                   for t in table)
+        assert len(list(csv.DictReader(open(d / "scores.csv")))) == 2 * 2 * 4
+        assert "ORPO vs SFT, head-to-head" in out and "standard error" in out
+
+
+def test_methods_figure_costs_and_outcomes(tmp_path, data_dir):
+    """SFT, then DPO from it against it as the reference, and ORPO: DPO's phase runs a
+    reference forward pass for every policy pass; SFT then DPO adds both phases' costs."""
+    out, d = figure(tmp_path, data_dir, "methods", hide=True, extra=["--dpo_iters=4"])
+    rows = {r["method"]: r for r in csv.DictReader(open(d / "methods.csv"))}
+    assert list(rows) == ["SFT", "DPO phase", "SFT then DPO", "ORPO"]
+    assert [int(rows[m]["steps"]) for m in rows] == [10, 4, 14, 10]
+    assert int(rows["DPO phase"]["ref_passes"]) == int(rows["DPO phase"]["policy_passes"]) == 4 * 16
+    assert int(rows["ORPO"]["ref_passes"]) == 0 and float(rows["ORPO"]["h2h_vs_orpo"]) == 0.5
+    assert float(rows["SFT then DPO"]["gflop"]) > float(rows["ORPO"]["gflop"])
+    assert "what each costs" in out and "what comes out" in out
 
 
 def test_figure_writes_png_with_matplotlib(tmp_path, data_dir):
