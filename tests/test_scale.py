@@ -82,3 +82,59 @@ def test_compile_trains_like_eager(tmp_path, data_dir):
     assert_same_losses(eager, comp, rtol=1e-5)
     ck = torch.load(tmp_path / "comp" / "ckpt.pt", weights_only=False)
     assert not any(k.startswith("_orig_mod") for k in ck["model"])
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(tmp_path_factory):
+    """tiktoken's gpt2 encoding, offline, from the BPE files in ../shared/data."""
+    from conftest import SHARED
+    if not os.path.exists(os.path.join(SHARED, "gpt2-bpe")):
+        pytest.skip("../shared/data (GPT-2 BPE files) is absent")
+    cache = str(tmp_path_factory.mktemp("tiktoken"))
+    subprocess.run([sys.executable, os.path.join(SHARED, "seed_tiktoken_cache.py"), cache], check=True)
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache  # this process, and the CLI runs it starts
+    return orpo.prepare_data.get_encoding("gpt2")
+
+
+def test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft(tmp_path, gpt2_tokenizer):
+    """OpenAI-like weights, every real logit near -60, as save_pretrained writes them: the
+    preset's iteration-0 held-out L_SFT is the NLL over the 50,257 real ids, computed here
+    independently from the state dict (the 47 padding ids would make it about 65)."""
+    import torch.nn.functional as F
+    from test_model import gpt2_by_hand, gpt2_state_dict
+    sd = gpt2_state_dict()
+    sd["ln_f.weight"][0], sd["ln_f.bias"][0] = 0.0, -60.0  # h[0] = -60 in every position
+    sd["wte.weight"][:, 0] = 1.0                            # so every logit is -60 + ...
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    torch.save({"transformer." + k: v for k, v in sd.items()}, hf / "pytorch_model.bin")
+    json.dump(dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024,
+                   vocab_size=50257), open(hf / "config.json", "w"))
+    words = "red green blue cat dog owl sun rain".split()
+    rows = [dict(prompt=f"Name a thing like {a}.", chosen=f" {b}, like {a}.", rejected=f" no {b}")
+            for a in words for b in words[:3] if a != b]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, data = tmp_path / "out", tmp_path / "data"
+    r = subprocess.run([sys.executable, "orpo.py", "--config", "gpt2-125m", f"--init_from={hf}",
+                        "--dataset=mine", f"--data_file={f}", f"--data_dir={data}",
+                        f"--out_dir={out}", "--block_size=32", "--batch_size=2", "--grad_accum=1",
+                        "--max_iters=2", "--eval_interval=2", "--eval_pairs=2", "--n_samples=1",
+                        "--max_new_tokens=2", "--warmup_iters=1", "--dtype=float32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = next(l for l in r.stdout.splitlines() if l.startswith("eval     0"))
+    logged = [json.loads(l) for l in open(out / "log.jsonl")][0]["l_sft"]
+    _, splits = orpo.prepare_data.load(str(data), "mine")
+    tokens, index = splits["val"]
+    want = []
+    for off, p, c, _ in index[:2]:
+        ids = torch.from_numpy(tokens[off:off + p + c].astype("int64"))[None]
+        with torch.no_grad():
+            logp = F.log_softmax(gpt2_by_hand({k: v.double() for k, v in sd.items()}, ids[:, :-1]), -1)
+        want.append(-logp[0, p - 1:].gather(-1, ids[0, p:, None]).mean().item())
+    want = sum(want) / len(want)
+    assert abs(logged - want) < 1e-4 * want, (logged, want)
+    assert f"L_SFT {want:.4f}" in printed, (printed, want)
+    print(f"iteration-0 L_SFT: printed {printed.split('|')[1].strip()}, independent {want:.6f}")
+    assert len([l for l in open(out / "log.jsonl") if '"kind": "train"' in l]) == 2
