@@ -86,7 +86,8 @@ class Config:
     max_new_tokens: int = 32
     # system
     device: str = "auto"           # auto: cuda, then mps, then cpu
-    dtype: str = "auto"            # auto: bf16 (or fp16 + GradScaler) on cuda, fp32 elsewhere
+    dtype: str = "auto"            # auto: bf16 on cuda (fp16 + GradScaler on older GPUs) and on
+                                   # CPUs with native bf16 (AMX, AVX-512 BF16); else fp32
     compile: bool = False
     seed: int = 1337
 
@@ -95,9 +96,10 @@ PRESETS = {
     # seconds, for tests
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=8, max_iters=20,
                  warmup_iters=2, eval_interval=10, eval_pairs=32, log_interval=5, n_samples=8,
-                 out_dir="out-tiny"),
-    # the CPU demo
-    "small": dict(out_dir="out-small"),
+                 dtype="float32", out_dir="out-tiny"),
+    # the CPU demo. fp32, so that it prints the same numbers on every machine: bf16's
+    # rounding differs between CPU kernels (AMX, AVX-512 BF16, emulated)
+    "small": dict(dtype="float32", out_dir="out-small"),
     # GPT-2 small (124M) on one GPU, fine-tuned from OpenAI's weights on UltraFeedback, as
     # the paper does. lam, lr, warmup and the global batch (4 GPUs x 8 pairs = 32) are the
     # authors' released recipe (github.com/xfactlab/orpo, scripts/run_mistral_orpo_beta.sh:
@@ -639,6 +641,13 @@ def summarize(cfg, preset, history, s0, s1, seconds):
 # Training: the setup, then the loop
 
 
+def native_bf16_cpu():
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
+    emulated, and slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 def setup_device(device, dtype):
     """(device, device type, dtype name, autocast context) for --device and --dtype."""
     if device == "auto":
@@ -646,8 +655,8 @@ def setup_device(device, dtype):
             "mps" if torch.backends.mps.is_available() else "cpu")
     dev_type = device.split(":")[0]
     if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") \
-            if dev_type == "cuda" else "float32"
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev_type == "cuda" \
+            else "bfloat16" if dev_type == "cpu" and native_bf16_cpu() else "float32"
     ctx = (contextlib.nullcontext() if dtype == "float32"
            else torch.autocast(device_type=dev_type, dtype=getattr(torch, dtype)))
     if dev_type == "cuda":

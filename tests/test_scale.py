@@ -138,3 +138,14 @@ def test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft(tmp_path
     assert f"L_SFT {want:.4f}" in printed, (printed, want)
     print(f"iteration-0 L_SFT: printed {printed.split('|')[1].strip()}, independent {want:.6f}")
     assert len([l for l in open(out / "log.jsonl") if '"kind": "train"' in l]) == 2
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, False, "bfloat16"),
+                                                    (False, True, "bfloat16"),
+                                                    (False, False, "float32")])
+def test_dtype_auto_on_the_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, amx, avx512_bf16, want):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert orpo.setup_device("cpu", "auto")[2] == want
+    assert orpo.setup_device("cpu", "float32")[2] == "float32"
+    assert orpo.PRESETS["small"]["dtype"] == "float32"  # the demo prints the same everywhere
