@@ -430,8 +430,8 @@ def forward_loss(scorer, batch, cfg, ctx, ref=None):
     if cfg.loss == "dpo":  # the reference: a forward pass without gradients, every batch
         with torch.no_grad(), ctx:
             ref_tok = ref(x, scored, y[scored])
-        pi_sum = (logp * resp_mask).sum(1)
-        ref_sum = (torch.zeros_like(logp).masked_scatter(scored, ref_tok.to(logp.dtype)) * resp_mask).sum(1)
+        pi_sum = response_logps(tok, resp_mask, scored, mean=False)[1]  # DPO sums, no 1/m
+        ref_sum = response_logps(ref_tok, resp_mask, scored, mean=False)[1]
         loss = dpo_loss(pi_sum, ref_sum, beta=cfg.beta)
     return loss, parts
 
