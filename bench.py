@@ -4,17 +4,23 @@ matmuls set, the fraction of that limit reached (`mfu`), and peak memory.
 
     python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=8 \\
         --vocab_size=50304 --dtype=bfloat16
+    python bench.py --gemms=true ...   # also print the rate of each matmul shape of the step
     python bench.py --sweep=true ...   # block_size 256, 512, 1024 x batch_size 4, 8, fp32 and
                                        # bf16, each point in its own process (for its memory)
 
 The limit: on a CUDA GPU, the vendor's dense bf16 peak (GPU_PEAK). On a CPU, measured here
-and now at the matmul shapes and layouts the step itself runs, forward and backward, in the
-run's dtype, repeated until two rounds agree within 10%; the JSON names the fastest shape.
-`limit_tokens_per_s` is the step's FLOPs (model.flops) done at that peak, and
-`mfu` = tokens_per_s / limit_tokens_per_s.
+and now, in the run's dtype, at every matmul shape and layout the step runs (step_gemms):
+the blocks' Linears forward and backward, attention's batched products, and the output
+layer's vocabulary slices forward and backward. The peak is the fastest of them, taken
+over rounds of measurement until two rounds agree within 5% (the machine's clock and its
+neighbours move the rate); the JSON names its shape. `limit_tokens_per_s` is the step's
+FLOPs (model.flops) done at that peak, and `mfu` = tokens_per_s / limit_tokens_per_s.
+`matmul_ms` is the time the step's matmuls alone take at the rates measured for their own
+shapes, the output layer's recomputed logits included: no step can be faster than that.
 """
+import collections
 import json
-import os
+import math
 import resource
 import subprocess
 import sys
@@ -31,80 +37,129 @@ GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10
             "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 FLOP/s, vendor specs
 
 
-def step_gemms(model, N, n_scored, dtype, chunk=1024):
-    """{name: (a, b)} for the matmuls a @ b of one step, in the layouts autograd runs them:
-    each Linear (out, in) on N rows forward (X W^T), backward (dY W and dY^T X); the output
-    layer a vocabulary slice at a time on n_scored rows."""
+def step_gemms(model, n_seq, T, n_scored, dtype, chunk=1024):
+    """[(name, a, b, count)]: the matmuls a @ b of one step, in the layouts autograd runs
+    them, and how many times the step runs each. A Linear (out, in) on N rows: forward
+    X W^T, backward dY W and dY^T X (a transposed view first: a CPU kernel treats it
+    differently). Attention, per (sequence, head): Q K^T and P V forward, four more of the
+    same two shapes backward; SDPA runs them in its own blocks, these stand for its work.
+    The output layer, a vocabulary slice at a time on the n_scored positions: the logits
+    (forward, and again in the backward), then P W and P^T H (model.TokenLogProbs)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)
-    out = {}
+    c, N, L = model.cfg, n_seq * T, model.cfg.n_layer
+    out = []
     for name, lin in (("c_attn", model.h[0].attn.c_attn), ("attn.c_proj", model.h[0].attn.c_proj),
                       ("c_fc", model.h[0].mlp.c_fc), ("mlp.c_proj", model.h[0].mlp.c_proj)):
         o, i = lin.weight.shape
         w, x, dy = r(o, i), r(N, i), r(N, o)
-        out[f"{name} fwd [{N},{i}]@[{i},{o}]"] = (x, w.t())
-        out[f"{name} dX [{N},{o}]@[{o},{i}]"] = (dy, w)
-        out[f"{name} dW [{o},{N}]@[{N},{i}]"] = (dy.t(), x)
-    h, w = r(n_scored, model.cfg.n_embd), r(chunk, model.cfg.n_embd)
-    out[f"lm_head fwd [{n_scored},{h.size(1)}]@[{h.size(1)},{chunk}]"] = (h, w.t())
+        out += [(f"{name} fwd [{N},{i}]@[{i},{o}]", x, w.t(), L),
+                (f"{name} dX [{N},{o}]@[{o},{i}]", dy, w, L),
+                (f"{name} dW [{o},{N}]@[{N},{i}]", dy.t(), x, L)]
+    bh, hs = n_seq * c.n_head, c.n_embd // c.n_head
+    q, p = r(bh, T, hs), r(bh, T, T)
+    out += [(f"attn QK^T [{bh}x{T},{hs}]@[{hs},{T}]", q, q.transpose(1, 2), 2 * L),
+            (f"attn PV [{bh}x{T},{T}]@[{T},{hs}]", p, q, 4 * L)]
+    h, w, p = r(n_scored, c.n_embd), r(chunk, c.n_embd), r(n_scored, chunk)
+    slices = model.n_vocab / chunk  # the last slice is shorter: counted as its fraction
+    out += [(f"lm_head logits [{n_scored},{c.n_embd}]@[{c.n_embd},{chunk}]", h, w.t(), 2 * slices),
+            (f"lm_head dH [{n_scored},{chunk}]@[{chunk},{c.n_embd}]", p, w, slices),
+            (f"lm_head dW [{chunk},{n_scored}]@[{n_scored},{c.n_embd}]", p.t(), h, slices)]
     return out
 
 
-def measure_peak(gemms, rounds=6):
-    """The fastest matmul rate over the step's shapes, FLOP/s, and its shape; repeated until
-    two rounds agree within 10% (a CPU's clock and its neighbours move the rate)."""
-    last = None
+def gemm_seconds(a, b, min_s=0.05):
+    """The fastest of repeated a @ b, timed for at least min_s and 3 calls, after a first
+    call that builds the kernel."""
+    a @ b
+    best, spent, n = float("inf"), 0.0, 0
+    while spent < min_s or n < 3:
+        t = time.perf_counter()
+        a @ b
+        dt = time.perf_counter() - t
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return best
+
+
+def measure_gemms(gemms, rounds=6):
+    """{name: FLOP/s} for the step's matmuls, each the fastest seen over rounds of
+    measurement, repeated until two rounds' peaks agree within 5%."""
+    rates, last = {}, None
     for _ in range(rounds):
-        rates = {}
-        for name, (a, b) in gemms.items():
-            best = float("inf")
-            for _ in range(3):
-                t = time.perf_counter()
-                a @ b
-                best = min(best, time.perf_counter() - t)
-            rates[name] = 2 * a.size(0) * a.size(1) * b.size(1) / best
-        name = max(rates, key=rates.get)
-        if last and abs(rates[name] - last) <= 0.1 * last:
-            return rates[name], name, rates
-        last = rates[name]
-    return last, name, rates
+        for name, a, b, _ in gemms:
+            flops = 2 * math.prod(a.shape[:-1]) * a.size(-1) * b.size(-1)
+            rates[name] = max(rates.get(name, 0.0), flops / gemm_seconds(a, b))
+        peak = max(rates.values())
+        if last and peak <= 1.05 * last:
+            break
+        last = peak
+    return rates
 
 
-def bench(cfg, steps):
-    """Time `steps` optimizer steps (after two warm-up steps) through orpo.train_step."""
+def random_pairs(B, T, V, seed):
+    """A split (tokens, index) of B pairs: a prompt of T/2 tokens and two responses that
+    fill the block (T + 1 tokens, as make_batch shifts targets by one), laid end to end."""
+    p, n = T // 2, T + 1 - T // 2
+    index = np.array([(i * (p + 2 * n), p, n, n) for i in range(B)], np.int64)
+    tokens = np.random.default_rng(seed).integers(0, V, B * (p + 2 * n)).astype(np.int64)
+    return tokens, index
+
+
+def run_steps(cfg, steps):
+    """Median seconds of `steps` optimizer steps through orpo.train_step, after two warm-up
+    steps (a compiled model compiles in them); the model, tokens, FLOPs and scored positions."""
     dev, dev_type, dtype, ctx = orpo.setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    T, B, V = cfg.block_size, cfg.batch_size, cfg.vocab_size or 50304
+    B, V = cfg.batch_size, cfg.vocab_size or 50304
     raw = GPT(orpo.model_config(cfg, dict(vocab_size=V))).to(dev)
-    p = T // 2  # every pair: a prompt of T/2 tokens and two responses that fill the block
-    index = np.array([(i * (T + 2), p, T + 1 - p, T + 1 - p) for i in range(B)], np.int64)
-    tokens = np.random.default_rng(cfg.seed).integers(0, V, B * (T + 2)).astype(np.int64)
-    r = SimpleNamespace(dev=dev, ctx=ctx, rank=0, world=1, raw=raw, train=(tokens, index),
-                        model=torch.compile(orpo.Scorer(raw)) if cfg.compile else orpo.Scorer(raw), it=0, epoch=0, pos=0,
-                        order=[np.arange(B)] * (steps + 2), path="(none)",
-                        opt=raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type),
+    tokens, index = random_pairs(B, cfg.block_size, V, cfg.seed)
+    scorer = orpo.Scorer(raw)
+    r = SimpleNamespace(dev=dev, ctx=ctx, rank=0, world=1, raw=raw, train=(tokens, index), ref=None,
+                        model=torch.compile(scorer) if cfg.compile else scorer, it=0, epoch=0,
+                        pos=0, order=[np.arange(B)] * (steps + 2), path="(none)",
+                        cost=collections.Counter(),
+                        opt=raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type,
+                                                    fused=dev_type == "cuda" or dtype != "float32"),
                         scaler=torch.amp.GradScaler(dev_type, enabled=dtype == "float16"))
     times = []
     for _ in range(steps + 2):
         t = time.perf_counter()
         _, toks, flops = orpo.train_step(r, cfg)  # its .tolist() waits for the device
         times.append(time.perf_counter() - t)
-    s = float(np.median(times[2:]))
     n_scored = orpo.batch_tokens(index, np.arange(B), cfg.sft_on_prompt)[1]
+    return float(np.median(times[2:])), raw, toks, flops, n_scored, dev_type, dtype
+
+
+def bench(cfg, steps, show_gemms=False):
+    """Time the step, measure the limit, print one JSON line (after the per-shape rates
+    when show_gemms)."""
+    s, raw, toks, flops, n_scored, dev_type, dtype = run_steps(cfg, steps)
+    matmul_ms = None
     if dev_type == "cuda":
         name = torch.cuda.get_device_name()
         peak, shape = next((v for k, v in GPU_PEAK.items() if k in name), float("nan")), "spec"
     else:
-        gemms = step_gemms(raw, 2 * B * T, n_scored, getattr(torch, dtype))
-        peak, shape, _ = measure_peak(gemms)
+        gemms = step_gemms(raw, 2 * cfg.batch_size, cfg.block_size, n_scored, getattr(torch, dtype))
+        rates = measure_gemms(gemms)
+        shape = max(rates, key=rates.get)
+        peak = rates[shape]
+        work = [(name, 2 * math.prod(a.shape[:-1]) * a.size(-1) * b.size(-1) * k / rates[name], k)
+                for name, a, b, k in gemms]  # (name, seconds in the step, count)
+        matmul_ms = round(sum(t for _, t, _ in work) * 1e3, 1)
+        if show_gemms:
+            for name, t, k in work:
+                print(f"{name:44s} {rates[name] / 1e9:7.1f} GFLOP/s  x{k:<7.4g} {t * 1e3:8.1f} ms")
     mem = torch.cuda.max_memory_allocated() if dev_type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    out = dict(device=dev, cpu=cpu_name(), dtype=dtype, threads=torch.get_num_threads(),
-               params=raw.num_params(), tokens_per_step=toks, logit_positions=n_scored,
-               steps=steps, ms_per_step=round(s * 1e3, 1), tokens_per_s=round(toks / s, 1),
+    out = dict(device=dev_type, cpu=cpu_name(), dtype=dtype, threads=torch.get_num_threads(),
+               block_size=cfg.block_size, batch_size=cfg.batch_size,
+               sft_on_prompt=cfg.sft_on_prompt, compile=cfg.compile, params=raw.num_params(),
+               tokens_per_step=toks, logit_positions=n_scored, steps=steps,
+               ms_per_step=round(s * 1e3, 1), tokens_per_s=round(toks / s, 1),
                peak_gflops=round(peak / 1e9, 1), peak_shape=shape,
                limit_tokens_per_s=round(toks * peak / flops, 1),
-               mfu=float(f"{flops / s / peak:.4g}"), peak_mem_mb=round(mem / 2**20))
+               mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
+               peak_mem_mb=round(mem / 2**20))
     print(json.dumps(out))
     return out
 
@@ -120,7 +175,8 @@ def cpu_name():
 
 def sweep(argv, steps):
     """Each point in its own process, so that peak memory is that point's alone."""
-    keep = [a for a in argv if not a.startswith(("--sweep", "--block_size", "--batch_size", "--dtype"))]
+    keep = [a for a in argv if not a.startswith(("--sweep", "--block_size", "--batch_size",
+                                                 "--dtype", "--gemms"))]
     for dtype in ("float32", "bfloat16"):
         for T in (256, 512, 1024):
             for B in (4, 8):
@@ -129,17 +185,17 @@ def sweep(argv, steps):
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 print(res.stdout.strip().splitlines()[-1] if res.returncode == 0 else
                       json.dumps(dict(block_size=T, batch_size=B, dtype=dtype,
-                                      error=res.stderr.strip().splitlines()[-1:])))
+                                      error=res.stderr.strip().splitlines()[-1:])), flush=True)
 
 
 def main():
-    preset, cfg, opts = orpo.parse_args(sys.argv[1:], dict(steps=10, sweep=False))
+    preset, cfg, opts = orpo.parse_args(sys.argv[1:], dict(steps=10, sweep=False, gemms=False))
     if opts["steps"] < 1:
         orpo.die(f"--steps must be an integer >= 1, got {opts['steps']}")
     if opts["sweep"]:
         sweep(sys.argv[1:], opts["steps"])
     else:
-        bench(cfg, opts["steps"])
+        bench(cfg, opts["steps"], opts["gemms"])
 
 
 if __name__ == "__main__":
