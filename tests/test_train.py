@@ -251,3 +251,11 @@ def test_flaw_rates_and_their_errors_match_the_judge_on_handmade_answers():
     assert abs(se - math.sqrt(m * (1 - m) / 6)) < 1e-12  # the binomial standard error
     assert j["flaw_rates"]["chosen"]["off_topic"] == (0.0, 0.0)
     assert [prepare_data.judge(p, a) == 1.0 for a in answers] == [not any(x["flaws"].values()) for x in s]
+
+
+def test_the_tests_keep_hugging_face_caches_under_tmp_path(tmp_path_factory):
+    """datasets' loaders (tests/test_data.py) and the hub cache write under pytest's base
+    temp folder, never to ~/.cache/huggingface."""
+    base = str(tmp_path_factory.getbasetemp())
+    assert os.environ["HF_HOME"].startswith(base)
+    assert os.environ["HF_DATASETS_CACHE"].startswith(base)
