@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -519,7 +520,10 @@ def save_checkpoint(path, **state):
     except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        full = getattr(e, "errno", None) == errno.ENOSPC or "basic_ios" in str(e)
+        # torch.save reports a full disk as a stream error, in words that vary by version
+        full = getattr(e, "errno", None) == errno.ENOSPC or any(
+            w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
+            shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
         why = "the disk is full" if full else str(e).splitlines()[0]
         die(f"could not write {path}: {why}; the last good checkpoint is unchanged")
 
