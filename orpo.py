@@ -555,7 +555,7 @@ def model_from_checkpoint(ck, path):
     try:
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError) as e:
-        die(f"{path}: the weights do not fit the model: {str(e).strip().splitlines()[-1][:200]}")
+        die(f"{path}: the weights do not fit the model: {str(e).strip().splitlines()[-1].strip()[:200]}")
     return model
 
 
