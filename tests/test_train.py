@@ -187,7 +187,10 @@ def test_ctrl_c_stops_with_one_line(tmp_path, data_dir):
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config", "tiny",
                           f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000",
                           "--eval_interval=5", "--n_samples=2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # a shell's background job ignores SIGINT, and a child inherits that;
+                         # a user's terminal delivers it: restore the default before exec
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(600):  # wait for the first checkpoint
         if (tmp_path / "ckpt.pt").exists():
             break
