@@ -36,6 +36,18 @@ def data_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """tiktoken's gpt2 encoding, offline, from the BPE files in ../shared/data; the CLI runs a
+    test starts inherit TIKTOKEN_CACHE_DIR."""
+    if not os.path.exists(os.path.join(SHARED, "gpt2-bpe")):
+        pytest.skip("../shared/data (GPT-2 BPE files) is absent")
+    cache = str(tmp_path_factory.mktemp("tiktoken"))
+    subprocess.run([sys.executable, os.path.join(SHARED, "seed_tiktoken_cache.py"), cache], check=True)
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    return prepare_data.get_encoding("gpt2")
+
+
 def cli(script, *args, cwd=ROOT, env=None, timeout=300):
     """Run one of the project's scripts (orpo.py, sample.py, ...) as a user would."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,

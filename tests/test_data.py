@@ -18,17 +18,6 @@ needs_shared = pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "gpt2-
                                   reason="../shared/data (real rows, GPT-2 BPE) is absent")
 
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    """tiktoken's gpt2 encoding, offline, from the BPE files in ../shared/data."""
-    if not os.path.exists(os.path.join(SHARED, "gpt2-bpe")):
-        pytest.skip("../shared/data (GPT-2 BPE files) is absent")
-    cache = str(tmp_path_factory.mktemp("tiktoken"))
-    subprocess.run([sys.executable, os.path.join(SHARED, "seed_tiktoken_cache.py"), cache], check=True)
-    os.environ["TIKTOKEN_CACHE_DIR"] = cache
-    return prepare_data.get_encoding("gpt2")
-
-
 def cli(tmp_path, *args):
     """prepare_data.py as a command; datasets' cache, if it is used, goes under tmp_path."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), *args],

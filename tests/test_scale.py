@@ -84,19 +84,7 @@ def test_compile_trains_like_eager(tmp_path, data_dir):
     assert not any(k.startswith("_orig_mod") for k in ck["model"])
 
 
-@pytest.fixture(scope="module")
-def gpt2_tokenizer(tmp_path_factory):
-    """tiktoken's gpt2 encoding, offline, from the BPE files in ../shared/data."""
-    from conftest import SHARED
-    if not os.path.exists(os.path.join(SHARED, "gpt2-bpe")):
-        pytest.skip("../shared/data (GPT-2 BPE files) is absent")
-    cache = str(tmp_path_factory.mktemp("tiktoken"))
-    subprocess.run([sys.executable, os.path.join(SHARED, "seed_tiktoken_cache.py"), cache], check=True)
-    os.environ["TIKTOKEN_CACHE_DIR"] = cache  # this process, and the CLI runs it starts
-    return orpo.prepare_data.get_encoding("gpt2")
-
-
-def test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft(tmp_path, gpt2_tokenizer):
+def test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft(tmp_path, gpt2):
     """OpenAI-like weights, every real logit near -60, as save_pretrained writes them: the
     preset's iteration-0 held-out L_SFT is the NLL over the 50,257 real ids, computed here
     independently from the state dict (the 47 padding ids would make it about 65)."""
