@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import orpo
+from configurator import die, parse_args, setup_device
 from model import GPT
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -108,7 +109,7 @@ def random_pairs(B, T, V, seed):
 def run_steps(cfg, steps):
     """Median seconds of `steps` optimizer steps through orpo.train_step, after two warm-up
     steps (a compiled model compiles in them); the model, tokens, FLOPs and scored positions."""
-    dev, dev_type, dtype, ctx = orpo.setup_device(cfg.device, cfg.dtype)
+    dev, dev_type, dtype, ctx = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, V = cfg.batch_size, cfg.vocab_size or 50304
     raw = GPT(orpo.model_config(cfg, dict(vocab_size=V))).to(dev)
@@ -128,6 +129,15 @@ def run_steps(cfg, steps):
         times.append(time.perf_counter() - t)
     n_scored = orpo.batch_tokens(index, np.arange(B), cfg.sft_on_prompt)[1]
     return float(np.median(times[2:])), raw, toks, flops, n_scored, dev_type, dtype
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "unknown"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def bench(cfg, steps, show_gemms=False):
@@ -164,15 +174,6 @@ def bench(cfg, steps, show_gemms=False):
     return out
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown"
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-
-
 def sweep(argv, steps):
     """Each point in its own process, so that peak memory is that point's alone."""
     keep = [a for a in argv if not a.startswith(("--sweep", "--block_size", "--batch_size",
@@ -189,9 +190,10 @@ def sweep(argv, steps):
 
 
 def main():
-    preset, cfg, opts = orpo.parse_args(sys.argv[1:], dict(steps=10, sweep=False, gemms=False))
+    preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS,
+                                   dict(steps=10, sweep=False, gemms=False))
     if opts["steps"] < 1:
-        orpo.die(f"--steps must be an integer >= 1, got {opts['steps']}")
+        die(f"--steps must be an integer >= 1, got {opts['steps']}")
     if opts["sweep"]:
         sweep(sys.argv[1:], opts["steps"])
     else:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 import orpo
+import prepare_data
+from configurator import die, parse_args
 
 FIGURES = {
     "sft-vs-orpo": {"SFT (lam=0)": dict(lam=0.0), "ORPO (lam=1)": dict(lam=1.0)},  # Figs. 3, 7
@@ -36,6 +38,116 @@ def write_csv(path, rows):
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
     print(f"wrote {path}")
+
+
+def over_seeds(values):
+    """Mean and standard error over seeds (one seed: its value, no error)."""
+    m = float(np.mean(values))
+    return m, float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# Plots: optional (matplotlib); without it, each figure still writes its numbers
+
+
+def pyplot(name, d):
+    """matplotlib's pyplot, or None, with a note, where it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"matplotlib is not installed, so no {name}.png: `pip install matplotlib` "
+              f"(or -r requirements-extra.txt); the numbers are in {d}/")
+        return None
+
+
+def save(fig, d, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, f"{name}.png"), dpi=100)
+    print(f"wrote {os.path.join(d, name + '.png')}")
+
+
+def plot_curves(axes, curves):
+    """Held-out mean log P of the chosen and the rejected answers, per run (mean over seeds)."""
+    for ax, k in zip(axes, ("logp_chosen", "logp_rejected")):
+        for run in dict.fromkeys(c["run"] for c in curves):
+            by_iter = {}
+            for c in curves:
+                if c["run"] == run:
+                    by_iter.setdefault(c["iter"], []).append(c[k])
+            ax.plot(list(by_iter), [np.mean(v) for v in by_iter.values()], label=run)
+        ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration")
+        ax.legend()
+
+
+def plot(name, d, curves, extra):
+    plt = pyplot(name, d)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
+    plot_curves(axes, curves)
+    if name == "ratio":
+        axes[2].hist([[r["log_or"] for r in extra], [r["log_pr"] for r in extra]], bins=100,
+                     range=(-10, 10), label=["log odds ratio", "log prob ratio"], histtype="step")
+        axes[2].set(title="contrast for uniform random P_w, P_l (Fig. 6)")
+    if name == "length":
+        for run in dict.fromkeys(r["run"] for r in extra):
+            rs = [r for r in extra if r["run"] == run]
+            axes[2].scatter([r["len_w"] - r["len_l"] for r in rs],
+                            [r["mean_w"] - r["mean_l"] for r in rs], s=6, alpha=0.5, label=run)
+        axes[2].set(title="per held-out pair", xlabel="len(chosen) - len(rejected)",
+                    ylabel="mean log P chosen - rejected")
+    if extra:
+        axes[2].legend()
+    save(fig, d, name)
+
+
+def plot_sft_vs_orpo(d, curves, scores, table):
+    plt = pyplot("sft-vs-orpo", d)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    plot_curves(axes, curves)
+    x, n = np.arange(len(prepare_data.FLAWS)), len(table)
+    for j, (tag, label) in enumerate((("sft", "SFT"), ("orpo", "ORPO"), ("chosen", "chosen answers"))):
+        m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in prepare_data.FLAWS]
+        err = [over_seeds([t[f"{tag}_{f}"] for t in table])[1] if n > 1 else
+               table[0].get(f"{tag}_{f}_se", 0.0) for f in prepare_data.FLAWS]
+        axes[2].bar(x + (j - 1) * 0.27, m, 0.27, yerr=err, capsize=3, label=label)
+    axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x,
+                xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
+    axes[2].legend()
+    runs = list(dict.fromkeys(s["run"] for s in scores))
+    axes[3].hist([[s["score"] for s in scores if s["run"] == r] for r in runs], bins=9,
+                 range=(0, 1.0001), label=runs)
+    axes[3].set(title="judge scores of the sampled answers", xlabel="score")
+    axes[3].legend()
+    save(fig, d, "sft-vs-orpo")
+
+
+def plot_methods(d, rows):
+    plt = pyplot("methods", d)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    names = [r["method"] for r in rows]
+    for ax, k, title in ((axes[0], "gflop", "training GFLOP"), (axes[1], "peak_mb", "peak memory, MB"),
+                         (axes[2], "logp_rejected", "held-out mean log P(rejected)")):
+        ax.bar(names, [r[k] for r in rows])
+        ax.set(title=title)
+    x = np.arange(len(prepare_data.FLAWS))
+    for j, r in enumerate(rows):
+        axes[3].bar(x + (j - 1.5) * 0.2, [r[f] for f in prepare_data.FLAWS], 0.2, label=r["method"])
+    axes[3].set(title="flaw rates of the sampled answers", xticks=x,
+                xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
+    axes[3].legend()
+    save(fig, d, "methods")
+
+
+# ----------------------------------------------------------------------------------------
+# Runs and their curves
 
 
 @torch.no_grad()
@@ -126,13 +238,31 @@ def head_to_head(a, b):
     by_row = {s["row"]: s["score"] for s in b}
     w = [1.0 if s["score"] > by_row[s["row"]] else 0.5 if s["score"] == by_row[s["row"]] else 0.0
          for s in a]
-    return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], orpo.mean_se(w)
+    return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], prepare_data.mean_se(w)
 
 
-def over_seeds(values):
-    """Mean and standard error over seeds (one seed: its value, no error)."""
-    m = float(np.mean(values))
-    return m, float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+def print_sft_vs_orpo(table):
+    """Mean ± standard error over seeds; with one seed, the standard errors over its prompts."""
+    n, pm = len(table), lambda m_se: f"{m_se[0]:7.3f} ± {m_se[1]:.3f}"
+    col = lambda k: over_seeds([t[k] for t in table]) if n > 1 else (table[0][k], table[0].get(k + "_se"))
+    show = lambda m_se: pm(m_se) if m_se[1] is not None else f"{m_se[0]:7.3f}        "
+    print(f"== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
+          if n > 1 else "one seed, ± 1 standard error over the sampled prompts =="))
+    print(f"  {'':26s} {'SFT':>15s} {'ORPO':>15s} {'chosen answers':>15s}")
+    for k in ("logp_rejected", "margin"):
+        print(f"  {k.replace('_', ' '):26s} {show(col('sft_' + k)):>15s} {show(col('orpo_' + k)):>15s}")
+    for f in prepare_data.FLAWS:
+        print(f"  {f.replace('_', ' ') + ' rate':26s} " + " ".join(
+            f"{show(col(f'{tag}_{f}')):>15s}" for tag in ("sft", "orpo", "chosen")))
+    h2h = col("h2h_orpo_vs_sft") if n > 1 else (table[0]["h2h_orpo_vs_sft"], table[0]["h2h_se"])
+    print(f"  {'ORPO vs SFT, head-to-head':26s} {show(h2h):>15s}   (wins + ties/2; win "
+          f"{col('win')[0]:.3f}, tie {col('tie')[0]:.3f}, loss {col('loss')[0]:.3f})")
+    for t in table:  # the effect within one run, in its own standard errors
+        gap = t["sft_off_topic"] - t["orpo_off_topic"]
+        se = math.hypot(t["sft_off_topic_se"], t["orpo_off_topic_se"])
+        apart = f"{gap / se:.1f} standard errors apart" if se > 0 else "no spread to measure"
+        print(f"  seed {t['seed']}: off-topic rate SFT {t['sft_off_topic']:.3f}, ORPO "
+              f"{t['orpo_off_topic']:.3f}: {apart}")
 
 
 def sft_vs_orpo(cfg, preset, seeds):
@@ -153,10 +283,10 @@ def sft_vs_orpo(cfg, preset, seeds):
         row = dict(seed=cfg.seed + k, h2h_orpo_vs_sft=h2h, h2h_se=h2h_se, win=win, tie=tie, loss=loss)
         for tag, r in (("sft", sft), ("orpo", o)):
             row.update({f"{tag}_logp_rejected": r.history[-1]["ell_l"], f"{tag}_margin": r.history[-1]["margin"]})
-            for f in orpo.FLAWS:
+            for f in prepare_data.FLAWS:
                 row[f"{tag}_{f}"] = r.summary["flaw_rates"]["after"][f]
                 row[f"{tag}_{f}_se"] = r.summary["flaw_rates_se"]["after"][f]
-        for f in orpo.FLAWS:
+        for f in prepare_data.FLAWS:
             row[f"chosen_{f}"] = o.summary["flaw_rates"]["chosen"][f]
             row[f"chosen_{f}_se"] = o.summary["flaw_rates_se"]["chosen"][f]
         table.append(row)
@@ -167,42 +297,35 @@ def sft_vs_orpo(cfg, preset, seeds):
     plot_sft_vs_orpo(d, curves, scores, table)
 
 
-def print_sft_vs_orpo(table):
-    """Mean ± standard error over seeds; with one seed, the standard errors over its prompts."""
-    n, pm = len(table), lambda m_se: f"{m_se[0]:7.3f} ± {m_se[1]:.3f}"
-    col = lambda k: over_seeds([t[k] for t in table]) if n > 1 else (table[0][k], table[0].get(k + "_se"))
-    show = lambda m_se: pm(m_se) if m_se[1] is not None else f"{m_se[0]:7.3f}        "
-    print(f"== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
-          if n > 1 else "one seed, ± 1 standard error over the sampled prompts =="))
-    print(f"  {'':26s} {'SFT':>15s} {'ORPO':>15s} {'chosen answers':>15s}")
-    for k in ("logp_rejected", "margin"):
-        print(f"  {k.replace('_', ' '):26s} {show(col('sft_' + k)):>15s} {show(col('orpo_' + k)):>15s}")
-    for f in orpo.FLAWS:
-        print(f"  {f.replace('_', ' ') + ' rate':26s} " + " ".join(
-            f"{show(col(f'{tag}_{f}')):>15s}" for tag in ("sft", "orpo", "chosen")))
-    h2h = col("h2h_orpo_vs_sft") if n > 1 else (table[0]["h2h_orpo_vs_sft"], table[0]["h2h_se"])
-    print(f"  {'ORPO vs SFT, head-to-head':26s} {show(h2h):>15s}   (wins + ties/2; win "
-          f"{col('win')[0]:.3f}, tie {col('tie')[0]:.3f}, loss {col('loss')[0]:.3f})")
-    for t in table:  # the effect within one run, in its own standard errors
-        gap = t["sft_off_topic"] - t["orpo_off_topic"]
-        se = math.hypot(t["sft_off_topic_se"], t["orpo_off_topic_se"])
-        apart = f"{gap / se:.1f} standard errors apart" if se > 0 else "no spread to measure"
-        print(f"  seed {t['seed']}: off-topic rate SFT {t['sft_off_topic']:.3f}, ORPO "
-              f"{t['orpo_off_topic']:.3f}: {apart}")
-
-
 def run_phase(args, extra, out_dir):
     """One phase as its own `python orpo.py` process; its summary and final samples."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "orpo.py"),
            *args, *extra, f"--out_dir={out_dir}"]
     print(f"== methods: {' '.join(cmd[2:])} ==")
     if subprocess.run(cmd).returncode:
-        orpo.die(f"the phase in {out_dir} failed (its error is above)")
+        die(f"the phase in {out_dir} failed (its error is above)")
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         samples = [r for r in map(json.loads, f) if r["kind"] == "samples"][-1]["samples"]
     return summary, samples
+
+
+def print_methods(rows):
+    print("== methods: what each costs ==")
+    print(f"  {'method':14s} {'steps':>6s} {'policy fwd':>10s} {'ref fwd':>8s} {'GFLOP':>9s} "
+          f"{'train s':>8s} {'peak MB':>8s}")
+    for r in rows:
+        print(f"  {r['method']:14s} {r['steps']:6d} {r['policy_passes']:10d} {r['ref_passes']:8d} "
+              f"{r['gflop']:9,.1f} {r['train_s']:8.1f} {r['peak_mb']:8d}")
+    print("== methods: what comes out (held-out pairs; sampled answers, ± 1 standard error) ==")
+    print(f"  {'method':14s} {'log P ch':>8s} {'log P rej':>9s} {'margin':>7s} {'acc':>6s} "
+          + " ".join(f"{f.replace('_', ' '):>11s}" for f in prepare_data.FLAWS)
+          + f" {'win vs chosen':>15s} {'vs ORPO':>15s}")
+    for r in rows:
+        print(f"  {r['method']:14s} {r['logp_chosen']:8.3f} {r['logp_rejected']:9.3f} "
+              f"{r['margin']:7.3f} {r['acc']:6.3f} " + " ".join(f"{r[f]:11.3f}" for f in prepare_data.FLAWS)
+              + f" {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} {r['h2h_vs_orpo']:7.3f} ± {r['h2h_se']:.3f}")
 
 
 def methods(args, cfg, dpo_iters, dpo_lr):
@@ -231,125 +354,12 @@ def methods(args, cfg, dpo_iters, dpo_lr):
             train_s=round(sum(c["train_seconds"] for c in costs), 1),
             peak_mb=max(c["peak_mem_mb"] for c in costs),
             logp_chosen=end["ell_w"], logp_rejected=end["ell_l"], margin=end["margin"], acc=end["acc"],
-            **{f: summary["flaw_rates"]["after"][f] for f in orpo.FLAWS},
+            **{f: summary["flaw_rates"]["after"][f] for f in prepare_data.FLAWS},
             win_vs_chosen=summary["win_rate"][1], win_se=summary["win_rate_se"][1],
             h2h_vs_orpo=h2h, h2h_se=h2h_se))
     write_csv(os.path.join(d, "methods.csv"), rows)
     print_methods(rows)
     plot_methods(d, rows)
-
-
-def print_methods(rows):
-    print("== methods: what each costs ==")
-    print(f"  {'method':14s} {'steps':>6s} {'policy fwd':>10s} {'ref fwd':>8s} {'GFLOP':>9s} "
-          f"{'train s':>8s} {'peak MB':>8s}")
-    for r in rows:
-        print(f"  {r['method']:14s} {r['steps']:6d} {r['policy_passes']:10d} {r['ref_passes']:8d} "
-              f"{r['gflop']:9,.1f} {r['train_s']:8.1f} {r['peak_mb']:8d}")
-    print("== methods: what comes out (held-out pairs; sampled answers, ± 1 standard error) ==")
-    print(f"  {'method':14s} {'log P ch':>8s} {'log P rej':>9s} {'margin':>7s} {'acc':>6s} "
-          + " ".join(f"{f.replace('_', ' '):>11s}" for f in orpo.FLAWS)
-          + f" {'win vs chosen':>15s} {'vs ORPO':>15s}")
-    for r in rows:
-        print(f"  {r['method']:14s} {r['logp_chosen']:8.3f} {r['logp_rejected']:9.3f} "
-              f"{r['margin']:7.3f} {r['acc']:6.3f} " + " ".join(f"{r[f]:11.3f}" for f in orpo.FLAWS)
-              + f" {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} {r['h2h_vs_orpo']:7.3f} ± {r['h2h_se']:.3f}")
-
-
-def pyplot(name, d):
-    """matplotlib's pyplot, or None, with a note, where it is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print(f"matplotlib is not installed, so no {name}.png: `pip install matplotlib` "
-              f"(or -r requirements-extra.txt); the numbers are in {d}/")
-        return None
-
-
-def save(fig, d, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, f"{name}.png"), dpi=100)
-    print(f"wrote {os.path.join(d, name + '.png')}")
-
-
-def plot_curves(axes, curves):
-    """Held-out mean log P of the chosen and the rejected answers, per run (mean over seeds)."""
-    for ax, k in zip(axes, ("logp_chosen", "logp_rejected")):
-        for run in dict.fromkeys(c["run"] for c in curves):
-            by_iter = {}
-            for c in curves:
-                if c["run"] == run:
-                    by_iter.setdefault(c["iter"], []).append(c[k])
-            ax.plot(list(by_iter), [np.mean(v) for v in by_iter.values()], label=run)
-        ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration")
-        ax.legend()
-
-
-def plot(name, d, curves, extra):
-    plt = pyplot(name, d)
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
-    plot_curves(axes, curves)
-    if name == "ratio":
-        axes[2].hist([[r["log_or"] for r in extra], [r["log_pr"] for r in extra]], bins=100,
-                     range=(-10, 10), label=["log odds ratio", "log prob ratio"], histtype="step")
-        axes[2].set(title="contrast for uniform random P_w, P_l (Fig. 6)")
-    if name == "length":
-        for run in dict.fromkeys(r["run"] for r in extra):
-            rs = [r for r in extra if r["run"] == run]
-            axes[2].scatter([r["len_w"] - r["len_l"] for r in rs],
-                            [r["mean_w"] - r["mean_l"] for r in rs], s=6, alpha=0.5, label=run)
-        axes[2].set(title="per held-out pair", xlabel="len(chosen) - len(rejected)",
-                    ylabel="mean log P chosen - rejected")
-    if extra:
-        axes[2].legend()
-    save(fig, d, name)
-
-
-def plot_sft_vs_orpo(d, curves, scores, table):
-    plt = pyplot("sft-vs-orpo", d)
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    plot_curves(axes, curves)
-    x, n = np.arange(len(orpo.FLAWS)), len(table)
-    for j, (tag, label) in enumerate((("sft", "SFT"), ("orpo", "ORPO"), ("chosen", "chosen answers"))):
-        m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in orpo.FLAWS]
-        err = [over_seeds([t[f"{tag}_{f}"] for t in table])[1] if n > 1 else
-               table[0].get(f"{tag}_{f}_se", 0.0) for f in orpo.FLAWS]
-        axes[2].bar(x + (j - 1) * 0.27, m, 0.27, yerr=err, capsize=3, label=label)
-    axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x,
-                xticklabels=[f.replace("_", " ") for f in orpo.FLAWS])
-    axes[2].legend()
-    runs = list(dict.fromkeys(s["run"] for s in scores))
-    axes[3].hist([[s["score"] for s in scores if s["run"] == r] for r in runs], bins=9,
-                 range=(0, 1.0001), label=runs)
-    axes[3].set(title="judge scores of the sampled answers", xlabel="score")
-    axes[3].legend()
-    save(fig, d, "sft-vs-orpo")
-
-
-def plot_methods(d, rows):
-    plt = pyplot("methods", d)
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    names = [r["method"] for r in rows]
-    for ax, k, title in ((axes[0], "gflop", "training GFLOP"), (axes[1], "peak_mb", "peak memory, MB"),
-                         (axes[2], "logp_rejected", "held-out mean log P(rejected)")):
-        ax.bar(names, [r[k] for r in rows])
-        ax.set(title=title)
-    x = np.arange(len(orpo.FLAWS))
-    for j, r in enumerate(rows):
-        axes[3].bar(x + (j - 1.5) * 0.2, [r[f] for f in orpo.FLAWS], 0.2, label=r["method"])
-    axes[3].set(title="flaw rates of the sampled answers", xticks=x,
-                xticklabels=[f.replace("_", " ") for f in orpo.FLAWS])
-    axes[3].legend()
-    save(fig, d, "methods")
 
 
 OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4)  # figures.py's own: sft-vs-orpo, methods
@@ -359,13 +369,13 @@ def main():
     sys.stdout.reconfigure(line_buffering=True)
     args = sys.argv[1:]
     if args[:1] in (["-h"], ["--help"]):
-        orpo.parse_args(args, OPTIONS)  # prints the keys and exits
+        parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)  # prints the keys and exits
     if not args or args[0] not in FIGURES:
-        orpo.die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
+        die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
     name, args = args[0], args[1:]
-    preset, cfg, opts = orpo.parse_args(args, OPTIONS)
+    preset, cfg, opts = parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)
     if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["dpo_lr"] <= 0:
-        orpo.die("--seeds must be >= 1, --dpo_iters >= 0 (0: max_iters / 2), --dpo_lr > 0")
+        die("--seeds must be >= 1, --dpo_iters >= 0 (0: max_iters / 2), --dpo_lr > 0")
     if name == "sft-vs-orpo":
         sft_vs_orpo(cfg, preset, opts["seeds"])
     elif name == "methods":

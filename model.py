@@ -47,6 +47,22 @@ def padded_vocab(n_vocab):
     return -(-n_vocab // 64) * 64
 
 
+def _like(buf, t):
+    """A contiguous tensor of t's shape over the start of the flat buffer buf."""
+    return buf[:t.numel()].view(t.shape)
+
+
+def _logits(h, w, buf):
+    """h @ w^T (N, chunk), written into the start of the flat buffer buf."""
+    return torch.mm(h, w.t(), out=buf[:h.size(0) * w.size(0)].view(h.size(0), w.size(0)))
+
+
+def _logsumexp(z, buf):
+    """torch.logsumexp(z, 1), in buf's dtype (fp32) and its memory, with the same arithmetic."""
+    m = z.amax(1, keepdim=True).to(buf.dtype)  # (N, 1): the max of bf16 values is exact
+    return _like(buf, z).copy_(z).sub_(m).exp_().sum(1).log_().add_(m[:, 0])  # (N,)
+
+
 class TokenLogProbs(torch.autograd.Function):
     """log softmax(h W^T)[y] at N positions: the fused cross-entropy that ORPO's log-probs
     come from. log p(y) = z_y - logsumexp_v z_v with z = h W^T: z_y is one dot product per
@@ -93,22 +109,6 @@ class TokenLogProbs(torch.autograd.Function):
         dh += g[:, None] * w[y]
         dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))
         return dh, dw, None, None, None
-
-
-def _like(buf, t):
-    """A contiguous tensor of t's shape over the start of the flat buffer buf."""
-    return buf[:t.numel()].view(t.shape)
-
-
-def _logits(h, w, buf):
-    """h @ w^T (N, chunk), written into the start of the flat buffer buf."""
-    return torch.mm(h, w.t(), out=buf[:h.size(0) * w.size(0)].view(h.size(0), w.size(0)))
-
-
-def _logsumexp(z, buf):
-    """torch.logsumexp(z, 1), in buf's dtype (fp32) and its memory, with the same arithmetic."""
-    m = z.amax(1, keepdim=True).to(buf.dtype)  # (N, 1): the max of bf16 values is exact
-    return _like(buf, z).copy_(z).sub_(m).exp_().sum(1).log_().add_(m[:, 0])  # (N,)
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,7 +1,9 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691),
 the teaching core: config, data, the loss, its gradient by hand, the training loop, eval and
-checkpoints, read top to bottom. The machinery lives in sibling scripts that import this one:
-sample.py (sample or export a checkpoint), bench.py (speed), figures.py (the paper's figures).
+checkpoints, read top to bottom. It imports model.py (the GPT), prepare_data.py (the data and
+the synthetic task's judge) and configurator.py (the command line). The machinery lives in
+sibling scripts that import this one: sample.py (sample or export a checkpoint), bench.py
+(speed), figures.py (the paper's figures).
 
     python orpo.py --config small                 # the CPU demo (prepares its data itself)
     python orpo.py --config small --lam=0         # the same loop as plain SFT
@@ -27,17 +29,13 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-from model import GPT, GPTConfig
-
-
-def die(msg, status=2):
-    """Bad input: one line and exit status 2, as argparse does; never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(status)
+from configurator import die, parse_args, setup_device
+from model import GPT, GPTConfig, padded_vocab
 
 
 # ----------------------------------------------------------------------------------------
-# Config: one dataclass, named presets, validated --key=value overrides
+# Config: one dataclass and named presets; configurator.py parses and checks the
+# --key=value overrides of the command line
 
 
 @dataclass
@@ -112,104 +110,6 @@ PRESETS = {
                       max_iters=2000, weight_decay=0.0, eval_interval=200, eval_pairs=256,
                       n_samples=8, max_new_tokens=256, out_dir="out-gpt2-125m"),
 }
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-at_least = lambda lo: (lambda v: v >= lo, f"a number >= {lo}")
-one_of = lambda *ok: (lambda v: v in ok, "one of " + ", ".join(ok))
-RULES = {  # key: (test, what it accepts); checked before any work
-    "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
-    "block_size": at_least(2), "vocab_size": at_least(0),
-    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "lam": at_least(0),
-    "ratio": one_of("odds", "prob"), "logp": one_of("mean", "sum"),
-    "loss": one_of("orpo", "dpo"), "beta": (lambda v: v > 0, "a number > 0"),
-    "batch_size": at_least(1), "grad_accum": at_least(1), "max_iters": at_least(0),
-    "lr_decay_iters": at_least(0), "lr": (lambda v: v > 0, "a number > 0"),
-    "min_lr": at_least(0), "warmup_iters": at_least(0), "weight_decay": at_least(0),
-    "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "grad_clip": at_least(0),
-    "eval_interval": at_least(1), "eval_pairs": at_least(1), "log_interval": at_least(1),
-    "n_samples": at_least(0), "temperature": at_least(0), "top_k": at_least(0),
-    "max_new_tokens": at_least(1), "dtype": one_of("auto", "float32", "bfloat16", "float16"),
-}
-
-
-def usage(extra):
-    lines = ["usage: [--config NAME] [--key=value ...]   presets: " + ", ".join(PRESETS)]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})")
-    lines += [f"  --{k}={v!r}" for k, v in extra.items()]
-    return "\n".join(lines)
-
-
-def parse_value(key, val, default):
-    typ = type(default)
-    if typ is bool:
-        if val.lower() not in ("true", "false", "1", "0"):
-            die(f"--{key} expects true or false, got {val!r}")
-        return val.lower() in ("true", "1")
-    try:
-        return typ(val)
-    except ValueError:
-        die(f"--{key} expects {typ.__name__}, got {val!r}")
-
-
-def parse_args(argv, extra=None):
-    """--config NAME, then --key=value (or --key value) overrides of Config's fields, and of
-    a sibling script's own options `extra` ({key: default}). Returns (preset, cfg, opts)."""
-    extra, args, pairs = dict(extra or {}), list(argv), []
-    if {"-h", "--help"} & set(args):
-        print(usage(extra))
-        sys.exit(0)
-    while args:
-        a = args.pop(0)
-        if not a.startswith("--"):
-            die(f"expected --key=value, got {a!r}")
-        key, eq, val = a[2:].partition("=")
-        if not eq:
-            if not args:
-                die(f"--{key} needs a value")
-            val = args.pop(0)
-        pairs.append((key, val))
-    preset = dict(pairs).get("config", "small")
-    if preset not in PRESETS:
-        die(f"unknown config {preset!r}; presets: {', '.join(PRESETS)}")
-    cfg, opts = Config(**PRESETS[preset]), dict(extra)
-    for key, val in pairs:
-        if key in opts:
-            opts[key] = parse_value(key, val, extra[key])
-        elif hasattr(cfg, key):
-            setattr(cfg, key, parse_value(key, val, getattr(cfg, key)))
-        elif key != "config":
-            die(f"unknown config key {key!r}; `--help` lists the keys")
-    check(cfg)
-    return preset, cfg, opts
-
-
-def check(cfg):
-    """Config values that make no sense: one line naming the key, before any work."""
-    for key, (ok, what) in RULES.items():
-        if not ok(getattr(cfg, key)):
-            die(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
-    if cfg.n_embd % cfg.n_head:
-        die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
-    if cfg.min_lr > cfg.lr:
-        die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
-    if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
-        die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean --loss=orpo")
-    if cfg.loss == "dpo" and not cfg.ref:
-        die("--loss=dpo needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
-    if cfg.ref and not os.path.isfile(cfg.ref):
-        die(f"--ref={cfg.ref!r}: no such checkpoint file")
-    known = ("scratch", "resume") + GPT2_NAMES
-    if cfg.init_from not in known and not os.path.exists(cfg.init_from):
-        die(f"--init_from={cfg.init_from!r}: no such file or directory; accepts {', '.join(known)}, "
-            f"an orpo checkpoint (.pt), or a GPT-2 weights file or directory")
-    dev = cfg.device
-    if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:")):
-        die(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
-    if dev == "mps" and not torch.backends.mps.is_available():
-        die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -498,11 +398,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     model.train()
     if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
         for s in out:
-            s["score"] = prepare_data.judge(s["prompt"], s["sample"])
-            s["flaws"] = prepare_data.flaws(s["prompt"], s["sample"])
-            s["chosen_flaws"] = prepare_data.flaws(s["prompt"], s["chosen"])
-            ref = prepare_data.judge(s["prompt"], s["chosen"])
-            s["win"] = 1.0 if s["score"] > ref else 0.5 if s["score"] == ref else 0.0
+            s.update(prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]))
     return out
 
 
@@ -592,25 +488,6 @@ def peak_mem_mb(dev_type):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # the judge's four checks
-
-
-def mean_se(xs):
-    """The mean of xs and its standard error, std / sqrt(n): for 0/1 values, the binomial one."""
-    x = np.asarray(xs, dtype=float)
-    return float(x.mean()), float(x.std() / math.sqrt(len(x)))
-
-
-def judged(s0, s1):
-    """(mean, standard error) over the prompts of: the win rate and judge score before and
-    after training, and the rate of each flaw before, after, and in the chosen answers."""
-    sets = dict(before=[s["flaws"] for s in s0], after=[s["flaws"] for s in s1],
-                chosen=[s["chosen_flaws"] for s in s1])
-    return dict(win_rate=[mean_se([s["win"] for s in ss]) for ss in (s0, s1)],
-                judge_score=[mean_se([s["score"] for s in ss]) for ss in (s0, s1)],
-                flaw_rates={k: {f: mean_se([x[f] for x in v]) for f in FLAWS} for k, v in sets.items()})
-
-
 def summarize(cfg, preset, history, s0, s1, seconds):
     a, b = history[0], history[-1]
     what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
@@ -626,17 +503,17 @@ def summarize(cfg, preset, history, s0, s1, seconds):
     out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
                start=a, end=b)
     if s0 and s1 and "win" in s1[0]:
-        j, pm = judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
+        j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
         lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",
                   *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
                     (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
                   f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
                   *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
-                    for k in ("before", "after", "chosen")) for f in FLAWS)]
+                    for k in ("before", "after", "chosen")) for f in prepare_data.FLAWS)]
         out.update(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
                    judge_score=[m for m, _ in j["judge_score"]],
-                   flaw_rates={k: {f: v[f][0] for f in FLAWS} for k, v in j["flaw_rates"].items()},
-                   flaw_rates_se={k: {f: v[f][1] for f in FLAWS} for k, v in j["flaw_rates"].items()})
+                   flaw_rates={k: {f: v[f][0] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()},
+                   flaw_rates_se={k: {f: v[f][1] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()})
     print("\n".join(lines))
     return out
 
@@ -645,33 +522,9 @@ def summarize(cfg, preset, history, s0, s1, seconds):
 # Training: the setup, then the loop
 
 
-def native_bf16_cpu():
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
-    emulated, and slower than fp32."""
-    return any(getattr(torch.cpu, f, lambda: False)()
-               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def setup_device(device, dtype):
-    """(device, device type, dtype name, autocast context) for --device and --dtype."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
-    dev_type = device.split(":")[0]
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev_type == "cuda" \
-            else "bfloat16" if dev_type == "cpu" and native_bf16_cpu() else "float32"
-    ctx = (contextlib.nullcontext() if dtype == "float32"
-           else torch.autocast(device_type=dev_type, dtype=getattr(torch, dtype)))
-    if dev_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device, dev_type, dtype, ctx
-
-
 def model_config(cfg, meta):
-    n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding is padded to 64 | rows
-    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or -(-n_vocab // 64) * 64,
+    n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
+    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
                      n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
 
@@ -892,7 +745,7 @@ def train(cfg, preset="custom"):
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
-    preset, cfg, _ = parse_args(sys.argv[1:])
+    preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS)
     train(cfg, preset)
 
 

@@ -32,6 +32,7 @@ judge() found wrong with it.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -150,6 +151,35 @@ def judge(prompt, response):
     scores 1, or a little less when one of its words is off topic."""
     n, opener, formed, words, on = read_answer(prompt, response)
     return ((opener in POLITE) + formed + (len(words) == n) + on / max(len(words), n)) / 4
+
+
+FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four checks
+
+
+def verdict(prompt, sample, chosen):
+    """The judge on a sampled answer: its score and flaws, the chosen answer's flaws, and
+    whether it wins against the chosen answer (a tie counts half), as the paper counts
+    reward-model wins against a reference."""
+    score, ref = judge(prompt, sample), judge(prompt, chosen)
+    return dict(score=score, flaws=flaws(prompt, sample), chosen_flaws=flaws(prompt, chosen),
+                win=1.0 if score > ref else 0.5 if score == ref else 0.0)
+
+
+def mean_se(xs):
+    """The mean of xs and its standard error, std / sqrt(n): for 0/1 values, the binomial one."""
+    x = np.asarray(xs, dtype=float)
+    return float(x.mean()), float(x.std() / math.sqrt(len(x)))
+
+
+def judged(s0, s1):
+    """(mean, standard error) over the verdicts on answers sampled before (s0) and after (s1)
+    training: the win rate and judge score of each, and the rate of each flaw before, after,
+    and in the chosen answers."""
+    sets = dict(before=[s["flaws"] for s in s0], after=[s["flaws"] for s in s1],
+                chosen=[s["chosen_flaws"] for s in s1])
+    return dict(win_rate=[mean_se([s["win"] for s in ss]) for ss in (s0, s1)],
+                judge_score=[mean_se([s["score"] for s in ss]) for ss in (s0, s1)],
+                flaw_rates={k: {f: mean_se([x[f] for x in v]) for f in FLAWS} for k, v in sets.items()})
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ import sys
 import torch
 
 import orpo
+from configurator import die, parse_args, setup_device
 import prepare_data
 
 
 def main():
-    _, cfg, opts = orpo.parse_args(sys.argv[1:], dict(prompt="", export=""))
+    _, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""))
     if not opts["prompt"].strip() and not opts["export"]:
-        orpo.die("give --prompt=TEXT to sample from the checkpoint, or --export=DIR to export it")
+        die("give --prompt=TEXT to sample from the checkpoint, or --export=DIR to export it")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ck = orpo.load_checkpoint(path)
     model, meta = orpo.model_from_checkpoint(ck, path), ck["meta"]
@@ -27,7 +28,7 @@ def main():
         try:
             model.export_hf(opts["export"], eot=meta["eot"])
         except (ValueError, OSError) as e:
-            orpo.die(f"could not export to {opts['export']}: {e}")
+            die(f"could not export to {opts['export']}: {e}")
         print(f"wrote {', '.join(sorted(os.listdir(opts['export'])))} in {opts['export']}")
         if meta["tokenizer"] != "gpt2":
             print(f"note: this model's tokenizer is the {meta['tokenizer']} task's "
@@ -35,13 +36,13 @@ def main():
                   f"encode its text with prepare_data.get_encoding({meta['tokenizer']!r})")
     if not opts["prompt"].strip():
         return
-    dev, _, _, ctx = orpo.setup_device(cfg.device, cfg.dtype)
+    dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
     model.to(dev).eval()
     enc = prepare_data.get_encoding(meta["tokenizer"])
     text = opts["prompt"].replace("\\n", "\n")
     ids = torch.tensor(enc.encode_ordinary(text), device=dev)[None]
     if ids.size(1) >= model.cfg.block_size:
-        orpo.die(f"--prompt is {ids.size(1)} tokens; the model reads at most "
+        die(f"--prompt is {ids.size(1)} tokens; the model reads at most "
                  f"{model.cfg.block_size - 1} before its answer")
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     with ctx:

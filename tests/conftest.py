@@ -54,6 +54,11 @@ def cli(script, *args, cwd=ROOT, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def read_log(out_dir):
+    with open(os.path.join(str(out_dir), "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def run(out_dir, data_dir, preset="tiny", **overrides):
     """Train in-process with a preset and overrides; return the log.jsonl records."""
     cfg = orpo.Config(**orpo.PRESETS[preset])
@@ -63,11 +68,6 @@ def run(out_dir, data_dir, preset="tiny", **overrides):
         setattr(cfg, k, v)
     orpo.train(cfg, preset)
     return read_log(out_dir)
-
-
-def read_log(out_dir):
-    with open(os.path.join(str(out_dir), "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def losses(records):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import configurator
 import orpo
 from conftest import ROOT, assert_same_losses, losses, run
 
@@ -48,7 +49,7 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_loss(tmp_path, data_dir, hand_gra
     recs = run(tmp_path, data_dir, dtype="bfloat16", max_iters=10, hand_grad=hand_grad)
     evals = [r for r in recs if r["kind"] == "eval"]
     assert evals[-1]["l_sft"] < evals[0]["l_sft"]
-    _, _, dtype, ctx = orpo.setup_device("cpu", "bfloat16")
+    _, _, dtype, ctx = configurator.setup_device("cpu", "bfloat16")
     model = orpo.GPT(orpo.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 64, (4, 8))
     resp = torch.ones(4, 8)
@@ -134,6 +135,6 @@ def test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft(tmp_path
 def test_dtype_auto_on_the_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, amx, avx512_bf16, want):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert orpo.setup_device("cpu", "auto")[2] == want
-    assert orpo.setup_device("cpu", "float32")[2] == "float32"
+    assert configurator.setup_device("cpu", "auto")[2] == want
+    assert configurator.setup_device("cpu", "float32")[2] == "float32"
     assert orpo.PRESETS["small"]["dtype"] == "float32"  # the demo prints the same everywhere

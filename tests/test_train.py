@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import configurator
 import orpo
 import prepare_data
 from conftest import ROOT, assert_same_losses, cli, losses, read_log, run
@@ -117,8 +118,8 @@ def test_help_lists_keys_defaults_and_presets():
 
 
 def test_overrides_parse_both_spellings():
-    preset, cfg, _ = orpo.parse_args(["--config", "tiny", "--lr=0.5", "--max_iters", "7",
-                                      "--sft_on_prompt=true"])
+    argv = ["--config", "tiny", "--lr=0.5", "--max_iters", "7", "--sft_on_prompt=true"]
+    preset, cfg, _ = configurator.parse_args(argv, orpo.Config, orpo.PRESETS)
     assert (preset, cfg.lr, cfg.max_iters, cfg.sft_on_prompt, cfg.n_layer) == ("tiny", 0.5, 7, True, 2)
 
 
@@ -247,7 +248,7 @@ def test_flaw_rates_and_their_errors_match_the_judge_on_handmade_answers():
                " sure owl hen", " fine : red blue pink ."]
     s = [dict(score=prepare_data.judge(p, a), win=0.0, flaws=prepare_data.flaws(p, a),
               chosen_flaws=prepare_data.flaws(p, " sure : owl hen .")) for a in answers]
-    j = orpo.judged(s, s)
+    j = prepare_data.judged(s, s)
     rates = {f: m for f, (m, _) in j["flaw_rates"]["after"].items()}
     assert rates == dict(off_topic=2 / 6, rude=2 / 6, wrong_count=2 / 6, malformed=1 / 6)
     m, se = j["flaw_rates"]["after"]["malformed"]

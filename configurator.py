@@ -1,0 +1,141 @@
+"""The command line, as nanoGPT's configurator.py is, without its exec: `--config NAME` picks
+a preset of a config dataclass, then `--key=value` (or `--key value`) overrides its fields,
+each parsed as the field's type and checked against RULES before any work. Bad input gets
+one line naming the key and exit status 2, never a traceback. orpo.py and its sibling
+scripts share it:
+
+    preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, extra)
+"""
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+
+from model import GPT2_NAMES
+
+
+def die(msg, status=2):
+    """Bad input: one line and exit status 2, as argparse does; never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(status)
+
+
+at_least = lambda lo: (lambda v: v >= lo, f"a number >= {lo}")
+below_one = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+positive = (lambda v: v > 0, "a number > 0")
+one_of = lambda *ok: (lambda v: v in ok, "one of " + ", ".join(ok))
+RULES = {  # key: (test, what it accepts)
+    "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
+    "block_size": at_least(2), "vocab_size": at_least(0), "dropout": below_one,
+    "lam": at_least(0), "ratio": one_of("odds", "prob"), "logp": one_of("mean", "sum"),
+    "loss": one_of("orpo", "dpo"), "beta": positive, "batch_size": at_least(1),
+    "grad_accum": at_least(1), "max_iters": at_least(0), "lr_decay_iters": at_least(0),
+    "lr": positive, "min_lr": at_least(0), "warmup_iters": at_least(0),
+    "weight_decay": at_least(0), "beta1": below_one, "beta2": below_one, "grad_clip": at_least(0),
+    "eval_interval": at_least(1), "eval_pairs": at_least(1), "log_interval": at_least(1),
+    "n_samples": at_least(0), "temperature": at_least(0), "top_k": at_least(0),
+    "max_new_tokens": at_least(1), "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def check(cfg):
+    """Values that make no sense, alone or together: one line naming the key."""
+    for key, (ok, what) in RULES.items():
+        if not ok(getattr(cfg, key)):
+            die(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    if cfg.min_lr > cfg.lr:
+        die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
+    if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
+        die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean --loss=orpo")
+    if cfg.loss == "dpo" and not cfg.ref:
+        die("--loss=dpo needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
+    if cfg.ref and not os.path.isfile(cfg.ref):
+        die(f"--ref={cfg.ref!r}: no such checkpoint file")
+    known = ("scratch", "resume") + GPT2_NAMES
+    if cfg.init_from not in known and not os.path.exists(cfg.init_from):
+        die(f"--init_from={cfg.init_from!r}: no such file or directory; accepts {', '.join(known)}, "
+            f"an orpo checkpoint (.pt), or a GPT-2 weights file or directory")
+    dev = cfg.device
+    if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:")):
+        die(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
+    if dev == "mps" and not torch.backends.mps.is_available():
+        die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
+
+
+def native_bf16_cpu():
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
+    emulated, and slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def setup_device(device, dtype):
+    """(device, device type, dtype name, autocast context) for --device and --dtype."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    dev_type = device.split(":")[0]
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev_type == "cuda" \
+            else "bfloat16" if dev_type == "cpu" and native_bf16_cpu() else "float32"
+    ctx = (contextlib.nullcontext() if dtype == "float32"
+           else torch.autocast(device_type=dev_type, dtype=getattr(torch, dtype)))
+    if dev_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, dev_type, dtype, ctx
+
+
+def parse_value(key, val, default):
+    """The string val as the type of the key's default."""
+    typ = type(default)
+    if typ is bool:
+        if val.lower() not in ("true", "false", "1", "0"):
+            die(f"--{key} expects true or false, got {val!r}")
+        return val.lower() in ("true", "1")
+    try:
+        return typ(val)
+    except ValueError:
+        die(f"--{key} expects {typ.__name__}, got {val!r}")
+
+
+def parse_args(argv, config, presets, extra=None):
+    """--config NAME (default: small), then overrides of the dataclass config's fields and of
+    a script's own options `extra` ({key: default}). Returns (preset, cfg, opts)."""
+    extra, args, pairs = dict(extra or {}), list(argv), []
+    if {"-h", "--help"} & set(args):
+        print("usage: [--config NAME] [--key=value ...]   presets: " + ", ".join(presets))
+        for f in dataclasses.fields(config):
+            print(f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})")
+        for k, v in extra.items():
+            print(f"  --{k}={v!r}")
+        sys.exit(0)
+    while args:
+        a = args.pop(0)
+        if not a.startswith("--"):
+            die(f"expected --key=value, got {a!r}")
+        key, eq, val = a[2:].partition("=")
+        if not eq:
+            if not args:
+                die(f"--{key} needs a value")
+            val = args.pop(0)
+        pairs.append((key, val))
+    preset = dict(pairs).get("config", "small")
+    if preset not in presets:
+        die(f"unknown config {preset!r}; presets: {', '.join(presets)}")
+    cfg, opts = config(**presets[preset]), dict(extra)
+    for key, val in pairs:
+        if key in opts:
+            opts[key] = parse_value(key, val, extra[key])
+        elif hasattr(cfg, key):
+            setattr(cfg, key, parse_value(key, val, getattr(cfg, key)))
+        elif key != "config":
+            die(f"unknown config key {key!r}; `--help` lists the keys")
+    check(cfg)
+    return preset, cfg, opts
