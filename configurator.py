@@ -110,11 +110,14 @@ def parse_args(argv, config, presets, extra=None):
     a script's own options `extra` ({key: default}). Returns (preset, cfg, opts)."""
     extra, args, pairs = dict(extra or {}), list(argv), []
     if {"-h", "--help"} & set(args):
-        print("usage: [--config NAME] [--key=value ...]   presets: " + ", ".join(presets))
-        for f in dataclasses.fields(config):
-            print(f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})")
-        for k, v in extra.items():
-            print(f"  --{k}={v!r}")
+        lines = ["usage: [--config NAME] [--key=value ...]   presets: " + ", ".join(presets)]
+        lines += [f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})"
+                  for f in dataclasses.fields(config)]
+        lines += [f"  --{k}={v!r}" for k, v in extra.items()]
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left early, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     while args:
         a = args.pop(0)

@@ -117,6 +117,12 @@ def test_help_lists_keys_defaults_and_presets():
         assert "presets: tiny, small, gpt2-125m" in r.stdout and "--lam=1.0" in r.stdout
 
 
+def test_help_into_a_pipe_that_closes_early_is_no_traceback():
+    r = subprocess.run(f"{sys.executable} orpo.py --help | head -1", shell=True, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("usage:") and r.stderr == "", r.stderr
+
+
 def test_overrides_parse_both_spellings():
     argv = ["--config", "tiny", "--lr=0.5", "--max_iters", "7", "--sft_on_prompt=true"]
     preset, cfg, _ = configurator.parse_args(argv, orpo.Config, orpo.PRESETS)
