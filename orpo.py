@@ -488,13 +488,13 @@ def peak_mem_mb(dev_type):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def summarize(cfg, preset, history, s0, s1, seconds):
+def summarize(cfg, preset, history, s0, s1, seconds, pairs):
     a, b = history[0], history[-1]
     what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
             if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
     row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
     lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations, {seconds:.0f} s ==",
-             f"held-out pairs ({cfg.eval_pairs}):          start      end",
+             f"{f'held-out pairs ({pairs}):':31s}start      end",
              row("mean log P(chosen)    (Eq. 3)", "ell_w", "rises under SFT and ORPO"),
              row("mean log P(rejected)  (Eq. 3)", "ell_l", "SFT lifts it too (Fig. 3); ORPO lowers it"),
              row("log odds ratio        (Eq. 5)", "log_or"),
@@ -694,7 +694,7 @@ def finish(r, cfg, preset, seconds):
     with open(r.log.name) as f:
         s0 = next((rec["samples"] for rec in map(json.loads, f)
                    if rec["kind"] == "samples" and rec["iter"] == 0), None)
-    summary = summarize(cfg, preset, r.history, s0, s1, seconds)
+    summary = summarize(cfg, preset, r.history, s0, s1, seconds, min(cfg.eval_pairs, len(r.val[1])))
     summary["cost"] = dict(r.cost, processes=r.world, peak_mem_mb=round(peak_mem_mb(r.dev_type)))
     r.samples = s1
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

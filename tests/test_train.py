@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,3 +270,9 @@ def test_the_tests_keep_hugging_face_caches_under_tmp_path(tmp_path_factory):
     base = str(tmp_path_factory.getbasetemp())
     assert os.environ["HF_HOME"].startswith(base)
     assert os.environ["HF_DATASETS_CACHE"].startswith(base)
+
+
+def test_summary_counts_the_pairs_it_evaluated(tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, max_iters=2, eval_interval=2, eval_pairs=10**6, n_samples=2)
+    n_val = len(np.load(os.path.join(data_dir, "val.index.npy")))
+    assert f"held-out pairs ({n_val}):" in capsys.readouterr().out
