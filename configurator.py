@@ -105,12 +105,12 @@ def parse_value(key, val, default):
         die(f"--{key} expects {typ.__name__}, got {val!r}")
 
 
-def parse_args(argv, config, presets, extra=None):
+def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]"):
     """--config NAME (default: small), then overrides of the dataclass config's fields and of
     a script's own options `extra` ({key: default}). Returns (preset, cfg, opts)."""
     extra, args, pairs = dict(extra or {}), list(argv), []
     if {"-h", "--help"} & set(args):
-        lines = ["usage: [--config NAME] [--key=value ...]   presets: " + ", ".join(presets)]
+        lines = [f"usage: {usage}   presets: " + ", ".join(presets)]
         lines += [f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})"
                   for f in dataclasses.fields(config)]
         lines += [f"  --{k}={v!r}" for k, v in extra.items()]

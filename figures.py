@@ -369,8 +369,8 @@ def main():
     sys.stdout.reconfigure(line_buffering=True)
     args = sys.argv[1:]
     if args[:1] in (["-h"], ["--help"]):
-        print(f"figures.py NAME, then the keys below; NAME: one of {', '.join(FIGURES)}")
-        parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)  # prints the keys and exits
+        parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS,  # prints the keys and exits
+                   usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};")
     if not args or args[0] not in FIGURES:
         die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
     name, args = args[0], args[1:]

@@ -28,7 +28,8 @@ the template, keeps the chosen one's flaws and adds more: it is rude, strays fur
 topic, or both. SFT imitates the chosen answers, stray words included; the pairs say that
 off topic is worse, and ORPO learns that too. judge() scores any answer, so orpo.py can measure a
 win rate on sampled generations, as the paper does with a reward model; flaws() names what
-judge() found wrong with it.
+judge() found wrong with it; verdict() gives both for a sampled answer against the chosen
+one, and judged() sums the verdicts up, each rate with its standard error.
 """
 import argparse
 import json

@@ -13,8 +13,8 @@ import sys
 import torch
 
 import orpo
-from configurator import die, parse_args, setup_device
 import prepare_data
+from configurator import die, parse_args, setup_device
 
 
 def main():
@@ -43,7 +43,7 @@ def main():
     ids = torch.tensor(enc.encode_ordinary(text), device=dev)[None]
     if ids.size(1) >= model.cfg.block_size:
         die(f"--prompt is {ids.size(1)} tokens; the model reads at most "
-                 f"{model.cfg.block_size - 1} before its answer")
+            f"{model.cfg.block_size - 1} before its answer")
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     with ctx:
         out = model.generate(ids.expand(max(1, min(cfg.n_samples, 5)), -1), cfg.max_new_tokens,
