@@ -21,7 +21,6 @@ shapes, the output layer's recomputed logits included: no step can be faster tha
 import collections
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -69,6 +68,11 @@ def step_gemms(model, n_seq, T, n_scored, dtype, chunk=1024):
     return out
 
 
+def gemm_flops(a, b):
+    """The FLOPs of a @ b, batched or not: a multiply and an add per term."""
+    return 2 * math.prod(a.shape[:-1]) * a.size(-1) * b.size(-1)
+
+
 def gemm_seconds(a, b, min_s=0.05):
     """The fastest of repeated a @ b, timed for at least min_s and 3 calls, after a first
     call that builds the kernel."""
@@ -88,8 +92,7 @@ def measure_gemms(gemms, rounds=6):
     rates, last = {}, None
     for _ in range(rounds):
         for name, a, b, _ in gemms:
-            flops = 2 * math.prod(a.shape[:-1]) * a.size(-1) * b.size(-1)
-            rates[name] = max(rates.get(name, 0.0), flops / gemm_seconds(a, b))
+            rates[name] = max(rates.get(name, 0.0), gemm_flops(a, b) / gemm_seconds(a, b))
         peak = max(rates.values())
         if last and peak <= 1.05 * last:
             break
@@ -119,8 +122,8 @@ def run_steps(cfg, steps):
                         model=torch.compile(scorer) if cfg.compile else scorer, it=0, epoch=0,
                         pos=0, order=[np.arange(B)] * (steps + 2), path="(none)",
                         cost=collections.Counter(),
-                        opt=raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type,
-                                                    fused=dev_type == "cuda" or dtype != "float32"),
+                        opt=raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                    dev_type, dtype),
                         scaler=torch.amp.GradScaler(dev_type, enabled=dtype == "float16"))
     times = []
     for _ in range(steps + 2):
@@ -153,14 +156,12 @@ def bench(cfg, steps, show_gemms=False):
         rates = measure_gemms(gemms)
         shape = max(rates, key=rates.get)
         peak = rates[shape]
-        work = [(name, 2 * math.prod(a.shape[:-1]) * a.size(-1) * b.size(-1) * k / rates[name], k)
+        work = [(name, gemm_flops(a, b) * k / rates[name], k)
                 for name, a, b, k in gemms]  # (name, seconds in the step, count)
         matmul_ms = round(sum(t for _, t, _ in work) * 1e3, 1)
         if show_gemms:
             for name, t, k in work:
                 print(f"{name:44s} {rates[name] / 1e9:7.1f} GFLOP/s  x{k:<7.4g} {t * 1e3:8.1f} ms")
-    mem = torch.cuda.max_memory_allocated() if dev_type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     out = dict(device=dev_type, cpu=cpu_name(), dtype=dtype, threads=torch.get_num_threads(),
                block_size=cfg.block_size, batch_size=cfg.batch_size,
                sft_on_prompt=cfg.sft_on_prompt, compile=cfg.compile, params=raw.num_params(),
@@ -169,7 +170,7 @@ def bench(cfg, steps, show_gemms=False):
                peak_gflops=round(peak / 1e9, 1), peak_shape=shape,
                limit_tokens_per_s=round(toks * peak / flops, 1),
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
-               peak_mem_mb=round(mem / 2**20))
+               peak_mem_mb=round(orpo.peak_mem_mb(dev_type)))
     print(json.dumps(out))
     return out
 

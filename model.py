@@ -363,17 +363,17 @@ class GPT(nn.Module):
                 break
         return idx
 
-    def configure_optimizer(self, weight_decay, lr, betas, device_type, fused=None):
+    def configure_optimizer(self, weight_decay, lr, betas, device_type, dtype="float32"):
         # Decay the matrices (Linear weights, embeddings); never biases or LayerNorm gains.
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # The fused kernel updates each tensor in one pass (on 2 CPU cores, 11 ms a step for
         # a 30M model against the for-each version's 94). Its rounding differs in the last
-        # bit, which moves fp32 results after hundreds of steps; so by default (None) only
-        # CUDA fuses and the CPU's fp32 numbers stay the reference ones. fused=True: where
-        # they need not (bf16 training).
-        fused = device_type == "cuda" if fused is None else fused
+        # bit, which moves fp32 results after hundreds of steps; so fp32 training on the CPU
+        # keeps the for-each version, whose numbers are the reference ones. CUDA, and bf16
+        # or fp16 training (the training dtype, `dtype`) anywhere, fuse.
+        fused = device_type == "cuda" or dtype != "float32"
         fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 

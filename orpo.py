@@ -581,10 +581,7 @@ def setup(cfg):
     raw, ck = build_model(cfg, meta, path)
     raw.to(dev)
     ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
-    # AdamW's fused kernel rounds differently in the last bit: fp32 CPU runs keep the
-    # for-each version, so that their numbers stay the reference ones
-    opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type,
-                                  fused=dev_type == "cuda" or dtype != "float32")
+    opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     state = dict(it=0, epoch=0, pos=0, history=[], seconds=0.0,
                  cost=dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0))
