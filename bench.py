@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 import orpo
+import report
 from configurator import die, parse_args, setup_device
-from model import GPT
+from model import GPT, Scorer
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
             "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 FLOP/s, vendor specs
@@ -117,7 +118,7 @@ def run_steps(cfg, steps):
     B, V = cfg.batch_size, cfg.vocab_size or 50304
     raw = GPT(orpo.model_config(cfg, dict(vocab_size=V))).to(dev)
     tokens, index = random_pairs(B, cfg.block_size, V, cfg.seed)
-    scorer = orpo.Scorer(raw)
+    scorer = Scorer(raw)
     r = SimpleNamespace(dev=dev, ctx=ctx, rank=0, world=1, raw=raw, train=(tokens, index), ref=None,
                         model=torch.compile(scorer) if cfg.compile else scorer, it=0, epoch=0,
                         pos=0, order=[np.arange(B)] * (steps + 2), path="(none)",
@@ -170,7 +171,7 @@ def bench(cfg, steps, show_gemms=False):
                peak_gflops=round(peak / 1e9, 1), peak_shape=shape,
                limit_tokens_per_s=round(toks * peak / flops, 1),
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
-               peak_mem_mb=round(orpo.peak_mem_mb(dev_type)))
+               peak_mem_mb=round(report.peak_mem_mb(dev_type)))
     print(json.dumps(out))
     return out
 

@@ -1,14 +1,16 @@
 """The command line, as nanoGPT's configurator.py is, without its exec: `--config NAME` picks
 a preset of a config dataclass, then `--key=value` (or `--key value`) overrides its fields,
-each parsed as the field's type and checked against RULES before any work. Bad input gets
-one line naming the key and exit status 2, never a traceback. orpo.py and its sibling
-scripts share it:
+each parsed as the field's type and checked against RULES before any work. Also the checks
+of a checkpoint against the run, and the device. Bad input gets one line naming the key
+and exit status 2, never a traceback. orpo.py and its sibling scripts share it:
 
     preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, extra)
 """
 import contextlib
 import dataclasses
+import errno
 import os
+import shutil
 import sys
 
 import torch
@@ -47,6 +49,9 @@ def check(cfg):
             die(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes
+    if cfg.grad_accum % world:
+        die(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
     if cfg.min_lr > cfg.lr:
         die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
     if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
@@ -66,6 +71,32 @@ def check(cfg):
         die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
     if dev == "mps" and not torch.backends.mps.is_available():
         die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
+
+
+def check_checkpoint(ck, path, cfg=None, meta=None):
+    """A loaded checkpoint: its keys, and, when resuming, the shape the run asks for; with
+    the data's meta, its vocabulary."""
+    need = {"model", "model_args", "config", "iter", "meta"}
+    missing = need - set(ck) if isinstance(ck, dict) else need
+    if missing:
+        die(f"{path} lacks {sorted(missing)}; not an orpo checkpoint")
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "bias") if cfg else ():
+        if cfg.init_from == "resume" and ck["config"][k] != getattr(cfg, k):
+            die(f"checkpoint {path} has {k}={ck['config'][k]}, "
+                f"but the run asks for {k}={getattr(cfg, k)}")
+    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
+        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
+            f"but the data has {meta['vocab_size']}")
+
+
+def why_write_failed(e, path):
+    """Why torch.save could not write path, in a few words. It reports a full disk as a
+    stream error, in words that vary by version; by then the partial file is gone, so the
+    free space alone can miss it."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or any(
+        w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
+        shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
+    return "the disk is full" if full else str(e).splitlines()[0]
 
 
 def native_bf16_cpu():

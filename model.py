@@ -467,3 +467,16 @@ class GPT(nn.Module):
             safetensors_torch.save_file(sd, st, metadata={"format": "pt"})
         elif os.path.exists(st):
             os.remove(st)  # an older export's: transformers would read it before the .bin
+
+
+class Scorer(nn.Module):
+    """A GPT as a loss reads it: forward(idx, need, targets) gives the fused token log-probs
+    (or, without targets, the logits). DDP's gradient hooks and torch.compile wrap forward
+    alone, so the whole computation has to go through it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, need, targets=None):
+        return self.model(idx, need) if targets is None else self.model.token_logps(idx, need, targets)

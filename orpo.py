@@ -1,24 +1,18 @@
-"""ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691),
-the teaching core: config, data, the loss, its gradient by hand, the training loop, eval and
-checkpoints, read top to bottom. It imports model.py (the GPT), prepare_data.py (the data and
-the synthetic task's judge) and configurator.py (the command line). The machinery lives in
-sibling scripts that import this one: sample.py (sample or export a checkpoint), bench.py
-(speed), figures.py (the paper's figures).
+"""ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
+One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs. This
+is the teaching core, read top to bottom: config, data, the loss, its gradient by hand, one
+step, eval, checkpoints, the loop. model.py is the GPT; prepare_data.py the data and the
+synthetic task's judge; configurator.py the command line and its checks; report.py the
+sampled answers, the log and the summary. sample.py, bench.py and figures.py import this.
 
     python orpo.py --config small                 # the CPU demo (prepares its data itself)
     python orpo.py --config small --lam=0         # the same loop as plain SFT
-    python orpo.py --help                         # every key, its default, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
-
-One phase, no reference model:  L = L_SFT + lam * L_OR  (paper Eq. 6), averaged over pairs.
 """
 import contextlib
 import dataclasses
-import errno
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-from configurator import die, parse_args, setup_device
-from model import GPT, GPTConfig, padded_vocab
-
+import report
+from configurator import check_checkpoint, die, parse_args, setup_device, why_write_failed
+from model import GPT, GPTConfig, Scorer, padded_vocab
+from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
 
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass and named presets; configurator.py parses and checks the
 # --key=value overrides of the command line
-
 
 @dataclass
 class Config:
@@ -85,11 +79,9 @@ class Config:
     max_new_tokens: int = 32
     # system
     device: str = "auto"           # auto: cuda, then mps, then cpu
-    dtype: str = "auto"            # auto: bf16 on cuda (fp16 + GradScaler on older GPUs) and on
-                                   # CPUs with native bf16 (AMX, AVX-512 BF16); else fp32
+    dtype: str = "auto"            # auto: bf16 on GPUs (else fp16) and bf16-native CPUs; fp32
     compile: bool = False
     seed: int = 1337
-
 
 PRESETS = {
     # seconds, for tests
@@ -99,11 +91,9 @@ PRESETS = {
     # the CPU demo. fp32, so that it prints the same numbers on every machine: bf16's
     # rounding differs between CPU kernels (AMX, AVX-512 BF16, emulated)
     "small": dict(dtype="float32", out_dir="out-small"),
-    # GPT-2 small (124M) on one GPU, fine-tuned from OpenAI's weights on UltraFeedback, as
-    # the paper does. lam, lr, warmup and the global batch (4 GPUs x 8 pairs = 32) are the
-    # authors' released recipe (github.com/xfactlab/orpo, scripts/run_mistral_orpo_beta.sh:
-    # --alpha 0.1 --lr 5e-6 --warmup_steps 200); it decays inverse-sqrt, this one cosine.
-    # 2000 iterations: about one epoch of UltraFeedback's 61k train pairs.
+    # GPT-2 small (124M) from OpenAI's weights on UltraFeedback, as the paper does, for about
+    # one epoch. lam, lr, warmup and the global batch of 32 are the authors' released recipe
+    # (github.com/xfactlab/orpo, scripts/run_mistral_orpo_beta.sh), with a cosine decay.
     "gpt2-125m": dict(dataset="ultrafeedback", init_from="gpt2", n_layer=12, n_head=12,
                       n_embd=768, block_size=1024, vocab_size=50304, lam=0.1, lr=5e-6,
                       min_lr=5e-7, warmup_iters=200, batch_size=4, grad_accum=8,
@@ -111,13 +101,9 @@ PRESETS = {
                       n_samples=8, max_new_tokens=256, out_dir="out-gpt2-125m"),
 }
 
-
 # ----------------------------------------------------------------------------------------
 # Data: pairs stored as token arrays by prepare_data.py; chosen and rejected of a batch are
 # padded together into one (2B, T) tensor, chosen rows first, so one forward pass serves both.
-
-OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: offset, lengths
-
 
 def load_data(cfg):
     """meta and {split: (tokens, index)}. data/<dataset> is prepared on first use; data that
@@ -138,7 +124,6 @@ def load_data(cfg):
         return prepare_data.load(d, cfg.dataset, cfg.data_file, max_len=cfg.block_size + 1)
     except ValueError as e:
         die(str(e))
-
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask
@@ -162,7 +147,6 @@ def make_batch(split, rows, device):
     t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
     return t(x), t(y), t(resp_mask), t(seq_mask)
 
-
 def batch_order(index, batch_size, seed, epoch):
     """The batches of one epoch, a function of (seed, epoch) alone, so that a resumed run that
     knows its epoch and batch position sees what an uninterrupted one would. Pairs are
@@ -177,13 +161,11 @@ def batch_order(index, batch_size, seed, epoch):
     batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
-
 # ----------------------------------------------------------------------------------------
 # The loss (Eqs. 1-7), in fp32 whatever the autocast dtype. Notation, the paper's: for a
 # response y of m tokens to a prompt x, ℓ = log P(y|x) (code: ell) is the mean token
 # log-prob of Eq. 3, and P = e^ℓ. Subscript w marks the chosen (winning) response, subscript
 # l the rejected (losing) one.
-
 
 def log1mexp(x):
     """log(1 - e^x) for x < 0, stable: log(-expm1 x) near 0, log1p(-e^x) far from it
@@ -193,13 +175,11 @@ def log1mexp(x):
     return torch.where(x > a, torch.log(-torch.expm1(x.clamp(min=a))),
                        torch.log1p(-torch.exp(x.clamp(max=a))))
 
-
 def logps_from_logits(logits, targets):
     """log P(target) from logits (N, V), in fp32 (fp64 in tests); the model's fused
     token_logps computes the same without materialising the logits."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return -F.cross_entropy(logits, targets, reduction="none")
-
 
 def response_logps(tok, resp_mask, scored, mean=True):
     """The token log-probs tok (N,) at the positions `scored` marks, placed in (2B, T) (zero
@@ -210,14 +190,12 @@ def response_logps(tok, resp_mask, scored, mean=True):
     # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
     return logp, ell.clamp(max=-torch.finfo(torch.float32).tiny)
 
-
 def odds_ratio_loss(ell_w, ell_l):
     """L_OR per pair, and the log odds ratio, from ℓ_w and ℓ_l (B,)."""
     log_odds_w = ell_w - log1mexp(ell_w)  # Eq. 4: log odds = log P - log(1 - P)
     log_odds_l = ell_l - log1mexp(ell_l)
     log_or = log_odds_w - log_odds_l      # Eq. 5: the log of the odds ratio
     return -F.logsigmoid(log_or), log_or  # Eq. 7: L_OR = -log sigma(log OR)
-
 
 def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False, ratio="odds"):
     """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts).
@@ -237,7 +215,6 @@ def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False, ratio="odds"):
     return loss, dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(),
                       ell_l=ell_l.mean(), log_or=log_or.mean(), acc=(log_or > 0).float().mean())
 
-
 def dpo_loss(pi, ref, *, beta):
     """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
     pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
@@ -246,7 +223,6 @@ def dpo_loss(pi, ref, *, beta):
     z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
     return -F.logsigmoid(z).mean()
 
-
 # ----------------------------------------------------------------------------------------
 # The gradient by hand (see README, "Deriving the gradient"). With d = log OR,
 #   dL_OR/dd = -sigma(-d) = -delta                 (delta: the paper's Eq. 9)
@@ -254,7 +230,6 @@ def dpo_loss(pi, ref, *, beta):
 # so dL_OR/dℓ_w = -delta/(1-P_w) and dL_OR/dℓ_l = +delta/(1-P_l): the paper's h(d) (Eq. 10)
 # with the minus sign that its Eqs. 8 and 20 drop. Then dℓ/dlogits_t = (onehot(y_t) -
 # softmax_t)/m on the m response positions, zero elsewhere.
-
 
 def orpo_grad(ell_w, ell_l, lam):
     """dL/dℓ_w, dL/dℓ_l for L = mean_b[-ℓ_w + lam * L_OR] (response-only L_SFT)."""
@@ -266,7 +241,6 @@ def orpo_grad(ell_w, ell_l, lam):
     g_w = (-1 - lam * delta * inv_w) / B          # SFT pulls ℓ_w up; L_OR pulls harder
     g_l = (lam * delta * inv_l) / B               # L_OR pushes ℓ_l down
     return g_w, g_l
-
 
 class HandORPO(torch.autograd.Function):
     """The ORPO loss with a backward written by hand: the flag --hand_grad trains on it."""
@@ -294,23 +268,9 @@ class HandORPO(torch.autograd.Function):
         g.scatter_add_(-1, y[scored][:, None], torch.ones_like(g[:, :1]))
         return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
-
 # ----------------------------------------------------------------------------------------
-# One training step's loss, and the learning rate
-
-
-class Scorer(torch.nn.Module):
-    """The model as the loss reads it: forward gives the fused token log-probs (the logits,
-    without targets), so that DDP's gradient hooks and torch.compile, which wrap forward
-    alone, see the whole computation."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx, scored, targets=None):
-        return self.model(idx, scored) if targets is None else self.model.token_logps(idx, scored, targets)
-
+# One training step's loss (through model.Scorer, the GPT as the loss reads it), and the
+# learning rate
 
 def forward_loss(scorer, batch, cfg, ctx, ref=None):
     """The loss of one batch and its parts, through autograd or the hand-derived backward.
@@ -336,7 +296,6 @@ def forward_loss(scorer, batch, cfg, ctx, ref=None):
         loss = dpo_loss(pi_sum, ref_sum, beta=cfg.beta)
     return loss, parts
 
-
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
     if it < cfg.warmup_iters:
@@ -345,10 +304,8 @@ def lr_at(it, cfg):
     frac = min(1.0, (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
-
 # ----------------------------------------------------------------------------------------
-# Eval: held-out loss terms, and sampled answers scored by the synthetic task's judge
-
+# Eval: the held-out loss terms (report.sample_and_judge samples answers for the judge)
 
 @torch.no_grad()
 def evaluate(scorer, split, cfg, device, ctx):
@@ -368,83 +325,30 @@ def evaluate(scorer, split, cfg, device, ctx):
     m["margin"] = m["ell_w"] - m["ell_l"]
     return m
 
-
-@torch.no_grad()
-def sample_and_judge(model, split, meta, cfg, device, ctx):
-    """Sample an answer to each of the first n_samples held-out prompts. On the synthetic
-    task the judge scores it; a win is a sample scored above the pair's chosen answer (a tie
-    counts half), as the paper counts reward-model wins against a reference."""
-    enc = prepare_data.get_encoding(meta["tokenizer"])
-    tokens, index = split
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    model.eval()
-    out, eot, by_len = [], meta["eot"], {}
-    for r in range(min(cfg.n_samples, len(index))):  # prompts of one length: one batch
-        by_len.setdefault(int(index[r][PROMPT]), []).append(r)
-    for p, group in sorted(by_len.items()):
-        for i in range(0, len(group), cfg.batch_size):
-            rs = group[i:i + cfg.batch_size]
-            prompts = np.stack([tokens[index[r][OFF]:index[r][OFF] + p] for r in rs]).astype(np.int64)
-            with ctx:
-                ids = model.generate(torch.from_numpy(prompts).to(device), cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_k or None, eot, gen)
-            for r, row in zip(rs, ids[:, p:].tolist()):
-                off, c = int(index[r][OFF]), int(index[r][CHOSEN])
-                chosen = tokens[off + p:off + p + c].tolist()
-                out.append(dict(row=r, prompt=enc.decode(tokens[off:off + p].tolist()),
-                                sample=enc.decode(row[:row.index(eot)] if eot in row else row),
-                                chosen=enc.decode(chosen[:-1] if chosen[-1] == eot else chosen)))
-    out.sort(key=lambda s: s["row"])
-    model.train()
-    if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
-        for s in out:
-            s.update(prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]))
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # Checkpoints: written atomically; loaded with every mismatch named
 
-
 def save_checkpoint(path, **state):
-    """Write to path.tmp, then rename: a crash or a full disk mid-save leaves the last good
+    """Write path.tmp, then rename it: a crash or a full disk mid-save leaves the last good
     checkpoint intact, and the partial file is removed."""
-    tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as RuntimeError
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
-            os.remove(tmp)
-        # torch.save reports a full disk as a stream error, in words that vary by version
-        full = getattr(e, "errno", None) == errno.ENOSPC or any(
-            w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
-            shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
-        why = "the disk is full" if full else str(e).splitlines()[0]
-        die(f"could not write {path}: {why}; the last good checkpoint is unchanged")
-
+            os.remove(path + ".tmp")
+        die(f"could not write {path}: {why_write_failed(e, path)}; the last good checkpoint is unchanged")
 
 def load_checkpoint(path, cfg=None, meta=None):
-    """Load and check a checkpoint; errors name the file and the mismatched key."""
+    """Load a checkpoint; an error names the file, and the key that does not match."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         die(f"no checkpoint at {path}")
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})")
-    need = {"model", "model_args", "config", "iter", "meta"}
-    missing = need - set(ck) if isinstance(ck, dict) else need
-    if missing:
-        die(f"{path} lacks {sorted(missing)}; not an orpo checkpoint")
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "bias") if cfg else ():
-        if cfg.init_from == "resume" and ck["config"][k] != getattr(cfg, k):
-            die(f"checkpoint {path} has {k}={ck['config'][k]}, "
-                f"but the run asks for {k}={getattr(cfg, k)}")
-    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
-        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
-            f"but the data has {meta['vocab_size']}")
+    check_checkpoint(ck, path, cfg, meta)  # its keys, and its shape against the run's and the data's
     return ck
-
 
 def model_from_checkpoint(ck, path):
     model = GPT(GPTConfig(**ck["model_args"]))
@@ -454,10 +358,9 @@ def model_from_checkpoint(ck, path):
         die(f"{path}: the weights do not fit the model: {str(e).strip().splitlines()[-1].strip()[:200]}")
     return model
 
-
 # ========================================================================================
-# Diagnostics: token counts, FLOP/s, printing. Nothing above depends on them.
-
+# Diagnostics: the token counts behind the tok/s and FLOP/s of the log line; report.py keeps
+# the log file, the printed evals and samples, and the summary. Nothing above depends on them.
 
 def batch_tokens(index, rows, sft_on_prompt):
     """(non-pad input tokens, positions the loss scores) of a batch, counted on the host."""
@@ -465,69 +368,14 @@ def batch_tokens(index, rows, sft_on_prompt):
     real = int((2 * lens[:, PROMPT] + lens[:, CHOSEN] + lens[:, REJECTED] - 2).sum())
     return real, real if sft_on_prompt else int(lens[:, CHOSEN:].sum())
 
-
-def print_eval(it, m):
-    print(f"eval {it:5d} | L_SFT {m['l_sft']:.4f} | L_OR {m['l_or']:.4f} | log P chosen "
-          f"{m['ell_w']:.3f} | log P rejected {m['ell_l']:.3f} | log OR {m['log_or']:.3f} | "
-          f"acc {m['acc']:.3f} | margin {m['margin']:.3f}")
-
-
-def print_samples(title, samples, k=3):
-    print(f"samples {title}:")
-    for s in samples[:k]:
-        judged = f"   judge {s['score']:.2f}" if "score" in s else ""
-        print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}")
-
-
-def peak_mem_mb(dev_type):
-    """This process's peak memory: its GPU allocations on CUDA, else its resident set."""
-    if dev_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def summarize(cfg, preset, history, s0, s1, seconds, pairs):
-    a, b = history[0], history[-1]
-    what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
-            if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
-    row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
-    lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations, {seconds:.0f} s ==",
-             f"{f'held-out pairs ({pairs}):':31s}start      end",
-             row("mean log P(chosen)    (Eq. 3)", "ell_w", "rises under SFT and ORPO"),
-             row("mean log P(rejected)  (Eq. 3)", "ell_l", "SFT lifts it too (Fig. 3); ORPO lowers it"),
-             row("log odds ratio        (Eq. 5)", "log_or"),
-             row("preference accuracy", "acc", "log odds chosen > rejected"),
-             row("L_SFT                 (Eq. 1)", "l_sft"), row("L_OR                  (Eq. 7)", "l_or")]
-    out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
-               start=a, end=b)
-    if s0 and s1 and "win" in s1[0]:
-        j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
-        lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",
-                  *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
-                    (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
-                  f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
-                  *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
-                    for k in ("before", "after", "chosen")) for f in prepare_data.FLAWS)]
-        out.update(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
-                   judge_score=[m for m, _ in j["judge_score"]],
-                   flaw_rates={k: {f: v[f][0] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()},
-                   flaw_rates_se={k: {f: v[f][1] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()})
-    print("\n".join(lines))
-    return out
-
-
 # ========================================================================================
 # Training: the setup, then the loop
-
 
 def model_config(cfg, meta):
     n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
     return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
                      n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-
 
 def build_model(cfg, meta, path):
     """The model to train: from scratch, resumed from path, the weights of another run's
@@ -547,7 +395,6 @@ def build_model(cfg, meta, path):
     except ValueError as e:
         die(str(e))
 
-
 def load_reference(cfg, meta, policy):
     """DPO's frozen reference: the checkpoint --ref, of the policy's shape, in eval mode (no
     dropout), its weights never given a gradient."""
@@ -558,15 +405,12 @@ def load_reference(cfg, meta, policy):
                 f"{k}={getattr(policy.cfg, k)}: DPO's reference must be of the policy's shape")
     return Scorer(ref.requires_grad_(False).eval())
 
-
 def setup(cfg):
     """Processes (torchrun sets RANK and WORLD_SIZE), device, data, model, optimizer and
     GradScaler; on resume also the iteration, data position, RNG, history and elapsed time."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = cfg.device
-    if world > 1:
-        if cfg.grad_accum % world:
-            die(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
+    if world > 1:  # configurator.check made sure grad_accum is a multiple of world
         nccl = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
         torch.distributed.init_process_group("nccl" if nccl else "gloo")
         if nccl:
@@ -585,12 +429,11 @@ def setup(cfg):
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     state = dict(it=0, epoch=0, pos=0, history=[], seconds=0.0,
                  cost=dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0))
-    if ck:
+    if ck:  # resume: the optimizer, the scaler, the RNG, and where the data and clock were
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        state = {k: ck[k] for k in ("epoch", "pos", "history", "seconds", "cost")}
-        state["it"] = ck["iter"]
         torch.set_rng_state(ck["rng"])
+        state = dict({k: ck[k] for k in state if k != "it"}, it=ck["iter"])
         print(f"resumed from {path} at iteration {state['it']}")
     scorer = Scorer(raw)
     model = torch.compile(scorer) if cfg.compile else scorer
@@ -602,27 +445,6 @@ def setup(cfg):
                            dtype=dtype, ctx=ctx, meta=meta, train=data["train"], val=data["val"],
                            raw=raw, scorer=scorer, model=model, ref=ref, opt=opt, scaler=scaler,
                            path=path, order=order, **state)
-
-
-def open_log(cfg, r):
-    """out_dir/log.jsonl: a new run starts its own; a resumed run drops the records after its
-    checkpoint (they are about to be run again) and appends."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    name, kept = os.path.join(cfg.out_dir, "log.jsonl"), []
-    if cfg.init_from == "resume" and os.path.exists(name):
-        with open(name) as f:
-            kept = [line for line in f if json.loads(line)["iter"] <= r.it]
-    with open(name + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(name + ".tmp", name)
-    return open(name, "a")
-
-
-def write(r, rec):
-    if r.log:
-        r.log.write(json.dumps(rec) + "\n")
-        r.log.flush()
-
 
 def train_step(r, cfg):
     """One optimizer step: grad_accum micro-steps (this process's share of them), a check
@@ -668,12 +490,11 @@ def train_step(r, cfg):
     r.cost["train_seconds"] += time.time() - t0
     return vals, toks, flops
 
-
 def eval_and_save(r, cfg, seconds):
     m = evaluate(r.scorer, r.val, cfg, r.dev, r.ctx)
     r.history.append(dict(iter=r.it, **m))
-    write(r, dict(kind="eval", iter=r.it, **m))
-    print_eval(r.it, m)
+    report.write(r.log, dict(kind="eval", iter=r.it, **m))
+    report.print_eval(r.it, m)
     if r.it > 0:
         save_checkpoint(r.path, model=r.raw.state_dict(), model_args=dataclasses.asdict(r.raw.cfg),
                         optimizer=r.opt.state_dict(), scaler=r.scaler.state_dict(),
@@ -681,37 +502,20 @@ def eval_and_save(r, cfg, seconds):
                         pos=r.pos, history=r.history, rng=torch.get_rng_state(), seconds=seconds,
                         cost=r.cost)
 
-
-def finish(r, cfg, preset, seconds):
-    """Sample after training; print and write the summary."""
-    s1 = sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
-    write(r, dict(kind="samples", iter=r.it, samples=s1))
-    print_samples("after training", s1)
-    r.log.close()
-    with open(r.log.name) as f:
-        s0 = next((rec["samples"] for rec in map(json.loads, f)
-                   if rec["kind"] == "samples" and rec["iter"] == 0), None)
-    summary = summarize(cfg, preset, r.history, s0, s1, seconds, min(cfg.eval_pairs, len(r.val[1])))
-    summary["cost"] = dict(r.cost, processes=r.world, peak_mem_mb=round(peak_mem_mb(r.dev_type)))
-    r.samples = s1
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
 def train(cfg, preset="custom"):
-    """Train; returns the run (model, data, device, eval history) and its summary."""
+    """Train; returns the run (model, data, device, eval history, samples) and its summary."""
     r = setup(cfg)
-    r.log = open_log(cfg, r) if r.master else None
+    resumed = r.it if cfg.init_from == "resume" else None
+    r.log = report.open_log(cfg.out_dir, resumed) if r.master else None
     if r.master:
         print(f"{preset}: {r.raw.num_params() / 1e6:.2f}M parameters, {r.dev} {r.dtype}, "
               f"lam={cfg.lam}, {len(r.train[1])} train pairs, {r.world} process(es) x "
               f"{cfg.grad_accum // r.world} micro-steps x {cfg.batch_size} pairs")
     if r.it == 0 and r.master:
         eval_and_save(r, cfg, 0.0)
-        s0 = sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
-        write(r, dict(kind="samples", iter=0, samples=s0))
-        print_samples("before training", s0)
+        s0 = report.sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
+        report.write(r.log, dict(kind="samples", iter=0, samples=s0))
+        report.print_samples("before training", s0)
     t0, t_start, toks, flops = time.time(), time.time() - r.seconds, 0, 0
     try:
         while r.it < cfg.max_iters:
@@ -720,7 +524,8 @@ def train(cfg, preset="custom"):
                 g["lr"] = lr
             vals, n, f = train_step(r, cfg)
             r.it, toks, flops = r.it + 1, toks + n, flops + f
-            write(r, dict(kind="train", iter=r.it, loss=vals[0], l_sft=vals[1], l_or=vals[2], lr=lr))
+            report.write(r.log, dict(kind="train", iter=r.it, loss=vals[0], l_sft=vals[1],
+                                     l_or=vals[2], lr=lr))
             if r.master and (r.it % cfg.log_interval == 0 or r.it == cfg.max_iters):
                 dt = time.time() - t0
                 print(f"iter {r.it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR "
@@ -733,18 +538,22 @@ def train(cfg, preset="custom"):
         saved = f"{r.path} holds iteration {r.history[-1]['iter']}" if os.path.exists(r.path) \
             else "no checkpoint was written yet"
         die(f"interrupted at iteration {r.it}; {saved}", 130)
-    summary = finish(r, cfg, preset, time.time() - t_start) if r.master else None
+    summary = samples = None
+    if r.master:  # sample after training; print and write the summary
+        seconds = time.time() - t_start
+        samples = report.sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
+        cost = dict(r.cost, processes=r.world, peak_mem_mb=round(report.peak_mem_mb(r.dev_type)))
+        summary = report.finish(r.log, cfg, preset, r.history, samples, seconds,
+                                min(cfg.eval_pairs, len(r.val[1])), cost)
     if r.world > 1:
         torch.distributed.destroy_process_group()
     return SimpleNamespace(model=r.raw, val=r.val, meta=r.meta, dev=r.dev, ctx=r.ctx,
-                           history=r.history, summary=summary, samples=getattr(r, "samples", None))
-
+                           history=r.history, summary=summary, samples=samples)
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
     preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS)
     train(cfg, preset)
-
 
 if __name__ == "__main__":
     main()

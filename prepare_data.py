@@ -40,6 +40,8 @@ import sys
 import numpy as np
 import tiktoken
 
+OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: offset, lengths
+
 # ----------------------------------------------------------------------------------------
 # The synthetic task
 
@@ -526,7 +528,7 @@ def load(data_dir, source, file=None, max_len=None):
         raise ValueError(f"{meta_path} says vocab_size {was[3]}, but tokenizer {was[2]!r} has "
                          f"{get_encoding(was[2]).n_vocab}: the data is stale; {redo}")
     for s, (_, index) in splits.items():
-        longest = int((index[:, 1] + index[:, 2:].max(1)).max())
+        longest = int((index[:, PROMPT] + index[:, [CHOSEN, REJECTED]].max(1)).max())
         if max_len and longest > max_len:
             raise ValueError(f"{data_dir}/{s} holds a pair of {longest} tokens, more than "
                              f"{max_len}; {redo} with --max_len {max_len}")

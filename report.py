@@ -1,0 +1,141 @@
+"""What a run of orpo.py records and prints, besides its checkpoint: out_dir/log.jsonl (a JSON
+line per optimizer step, per eval and per set of samples), the eval and sample lines, peak
+memory, and the summary at the end (printed, and written to out_dir/summary.json). orpo.py
+calls these; its loss, step and loop never read what they write.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import prepare_data
+from prepare_data import CHOSEN, OFF, PROMPT
+
+
+@torch.no_grad()
+def sample_and_judge(model, split, meta, cfg, device, ctx):
+    """Sample an answer to each of the first n_samples held-out prompts. On the synthetic
+    task the judge scores it; a win is a sample scored above the pair's chosen answer (a tie
+    counts half), as the paper counts reward-model wins against a reference."""
+    enc, (tokens, index), eot = prepare_data.get_encoding(meta["tokenizer"]), split, meta["eot"]
+    text = lambda ids: enc.decode(ids[:ids.index(eot)] if eot in ids else ids)  # up to end-of-text
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    by_len, out = {}, []
+    for r in range(min(cfg.n_samples, len(index))):  # prompts of one length: one batch
+        by_len.setdefault(int(index[r][PROMPT]), []).append(r)
+    model.eval()
+    for p, group in sorted(by_len.items()):
+        for i in range(0, len(group), cfg.batch_size):
+            rs = group[i:i + cfg.batch_size]
+            offs = [int(index[r][OFF]) for r in rs]
+            prompts = torch.from_numpy(np.stack([tokens[o:o + p] for o in offs]).astype(np.int64))
+            with ctx:
+                ids = model.generate(prompts.to(device), cfg.max_new_tokens, cfg.temperature,
+                                     cfg.top_k or None, eot, gen)
+            out += [dict(row=r, prompt=text(tokens[o:o + p].tolist()), sample=text(new),
+                         chosen=text(tokens[o + p:o + p + int(index[r][CHOSEN])].tolist()))
+                    for r, o, new in zip(rs, offs, ids[:, p:].tolist())]
+    model.train()
+    out.sort(key=lambda s: s["row"])
+    if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
+        for s in out:
+            s.update(prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]))
+    return out
+
+def open_log(out_dir, resume_at=None):
+    """out_dir/log.jsonl, open to append. A new run starts an empty one; a resumed run keeps
+    the records up to its checkpoint's iteration (those after it are about to run again)."""
+    os.makedirs(out_dir, exist_ok=True)
+    name, kept = os.path.join(out_dir, "log.jsonl"), []
+    if resume_at is not None and os.path.exists(name):
+        with open(name) as f:
+            kept = [line for line in f if json.loads(line)["iter"] <= resume_at]
+    with open(name + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(name + ".tmp", name)
+    return open(name, "a")
+
+
+def write(log, rec):
+    if log:  # None on every process but the first
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+
+def print_eval(it, m):
+    print(f"eval {it:5d} | L_SFT {m['l_sft']:.4f} | L_OR {m['l_or']:.4f} | log P chosen "
+          f"{m['ell_w']:.3f} | log P rejected {m['ell_l']:.3f} | log OR {m['log_or']:.3f} | "
+          f"acc {m['acc']:.3f} | margin {m['margin']:.3f}")
+
+
+def print_samples(title, samples, k=3):
+    print(f"samples {title}:")
+    for s in samples[:k]:
+        judged = f"   judge {s['score']:.2f}" if "score" in s else ""
+        print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}")
+
+
+def peak_mem_mb(dev_type):
+    """This process's peak memory: its GPU allocations on CUDA, else its resident set."""
+    if dev_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def judge_table(s0, s1, temperature):
+    """The judge's lines of the summary, and its figures, for samples before (s0) and after
+    (s1) training: win rate, score and each flaw's rate, each ± 1 standard error."""
+    j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
+    lines = [f"judge, {len(s1)} sampled answers (T={temperature}), ± 1 standard error:",
+             *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
+               (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
+             f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
+             *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
+               for k in ("before", "after", "chosen")) for f in prepare_data.FLAWS)]
+    rates = lambda i: {k: {f: v[f][i] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()}
+    return lines, dict(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
+                       judge_score=[m for m, _ in j["judge_score"]],
+                       flaw_rates=rates(0), flaw_rates_se=rates(1))
+
+
+def summarize(cfg, preset, history, s0, s1, seconds, pairs):
+    """Print the held-out terms at the start and the end, and the judge's verdicts; return
+    them as the dict that summary.json holds."""
+    a, b = history[0], history[-1]
+    what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
+            if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
+    row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
+    lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations, {seconds:.0f} s ==",
+             f"{f'held-out pairs ({pairs}):':31s}start      end",
+             row("mean log P(chosen)    (Eq. 3)", "ell_w", "rises under SFT and ORPO"),
+             row("mean log P(rejected)  (Eq. 3)", "ell_l", "SFT lifts it too (Fig. 3); ORPO lowers it"),
+             row("log odds ratio        (Eq. 5)", "log_or"),
+             row("preference accuracy", "acc", "log odds chosen > rejected"),
+             row("L_SFT                 (Eq. 1)", "l_sft"), row("L_OR                  (Eq. 7)", "l_or")]
+    out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
+               start=a, end=b)
+    if s0 and s1 and "win" in s1[0]:  # the synthetic task: its judge scored the samples
+        judge_lines, judge = judge_table(s0, s1, cfg.temperature)
+        lines += judge_lines
+        out.update(judge)
+    print("\n".join(lines))
+    return out
+
+
+def finish(log, cfg, preset, history, s1, seconds, pairs, cost):
+    """Record and print the samples taken after training, close the log, and print and
+    write the summary, beside the samples taken before training (read back from the log)."""
+    write(log, dict(kind="samples", iter=history[-1]["iter"], samples=s1))
+    print_samples("after training", s1)
+    log.close()
+    with open(log.name) as f:
+        s0 = next((rec["samples"] for rec in map(json.loads, f)
+                   if rec["kind"] == "samples" and rec["iter"] == 0), None)
+    summary = dict(summarize(cfg, preset, history, s0, s1, seconds, pairs), cost=cost)
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
