@@ -13,6 +13,8 @@ embeddings, GPT-2 init.
   FLOPs, for MFU.
 - from_pretrained() reads any GPT-2 (a hub name, a directory as transformers writes it, a
   pytorch_model.bin or model.safetensors); export_hf() writes one that transformers reads.
+- Scorer wraps a GPT for the loss: its forward gives the token log-probs, so that DDP and
+  torch.compile, which wrap forward alone, see the whole computation.
 """
 import inspect
 import json

@@ -110,9 +110,9 @@ def load_data(cfg):
     was prepared from other data, or holds pairs longer than block_size + 1, is refused."""
     d = cfg.data_dir or os.path.join("data", cfg.dataset)
     tok = "synthetic" if cfg.dataset == "synthetic" and not cfg.data_file else "gpt2"
-    if cfg.vocab_size and cfg.vocab_size < prepare_data.get_encoding(tok).n_vocab:
-        die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's "
-            f"{prepare_data.get_encoding(tok).n_vocab}")
+    n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
+    if cfg.vocab_size < n_vocab:
+        die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
     try:
         if not os.path.exists(os.path.join(d, "meta.json")):
             if cfg.data_dir and not cfg.data_file:  # a typo should not quietly get new data
@@ -322,8 +322,7 @@ def evaluate(scorer, split, cfg, device, ctx):
             sums[k] = sums.get(k, 0.0) + v.item() * len(rows)
     scorer.train()
     m = {k: v / n for k, v in sums.items()}
-    m["margin"] = m["ell_w"] - m["ell_l"]
-    return m
+    return dict(m, margin=m["ell_w"] - m["ell_l"])
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints: written atomically; loaded with every mismatch named
@@ -337,7 +336,8 @@ def save_checkpoint(path, **state):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        die(f"could not write {path}: {why_write_failed(e, path)}; the last good checkpoint is unchanged")
+        why = why_write_failed(e, path)
+        die(f"could not write {path}: {why}; the last good checkpoint is unchanged")
 
 def load_checkpoint(path, cfg=None, meta=None):
     """Load a checkpoint; an error names the file, and the key that does not match."""
@@ -347,7 +347,7 @@ def load_checkpoint(path, cfg=None, meta=None):
         die(f"no checkpoint at {path}")
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})")
-    check_checkpoint(ck, path, cfg, meta)  # its keys, and its shape against the run's and the data's
+    check_checkpoint(ck, path, cfg, meta)  # its keys; its shape against the run and the data
     return ck
 
 def model_from_checkpoint(ck, path):

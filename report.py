@@ -1,7 +1,8 @@
-"""What a run of orpo.py records and prints, besides its checkpoint: out_dir/log.jsonl (a JSON
-line per optimizer step, per eval and per set of samples), the eval and sample lines, peak
-memory, and the summary at the end (printed, and written to out_dir/summary.json). orpo.py
-calls these; its loss, step and loop never read what they write.
+"""What a run of orpo.py observes and records, besides its checkpoint: answers sampled for
+held-out prompts, with the synthetic task's judge's verdicts; out_dir/log.jsonl (a JSON line
+per optimizer step, per eval and per set of samples); the eval and sample lines it prints;
+peak memory; and the summary at the end (printed, and written to out_dir/summary.json).
+orpo.py calls these; its loss, step and loop never read what they make.
 """
 import json
 import os
@@ -43,6 +44,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
         for s in out:
             s.update(prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]))
     return out
+
 
 def open_log(out_dir, resume_at=None):
     """out_dir/log.jsonl, open to append. A new run starts an empty one; a resumed run keeps
