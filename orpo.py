@@ -79,7 +79,7 @@ class Config:
     max_new_tokens: int = 32
     # system
     device: str = "auto"           # auto: cuda, then mps, then cpu
-    dtype: str = "auto"            # auto: bf16 on GPUs (else fp16) and bf16-native CPUs; fp32
+    dtype: str = "auto"            # auto: bf16 on GPU (fp16 if old) or bf16-native CPU; else fp32
     compile: bool = False
     seed: int = 1337
 
