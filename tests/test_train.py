@@ -111,6 +111,14 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, args, msg):
     assert os.listdir(tmp_path) == []  # no data prepared, no out_dir made
 
 
+def test_grad_accum_that_the_processes_cannot_share_is_refused_before_any_work(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2")  # as torchrun --nproc_per_node=2 sets it
+    r = cli("orpo.py", "--config", "tiny", "--grad_accum=3", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--grad_accum=3 must be a multiple of the 2 processes" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_help_lists_keys_defaults_and_presets():
     for flag in ("--help", "-h"):
         r = cli("orpo.py", flag)
