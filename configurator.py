@@ -8,9 +8,7 @@ and exit status 2, never a traceback. orpo.py and its sibling scripts share it:
 """
 import contextlib
 import dataclasses
-import errno
 import os
-import shutil
 import sys
 
 import torch
@@ -49,9 +47,6 @@ def check(cfg):
             die(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes
-    if cfg.grad_accum % world:
-        die(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
     if cfg.min_lr > cfg.lr:
         die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
     if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
@@ -87,16 +82,6 @@ def check_checkpoint(ck, path, cfg=None, meta=None):
     if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
         die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
             f"but the data has {meta['vocab_size']}")
-
-
-def why_write_failed(e, path):
-    """Why torch.save could not write path, in a few words. It reports a full disk as a
-    stream error, in words that vary by version; by then the partial file is gone, so the
-    free space alone can miss it."""
-    full = getattr(e, "errno", None) == errno.ENOSPC or any(
-        w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
-        shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
-    return "the disk is full" if full else str(e).splitlines()[0]
 
 
 def native_bf16_cpu():

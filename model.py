@@ -472,7 +472,7 @@ class GPT(nn.Module):
 
 
 class Scorer(nn.Module):
-    """A GPT as a loss reads it: forward(idx, need, targets) gives the fused token log-probs
+    """The GPT as the loss reads it: forward(idx, need, targets) gives the fused token log-probs
     (or, without targets, the logits). DDP's gradient hooks and torch.compile wrap forward
     alone, so the whole computation has to go through it."""
 

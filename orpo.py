@@ -7,12 +7,15 @@ sampled answers, the log and the summary. sample.py, bench.py and figures.py imp
 
     python orpo.py --config small                 # the CPU demo (prepares its data itself)
     python orpo.py --config small --lam=0         # the same loop as plain SFT
+    python orpo.py --help                         # every key, its default, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
 import contextlib
 import dataclasses
+import errno
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 import prepare_data
 import report
-from configurator import check_checkpoint, die, parse_args, setup_device, why_write_failed
+from configurator import check_checkpoint, die, parse_args, setup_device
 from model import GPT, GPTConfig, Scorer, padded_vocab
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
 
@@ -269,8 +272,7 @@ class HandORPO(torch.autograd.Function):
         return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
 # ----------------------------------------------------------------------------------------
-# One training step's loss (through model.Scorer, the GPT as the loss reads it), and the
-# learning rate
+# One step's loss (model.Scorer: the GPT as the loss reads it), and the learning rate
 
 def forward_loss(scorer, batch, cfg, ctx, ref=None):
     """The loss of one batch and its parts, through autograd or the hand-derived backward.
@@ -333,10 +335,15 @@ def save_checkpoint(path, **state):
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        why = why_write_failed(e, path)
+        # torch.save reports a full disk as a stream error, in words that vary by version;
+        # the partial file is gone by now, so the free space alone can miss it
+        full = getattr(e, "errno", None) == errno.ENOSPC or any(
+            w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
+            shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
+        why = "the disk is full" if full else str(e).splitlines()[0]
         die(f"could not write {path}: {why}; the last good checkpoint is unchanged")
 
 def load_checkpoint(path, cfg=None, meta=None):
@@ -410,7 +417,9 @@ def setup(cfg):
     GradScaler; on resume also the iteration, data position, RNG, history and elapsed time."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = cfg.device
-    if world > 1:  # configurator.check made sure grad_accum is a multiple of world
+    if world > 1:
+        if cfg.grad_accum % world:
+            die(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
         nccl = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
         torch.distributed.init_process_group("nccl" if nccl else "gloo")
         if nccl:
@@ -433,7 +442,8 @@ def setup(cfg):
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
-        state = dict({k: ck[k] for k in state if k != "it"}, it=ck["iter"])
+        state = {k: ck[k] for k in ("epoch", "pos", "history", "seconds", "cost")}
+        state["it"] = ck["iter"]
         print(f"resumed from {path} at iteration {state['it']}")
     scorer = Scorer(raw)
     model = torch.compile(scorer) if cfg.compile else scorer
@@ -505,8 +515,8 @@ def eval_and_save(r, cfg, seconds):
 def train(cfg, preset="custom"):
     """Train; returns the run (model, data, device, eval history, samples) and its summary."""
     r = setup(cfg)
-    resumed = r.it if cfg.init_from == "resume" else None
-    r.log = report.open_log(cfg.out_dir, resumed) if r.master else None
+    resume_at = r.it if cfg.init_from == "resume" else None
+    r.log = report.open_log(cfg.out_dir, resume_at) if r.master else None
     if r.master:
         print(f"{preset}: {r.raw.num_params() / 1e6:.2f}M parameters, {r.dev} {r.dtype}, "
               f"lam={cfg.lam}, {len(r.train[1])} train pairs, {r.world} process(es) x "
@@ -543,8 +553,8 @@ def train(cfg, preset="custom"):
         seconds = time.time() - t_start
         samples = report.sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
         cost = dict(r.cost, processes=r.world, peak_mem_mb=round(report.peak_mem_mb(r.dev_type)))
-        summary = report.finish(r.log, cfg, preset, r.history, samples, seconds,
-                                min(cfg.eval_pairs, len(r.val[1])), cost)
+        summary = report.finish(r.log, cfg, preset, it=r.it, history=r.history, samples=samples,
+                                seconds=seconds, pairs=min(cfg.eval_pairs, len(r.val[1])), cost=cost)
     if r.world > 1:
         torch.distributed.destroy_process_group()
     return SimpleNamespace(model=r.raw, val=r.val, meta=r.meta, dev=r.dev, ctx=r.ctx,

@@ -26,7 +26,7 @@ and lists n new words of that topic, but, as in real data, it is better, not per
 fifth of chosen answers have one word off topic. The rejected answer shares the prompt and
 the template, keeps the chosen one's flaws and adds more: it is rude, strays further off
 topic, or both. SFT imitates the chosen answers, stray words included; the pairs say that
-off topic is worse, and ORPO learns that too. judge() scores any answer, so orpo.py can measure a
+off topic is worse, and ORPO learns that too. judge() scores any answer, so report.py can measure a
 win rate on sampled generations, as the paper does with a reward model; flaws() names what
 judge() found wrong with it; verdict() gives both for a sampled answer against the chosen
 one, and judged() sums the verdicts up, each rate with its standard error.

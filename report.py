@@ -2,7 +2,8 @@
 held-out prompts, with the synthetic task's judge's verdicts; out_dir/log.jsonl (a JSON line
 per optimizer step, per eval and per set of samples); the eval and sample lines it prints;
 peak memory; and the summary at the end (printed, and written to out_dir/summary.json).
-orpo.py calls these; its loss, step and loop never read what they make.
+orpo.py calls these (bench.py reads peak_mem_mb too); its loss, step and loop never read
+what they make.
 """
 import json
 import os
@@ -20,8 +21,9 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     """Sample an answer to each of the first n_samples held-out prompts. On the synthetic
     task the judge scores it; a win is a sample scored above the pair's chosen answer (a tie
     counts half), as the paper counts reward-model wins against a reference."""
-    enc, (tokens, index), eot = prepare_data.get_encoding(meta["tokenizer"]), split, meta["eot"]
+    enc, eot = prepare_data.get_encoding(meta["tokenizer"]), meta["eot"]
     text = lambda ids: enc.decode(ids[:ids.index(eot)] if eot in ids else ids)  # up to end-of-text
+    tokens, index = split
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     by_len, out = {}, []
     for r in range(min(cfg.n_samples, len(index))):  # prompts of one length: one batch
@@ -35,9 +37,10 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
             with ctx:
                 ids = model.generate(prompts.to(device), cfg.max_new_tokens, cfg.temperature,
                                      cfg.top_k or None, eot, gen)
-            out += [dict(row=r, prompt=text(tokens[o:o + p].tolist()), sample=text(new),
-                         chosen=text(tokens[o + p:o + p + int(index[r][CHOSEN])].tolist()))
-                    for r, o, new in zip(rs, offs, ids[:, p:].tolist())]
+            for r, o, new in zip(rs, offs, ids[:, p:].tolist()):
+                chosen = tokens[o + p:o + p + int(index[r][CHOSEN])].tolist()
+                out.append(dict(row=r, prompt=text(tokens[o:o + p].tolist()), sample=text(new),
+                                chosen=text(chosen)))
     model.train()
     out.sort(key=lambda s: s["row"])
     if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
@@ -88,25 +91,10 @@ def peak_mem_mb(dev_type):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def judge_table(s0, s1, temperature):
-    """The judge's lines of the summary, and its figures, for samples before (s0) and after
-    (s1) training: win rate, score and each flaw's rate, each ± 1 standard error."""
-    j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
-    lines = [f"judge, {len(s1)} sampled answers (T={temperature}), ± 1 standard error:",
-             *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
-               (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
-             f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
-             *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
-               for k in ("before", "after", "chosen")) for f in prepare_data.FLAWS)]
-    rates = lambda i: {k: {f: v[f][i] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()}
-    return lines, dict(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
-                       judge_score=[m for m, _ in j["judge_score"]],
-                       flaw_rates=rates(0), flaw_rates_se=rates(1))
-
-
 def summarize(cfg, preset, history, s0, s1, seconds, pairs):
-    """Print the held-out terms at the start and the end, and the judge's verdicts; return
-    them as the dict that summary.json holds."""
+    """Print the held-out terms at the start and the end, and the judge's verdicts on the
+    samples before (s0) and after (s1) training, each ± 1 standard error; return them as
+    the dict that summary.json holds."""
     a, b = history[0], history[-1]
     what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
             if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
@@ -121,23 +109,32 @@ def summarize(cfg, preset, history, s0, s1, seconds, pairs):
     out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
                start=a, end=b)
     if s0 and s1 and "win" in s1[0]:  # the synthetic task: its judge scored the samples
-        judge_lines, judge = judge_table(s0, s1, cfg.temperature)
-        lines += judge_lines
-        out.update(judge)
+        j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
+        lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",
+                  *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
+                    (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
+                  f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
+                  *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
+                    for k in ("before", "after", "chosen")) for f in prepare_data.FLAWS)]
+        rates = lambda i: {k: {f: v[f][i] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()}
+        out.update(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
+                   judge_score=[m for m, _ in j["judge_score"]],
+                   flaw_rates=rates(0), flaw_rates_se=rates(1))
     print("\n".join(lines))
     return out
 
 
-def finish(log, cfg, preset, history, s1, seconds, pairs, cost):
-    """Record and print the samples taken after training, close the log, and print and
-    write the summary, beside the samples taken before training (read back from the log)."""
-    write(log, dict(kind="samples", iter=history[-1]["iter"], samples=s1))
-    print_samples("after training", s1)
+def finish(log, cfg, preset, *, it, history, samples, seconds, pairs, cost):
+    """Record and print the samples taken after training (at iteration it), close the log,
+    and print and write the summary, beside the samples taken before training (read back
+    from the log)."""
+    write(log, dict(kind="samples", iter=it, samples=samples))
+    print_samples("after training", samples)
     log.close()
     with open(log.name) as f:
         s0 = next((rec["samples"] for rec in map(json.loads, f)
                    if rec["kind"] == "samples" and rec["iter"] == 0), None)
-    summary = dict(summarize(cfg, preset, history, s0, s1, seconds, pairs), cost=cost)
+    summary = dict(summarize(cfg, preset, history, s0, samples, seconds, pairs), cost=cost)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
