@@ -246,7 +246,7 @@ def print_sft_vs_orpo(table):
     n, pm = len(table), lambda m_se: f"{m_se[0]:7.3f} ± {m_se[1]:.3f}"
     col = lambda k: over_seeds([t[k] for t in table]) if n > 1 else (table[0][k], table[0].get(k + "_se"))
     show = lambda m_se: pm(m_se) if m_se[1] is not None else f"{m_se[0]:7.3f}        "
-    print(f"== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
+    print("== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
           if n > 1 else "one seed, ± 1 standard error over the sampled prompts =="))
     print(f"  {'':26s} {'SFT':>15s} {'ORPO':>15s} {'chosen answers':>15s}")
     for k in ("logp_rejected", "margin"):

@@ -470,9 +470,10 @@ def train_step(r, cfg):
             continue
         batch = make_batch(r.train, rows, r.dev)
         real, n_scored = batch_tokens(r.train[1], rows, cfg.sft_on_prompt)
-        toks, flops = toks + real, flops + r.raw.flops(real, n_scored, batch[0].size(1))
+        f = r.raw.flops(real, n_scored, batch[0].size(1))
+        toks, flops = toks + real, flops + f
         if r.ref:  # a forward pass alone: a third of forward and backward
-            flops += r.raw.flops(real, n_scored, batch[0].size(1)) / 3
+            flops += f / 3
             r.cost["ref_passes"] += len(batch[0])
         r.cost["policy_passes"] += len(batch[0])
         last = micro + r.world >= cfg.grad_accum  # DDP syncs gradients on a process's last

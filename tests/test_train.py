@@ -15,7 +15,7 @@ import torch
 import configurator
 import orpo
 import prepare_data
-from conftest import ROOT, assert_same_losses, cli, losses, read_log, run
+from conftest import ROOT, assert_same_losses, cli, losses, run
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path, data_dir):
