@@ -14,12 +14,7 @@ import sys
 import torch
 
 from model import GPT2_NAMES
-
-
-def die(msg, status=2):
-    """Bad input: one line and exit status 2, as argparse does; never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(status)
+from safe import die
 
 
 at_least = lambda lo: (lambda v: v >= lo, f"a number >= {lo}")
