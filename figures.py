@@ -22,7 +22,9 @@ import torch
 
 import orpo
 import prepare_data
-from configurator import die, parse_args
+import report
+from configurator import die, parse_args, setup_device
+from model import GPT
 
 FIGURES = {
     "sft-vs-orpo": {"SFT (lam=0)": dict(lam=0.0), "ORPO (lam=1)": dict(lam=1.0)},  # Figs. 3, 7
@@ -150,9 +152,25 @@ def plot_methods(d, rows):
 # Runs and their curves
 
 
+def fresh(cfg):
+    """The untrained model a run of cfg starts from (orpo.train's seed and shape), the
+    held-out split, device and autocast context."""
+    meta, data = orpo.load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
+    return GPT(orpo.model_config(cfg, meta)).to(dev), data["val"], dev, ctx
+
+
+def load_run(out_dir, dev):
+    """The trained model in a run's out_dir."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    return orpo.model_from_checkpoint(orpo.load_checkpoint(path), path).to(dev)
+
+
 @torch.no_grad()
 def pair_logps(model, split, cfg, device, ctx):
-    """Per held-out pair: response lengths and mean log-probs, chosen then rejected."""
+    """Per held-out pair: response lengths and mean log-probs, chosen then rejected, and the
+    probability of the end-of-text token where the chosen answer ends (its last target)."""
     model.eval()
     rows, n = [], min(cfg.eval_pairs, len(split[1]))
     for i in range(0, n, cfg.batch_size):
@@ -162,8 +180,9 @@ def pair_logps(model, split, cfg, device, ctx):
             tok = model.token_logps(x, scored, y[scored])
         _, ell = orpo.response_logps(tok, resp_mask, scored)
         m, B = resp_mask.sum(1), x.size(0) // 2
+        ends = m.long().cumsum(0) - 1  # each row's last scored position in tok
         rows += [dict(len_w=int(m[b]), len_l=int(m[b + B]), mean_w=float(ell[b]),
-                      mean_l=float(ell[b + B])) for b in range(B)]
+                      mean_l=float(ell[b + B]), p_eot_w=float(tok[ends[b]].exp())) for b in range(B)]
     model.train()
     return rows
 
@@ -203,8 +222,8 @@ def figure(name, cfg, preset):
     d = os.path.join(cfg.out_dir, name)
     curves, finals, extra = [], [], []
     if name == "length":  # the untrained model too: its summed log P prefers shorter answers
-        r = orpo.setup(cfg)
-        extra = [dict(run="untrained", **p) for p in pair_logps(r.raw, r.val, cfg, r.dev, r.ctx)]
+        model, val, dev, ctx = fresh(cfg)
+        extra = [dict(run="untrained", **p) for p in pair_logps(model, val, cfg, dev, ctx)]
     for run, change in FIGURES[name].items():
         rcfg = dataclasses.replace(cfg, out_dir=os.path.join(d, run.replace(" ", "_")),
                                    eval_interval=dense(cfg), **change)
@@ -298,7 +317,8 @@ def sft_vs_orpo(cfg, preset, seeds):
 
 
 def run_phase(args, extra, out_dir):
-    """One phase as its own `python orpo.py` process; its summary and final samples."""
+    """One phase as its own `python orpo.py` process; its summary, and the answers it sampled
+    before and after training."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "orpo.py"),
            *args, *extra, f"--out_dir={out_dir}"]
     print(f"== methods: {' '.join(cmd[2:])} ==")
@@ -307,11 +327,75 @@ def run_phase(args, extra, out_dir):
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        samples = [r for r in map(json.loads, f) if r["kind"] == "samples"][-1]["samples"]
-    return summary, samples
+        samples = [r["samples"] for r in map(json.loads, f) if r["kind"] == "samples"]
+    return summary, samples[0], samples[-1]
 
 
-def print_methods(rows):
+def outcome(samples):
+    """The judge on sampled answers: each flaw's rate, and the win rate against the chosen
+    answers with its standard error."""
+    j = prepare_data.judged(samples, samples)
+    return dict(**{f: j["flaw_rates"]["after"][f][0] for f in prepare_data.FLAWS},
+                win_vs_chosen=j["win_rate"][1][0], win_se=j["win_rate"][1][1])
+
+
+def stopping(model, samples, cfg, val, dev, ctx):
+    """Where DPO goes wrong: P(end-of-text) where the chosen answer ends (mean over held-out
+    pairs), and the sampled answers' length in words against the chosen ones', with the
+    share that ran to the token limit without ending."""
+    enc = prepare_data.get_encoding(orpo.load_data(cfg)[0]["tokenizer"])
+    full = [len(enc.encode(s["sample"], disallowed_special=())) >= cfg.max_new_tokens for s in samples]
+    return dict(p_eot=float(np.mean([p["p_eot_w"] for p in pair_logps(model, val, cfg, dev, ctx)])),
+                words=float(np.mean([len(s["sample"].split()) for s in samples])),
+                words_chosen=float(np.mean([len(s["chosen"].split()) for s in samples])),
+                at_limit=float(np.mean(full)))
+
+
+def grid_point(args, cfg, sft, beta, lr, M, tune):
+    """DPO from the SFT run at (beta, lr) for M iterations, in its own process, sampling
+    nothing; then, in this one, its answers to the tuning prompts `tune` (a split) judged."""
+    d = os.path.join(cfg.out_dir, "methods", f"DPO_beta{beta:g}_lr{lr:g}")
+    extra = ["--loss=dpo", f"--init_from={sft}", f"--ref={sft}", f"--max_iters={M}",
+             f"--beta={beta}", f"--lr={lr}", f"--min_lr={lr / 10}", f"--warmup_iters={M // 20}",
+             f"--eval_interval={M}", "--n_samples=0"]
+    summary, _, _ = run_phase(args, extra, d)
+    dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
+    model = load_run(d, dev)
+    point = dict(beta=beta, lr=lr, summary=summary, model=model)
+    if len(tune[1]):
+        meta = orpo.load_data(cfg)[0]
+        s = report.sample_and_judge(model, tune, meta, dataclasses.replace(cfg, n_samples=len(tune[1])),
+                                    dev, ctx)
+        point.update(outcome(s), **stopping(model, s, cfg, tune, dev, ctx))
+    return point
+
+
+def tune_dpo(args, cfg, sft, M, grid, n_report, n_tune):
+    """Each (beta, lr) of the grid on the held-out prompts after the first n_report (rows
+    n_report .. n_report + n_tune - 1 of the val split, which the report never samples);
+    the best by the judge's win rate against the chosen answers."""
+    val = orpo.load_data(cfg)[1]["val"]
+    tune = (val[0], val[1][n_report:n_report + n_tune])
+    points = [grid_point(args, cfg, sft, b, lr, M, tune) for b, lr in grid]
+    if not n_tune:
+        return points[0], []
+    best = max(points, key=lambda p: p["win_vs_chosen"])
+    rows = [dict(beta=p["beta"], lr=p["lr"], chosen=p is best, **{k: round(p[k], 4) for k in (
+        "win_vs_chosen", "win_se", *prepare_data.FLAWS, "p_eot", "words", "at_limit")})
+            for p in points]
+    write_csv(os.path.join(cfg.out_dir, "methods", "grid.csv"), rows)
+    print(f"== methods: DPO's beta and lr, tuned on {n_tune} held-out prompts (val rows "
+          f"{n_report + 1}-{n_report + n_tune}), not the {n_report} reported below ==")
+    print(f"  {'beta':>5s} {'lr':>7s} {'win vs chosen':>15s} " + " ".join(
+        f"{f.replace('_', ' '):>11s}" for f in prepare_data.FLAWS) + "  P(eot) words at limit")
+    for r in rows:
+        print(f"  {r['beta']:5g} {r['lr']:7.0e} {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} "
+              + " ".join(f"{r[f]:11.3f}" for f in prepare_data.FLAWS)
+              + f"  {r['p_eot']:6.3f} {r['words']:5.1f} {r['at_limit']:8.3f}" + ("  <- chosen" if r["chosen"] else ""))
+    return best, rows
+
+
+def print_methods(rows, why):
     print("== methods: what each costs ==")
     print(f"  {'method':14s} {'steps':>6s} {'policy fwd':>10s} {'ref fwd':>8s} {'GFLOP':>9s} "
           f"{'train s':>8s} {'peak MB':>8s}")
@@ -326,26 +410,23 @@ def print_methods(rows):
         print(f"  {r['method']:14s} {r['logp_chosen']:8.3f} {r['logp_rejected']:9.3f} "
               f"{r['margin']:7.3f} {r['acc']:6.3f} " + " ".join(f"{r[f]:11.3f}" for f in prepare_data.FLAWS)
               + f" {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} {r['h2h_vs_orpo']:7.3f} ± {r['h2h_se']:.3f}")
+    print("== methods: why: P(end-of-text) where the chosen answer ends (held-out pairs); the "
+          "sampled answers' length, before and after ==")
+    print(f"  {'model':34s} {'P(eot)':>7s} {'words sampled':>14s} {'words chosen':>13s} {'at token limit':>15s}")
+    for r in why:
+        print(f"  {r['model']:34s} {r['p_eot']:7.3f} {r['words']:14.2f} {r['words_chosen']:13.2f} "
+              f"{r['at_limit']:15.3f}")
 
 
-def methods(args, cfg, dpo_iters, dpo_lr):
-    """SFT for max_iters; then DPO for dpo_iters from it, with it as the frozen reference;
-    and ORPO for max_iters from scratch. Each phase in its own process, so that its peak
-    memory is its own."""
-    d, M = os.path.join(cfg.out_dir, "methods"), dpo_iters or cfg.max_iters // 2
-    sft = os.path.join(d, "SFT", "ckpt.pt")
-    dpo = ["--loss=dpo", f"--init_from={sft}", f"--ref={sft}", f"--max_iters={M}",
-           f"--lr={dpo_lr}", f"--min_lr={dpo_lr / 10}", f"--warmup_iters={M // 20}"]
-    res, every = {}, f"--eval_interval={dense(cfg)}"
-    for phase, extra in (("SFT", ["--lam=0"]), ("DPO", dpo), ("ORPO", ["--lam=1"])):
-        extra = [every, *extra] if phase != "DPO" else [f"--eval_interval={max(1, M // 30)}", *extra]
-        res[phase] = run_phase(args, extra, os.path.join(d, phase))
+def cost_and_outcome(res, best):
+    """The rows of the methods table: each method's summed cost over its phases, and what
+    its last phase's model does."""
     rows = []
     for name, phases in (("SFT", ["SFT"]), ("DPO phase", ["DPO"]), ("SFT then DPO", ["SFT", "DPO"]),
                          ("ORPO", ["ORPO"])):
         costs = [res[p][0]["cost"] for p in phases]
-        summary, samples = res[phases[-1]]  # what comes out: the last phase's model
-        end, (_, (h2h, h2h_se)) = summary["end"], head_to_head(samples, res["ORPO"][1])
+        summary, _, samples = res[phases[-1]]  # what comes out: the last phase's model
+        end, (_, (h2h, h2h_se)) = summary["end"], head_to_head(samples, res["ORPO"][2])
         rows.append(dict(
             method=name, steps=sum(c["steps"] for c in costs),
             policy_passes=sum(c["policy_passes"] for c in costs),
@@ -354,15 +435,49 @@ def methods(args, cfg, dpo_iters, dpo_lr):
             train_s=round(sum(c["train_seconds"] for c in costs), 1),
             peak_mb=max(c["peak_mem_mb"] for c in costs),
             logp_chosen=end["ell_w"], logp_rejected=end["ell_l"], margin=end["margin"], acc=end["acc"],
-            **{f: summary["flaw_rates"]["after"][f] for f in prepare_data.FLAWS},
-            win_vs_chosen=summary["win_rate"][1], win_se=summary["win_rate_se"][1],
-            h2h_vs_orpo=h2h, h2h_se=h2h_se))
+            **outcome(samples), h2h_vs_orpo=h2h, h2h_se=h2h_se,
+            beta=best["beta"] if "DPO" in phases else "", lr=best["lr"] if "DPO" in phases else ""))
+    return rows
+
+
+def methods(args, cfg, opts, grid):
+    """SFT for max_iters; then DPO for dpo_iters from it, with it as the frozen reference, at
+    each (beta, lr) of the grid, the best chosen on held-out prompts the report never sees;
+    and ORPO for max_iters from scratch, at its preset. Each phase in its own process, so
+    that its peak memory is its own."""
+    d, M = os.path.join(cfg.out_dir, "methods"), opts["dpo_iters"] or cfg.max_iters // 2
+    meta, data = orpo.load_data(cfg)
+    n_val, n_tune = len(data["val"][1]), opts["tune_samples"] if len(grid) > 1 else 0
+    n_report = min(cfg.n_samples, n_val - n_tune)
+    if n_report < 1:
+        die(f"--tune_samples={n_tune} leaves none of the {n_val} held-out prompts to report on")
+    res, sft = {}, os.path.join(d, "SFT", "ckpt.pt")
+    for phase, lam in (("SFT", 0), ("ORPO", 1)):
+        res[phase] = run_phase(args, [f"--eval_interval={dense(cfg)}", f"--lam={lam}",
+                                      f"--n_samples={n_report}"], os.path.join(d, phase))
+    best, _ = tune_dpo(args, cfg, sft, M, grid, n_report, n_tune)
+    dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
+    s = report.sample_and_judge(best["model"], data["val"], meta,
+                                dataclasses.replace(cfg, n_samples=n_report), dev, ctx)
+    res["DPO"] = best["summary"], res["SFT"][2], s
+    print(f"== methods: SFT then DPO at beta {best['beta']:g}, lr {best['lr']:g}, on the "
+          f"{n_report} report prompts ==")
+    models = {p: load_run(os.path.join(d, p), dev) for p in ("SFT", "ORPO")}
+    why = [dict(model=name, **stopping(m, smp, cfg, data["val"], dev, ctx)) for name, m, smp in (
+        ("untrained (ORPO's start)", fresh(cfg)[0], res["ORPO"][1]), ("ORPO", models["ORPO"], res["ORPO"][2]),
+        ("SFT (DPO's start)", models["SFT"], res["SFT"][2]),
+        (f"SFT then DPO (b={best['beta']:g}, lr={best['lr']:g})", best["model"], s))]
+    rows = cost_and_outcome(res, best)
     write_csv(os.path.join(d, "methods.csv"), rows)
-    print_methods(rows)
+    write_csv(os.path.join(d, "why.csv"), why)
+    print_methods(rows, why)
     plot_methods(d, rows)
 
 
-OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4)  # figures.py's own: sft-vs-orpo, methods
+# figures.py's own options: sft-vs-orpo's seeds; methods' DPO iterations, its grid of (beta,
+# lr), the held-out prompts each grid point answers (0: no tuning, one run at --beta, --dpo_lr)
+OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.05,0.1,0.5,1",
+               dpo_lrs="3e-5,1e-4,3e-4", tune_samples=300)
 
 
 def main():
@@ -377,6 +492,15 @@ def main():
     preset, cfg, opts = parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)
     if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["dpo_lr"] <= 0:
         die("--seeds must be >= 1, --dpo_iters >= 0 (0: max_iters / 2), --dpo_lr > 0")
+    try:
+        betas, lrs = ([float(v) for v in opts[k].split(",")] for k in ("dpo_betas", "dpo_lrs"))
+    except ValueError:
+        die(f"--dpo_betas and --dpo_lrs are comma-separated numbers, got {opts['dpo_betas']!r} "
+            f"and {opts['dpo_lrs']!r}")
+    if min(betas + lrs) <= 0 or opts["tune_samples"] < 0:
+        die("--dpo_betas and --dpo_lrs must be > 0, --tune_samples >= 0 (0: one DPO run, at "
+            "--beta and --dpo_lr)")
+    grid = [(b, lr) for b in betas for lr in lrs] if opts["tune_samples"] else [(cfg.beta, opts["dpo_lr"])]
     if name == "sft-vs-orpo":
         sft_vs_orpo(cfg, preset, opts["seeds"])
     elif name == "methods":
@@ -384,7 +508,7 @@ def main():
         for a, before in zip(args, [""] + args):  # orpo.py's own overrides, both spellings
             if not a.startswith(own) and not (before.startswith(own) and "=" not in before):
                 rest.append(a)
-        methods(rest, cfg, opts["dpo_iters"], opts["dpo_lr"])
+        methods(rest, cfg, opts, grid)
     else:
         figure(name, cfg, preset)
 
