@@ -2,13 +2,17 @@
 figure writes its numbers (CSV) to out_dir/<figure>/, and a PNG when matplotlib is installed.
 
     python figures.py sft-vs-orpo [--seeds=3]  # Figs. 3, 7: SFT lifts the rejected answers too
-    python figures.py methods              # SFT then DPO against ORPO: cost and outcome
+    python figures.py methods              # SFT then DPO (tuned) against ORPO: cost, outcome, why
     python figures.py lambda               # App. E: the weight of L_OR
     python figures.py ratio                # Sec. 7.1: odds ratio against probability ratio
     python figures.py length               # Eq. 3: why log P is a mean, not a sum
 
 The figure's name comes first; orpo.py's --config NAME and --key=value overrides follow.
 Every figure evaluates about 30 times per run, so that its curves show their shape.
+`methods` tunes DPO's beta and learning rate (--dpo_betas, --dpo_lrs) on --tune_samples
+held-out prompts that come after the --n_samples it reports on; ORPO keeps its preset's lam,
+which was not tuned on those prompts either. --tune_samples=0 runs one DPO setting, --beta
+and --dpo_lr.
 """
 import dataclasses
 import json
@@ -36,9 +40,11 @@ FIGURES = {
 
 
 def write_csv(path, rows):
-    with open(path, "w") as f:
+    """Written to path.tmp, then renamed: an interrupted write leaves no half a table."""
+    with open(path + ".tmp", "w") as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
     print(f"wrote {path}")
 
 
@@ -58,6 +64,7 @@ def pyplot(name, d):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        plt.rcParams.update({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 10})
         return plt
     except ImportError:
         print(f"matplotlib is not installed, so no {name}.png: `pip install matplotlib` "
@@ -65,86 +72,122 @@ def pyplot(name, d):
         return None
 
 
+def panels(plt, n, title):
+    """A figure of n panels, two to a row, titled with what ran (config and seeds)."""
+    rows = (n + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=15)
+    return fig, list(axes.flat[:n])
+
+
 def save(fig, d, name):
+    path = os.path.join(d, f"{name}.png")
     fig.tight_layout()
-    fig.savefig(os.path.join(d, f"{name}.png"), dpi=100)
-    print(f"wrote {os.path.join(d, name + '.png')}")
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+def bars(ax, x, heights, width, **kw):
+    """Bars labelled with their values, so that a bar of 0 still shows."""
+    ax.bar_label(ax.bar(x, heights, width, **kw), fontsize=8, padding=2,
+                 labels=[f"{h:,.0f}" if abs(h) >= 100 else f"{h:.2g}" for h in heights])
+
+
+MARKERS = "osD^v*"
 
 
 def plot_curves(axes, curves):
-    """Held-out mean log P of the chosen and the rejected answers, per run (mean over seeds)."""
-    for ax, k in zip(axes, ("logp_chosen", "logp_rejected")):
-        for run in dict.fromkeys(c["run"] for c in curves):
+    """Held-out mean log P of the chosen (solid) and the rejected (dashed) answers, per run
+    (mean over seeds): a colour and a marker per run, so that runs that overlap still show."""
+    for ax, k, style in zip(axes, ("logp_chosen", "logp_rejected"), ("-", "--")):
+        for j, run in enumerate(dict.fromkeys(c["run"] for c in curves)):
             by_iter = {}
             for c in curves:
                 if c["run"] == run:
                     by_iter.setdefault(c["iter"], []).append(c[k])
-            ax.plot(list(by_iter), [np.mean(v) for v in by_iter.values()], label=run)
-        ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration")
+            ax.plot(list(by_iter), [np.mean(v) for v in by_iter.values()], style, color=f"C{j}",
+                    marker=MARKERS[j % 6], markevery=max(1, len(by_iter) // 10), alpha=0.8,
+                    lw=3 - j * 0.6 if j < 3 else 1, label=run)
+        ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration",
+               ylabel="mean log P per token (nats)")
         ax.legend()
 
 
-def plot(name, d, curves, extra):
+def plot(name, d, curves, extra, title):
     plt = pyplot(name, d)
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
+    fig, axes = panels(plt, 3 if extra else 2, title)
     plot_curves(axes, curves)
     if name == "ratio":
         axes[2].hist([[r["log_or"] for r in extra], [r["log_pr"] for r in extra]], bins=100,
-                     range=(-10, 10), label=["log odds ratio", "log prob ratio"], histtype="step")
-        axes[2].set(title="contrast for uniform random P_w, P_l (Fig. 6)")
+                     range=(-10, 10), label=["log odds ratio", "log prob ratio"], histtype="step", lw=2)
+        axes[2].set(title="contrast for uniform random P_w, P_l (Fig. 6)", xlabel="log ratio",
+                    ylabel="count (of 100,000 draws)")
     if name == "length":
-        for run in dict.fromkeys(r["run"] for r in extra):
+        for j, run in enumerate(dict.fromkeys(r["run"] for r in extra)):
             rs = [r for r in extra if r["run"] == run]
-            axes[2].scatter([r["len_w"] - r["len_l"] for r in rs],
-                            [r["mean_w"] - r["mean_l"] for r in rs], s=6, alpha=0.5, label=run)
-        axes[2].set(title="per held-out pair", xlabel="len(chosen) - len(rejected)",
+            axes[2].scatter([r["len_w"] - r["len_l"] + (j - 1) * 0.15 for r in rs],
+                            [r["mean_w"] - r["mean_l"] for r in rs], s=10, alpha=0.5,
+                            marker=MARKERS[j], label=run)
+        axes[2].set(title="per held-out pair", xlabel="len(chosen) - len(rejected), tokens",
                     ylabel="mean log P chosen - rejected")
     if extra:
         axes[2].legend()
     save(fig, d, name)
 
 
-def plot_sft_vs_orpo(d, curves, scores, table):
+def plot_sft_vs_orpo(d, curves, scores, table, title):
     plt = pyplot("sft-vs-orpo", d)
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = panels(plt, 4, title)
     plot_curves(axes, curves)
     x, n = np.arange(len(prepare_data.FLAWS)), len(table)
     for j, (tag, label) in enumerate((("sft", "SFT"), ("orpo", "ORPO"), ("chosen", "chosen answers"))):
         m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in prepare_data.FLAWS]
         err = [over_seeds([t[f"{tag}_{f}"] for t in table])[1] if n > 1 else
                table[0].get(f"{tag}_{f}_se", 0.0) for f in prepare_data.FLAWS]
-        axes[2].bar(x + (j - 1) * 0.27, m, 0.27, yerr=err, capsize=3, label=label)
-    axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x,
+        bars(axes[2], x + (j - 1) * 0.27, m, 0.27, yerr=err, capsize=3, label=label, color=f"C{j}")
+    axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x, ylabel="rate", xlabel="flaw",
                 xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
     axes[2].legend()
     runs = list(dict.fromkeys(s["run"] for s in scores))
     axes[3].hist([[s["score"] for s in scores if s["run"] == r] for r in runs], bins=9,
-                 range=(0, 1.0001), label=runs)
-    axes[3].set(title="judge scores of the sampled answers", xlabel="score")
+                 range=(0, 1.0001), label=runs, color=[f"C{j}" for j in range(len(runs))])
+    axes[3].set(title="judge scores of the sampled answers", xlabel="score", ylabel="answers")
     axes[3].legend()
     save(fig, d, "sft-vs-orpo")
 
 
-def plot_methods(d, rows):
+def plot_methods(d, rows, why, title):
     plt = pyplot("methods", d)
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    names = [r["method"] for r in rows]
-    for ax, k, title in ((axes[0], "gflop", "training GFLOP"), (axes[1], "peak_mb", "peak memory, MB"),
-                         (axes[2], "logp_rejected", "held-out mean log P(rejected)")):
-        ax.bar(names, [r[k] for r in rows])
-        ax.set(title=title)
+    fig, axes = panels(plt, 6, title)
+    names, colors = [r["method"] for r in rows], [f"C{j}" for j in range(len(rows))]
+    for ax, k, what in ((axes[0], "gflop", "training GFLOP"), (axes[1], "peak_mb", "peak memory, MB"),
+                        (axes[2], "logp_rejected", "held-out mean log P(rejected)")):
+        bars(ax, names, [r[k] for r in rows], 0.6, color=colors)
+        ax.set(title=what, xlabel="method", ylabel=what.split(",")[0])
+    bars(axes[3], names, [r["win_vs_chosen"] for r in rows], 0.6, color=colors,
+         yerr=[r["win_se"] for r in rows], capsize=4)
+    axes[3].set(title="win rate against the chosen answers (± 1 s.e.)", xlabel="method",
+                ylabel="wins + ties / 2")
     x = np.arange(len(prepare_data.FLAWS))
     for j, r in enumerate(rows):
-        axes[3].bar(x + (j - 1.5) * 0.2, [r[f] for f in prepare_data.FLAWS], 0.2, label=r["method"])
-    axes[3].set(title="flaw rates of the sampled answers", xticks=x,
+        bars(axes[4], x + (j - 1.5) * 0.2, [r[f] for f in prepare_data.FLAWS], 0.2,
+             label=r["method"], color=colors[j])
+    axes[4].set(title="flaw rates of the sampled answers", xticks=x, ylabel="rate", xlabel="flaw",
                 xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
-    axes[3].legend()
+    axes[4].legend()
+    bars(axes[5], np.arange(len(why)), [w["p_eot"] for w in why], 0.6,
+         color=["C5", "C3", "C0", "C2"][:len(why)])
+    axes[5].set(title="P(end-of-text) where the chosen answer ends", ylabel="probability", xlabel="model",
+                xticks=np.arange(len(why)), xticklabels=[w["model"].split(" (")[0] for w in why])
     save(fig, d, "methods")
 
 
@@ -243,7 +286,7 @@ def figure(name, cfg, preset):
               f"{f['logp_rejected']:7.3f} | margin {f['margin']:6.3f} | acc {f['acc']:.3f}")
     if name == "length":
         length_table(extra)
-    plot(name, d, curves, extra)
+    plot(name, d, curves, extra, f"{name}: config {preset}, seed {cfg.seed}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,7 +356,8 @@ def sft_vs_orpo(cfg, preset, seeds):
     write_csv(os.path.join(d, "scores.csv"), scores)
     write_csv(os.path.join(d, "table.csv"), table)
     print_sft_vs_orpo(table)
-    plot_sft_vs_orpo(d, curves, scores, table)
+    plot_sft_vs_orpo(d, curves, scores, table, f"sft-vs-orpo: config {preset}, seed"
+                     + (f"s {cfg.seed}-{cfg.seed + seeds - 1}" if seeds > 1 else f" {cfg.seed}"))
 
 
 def run_phase(args, extra, out_dir):
@@ -322,8 +366,16 @@ def run_phase(args, extra, out_dir):
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "orpo.py"),
            *args, *extra, f"--out_dir={out_dir}"]
     print(f"== methods: {' '.join(cmd[2:])} ==")
-    if subprocess.run(cmd).returncode:
-        die(f"the phase in {out_dir} failed (its error is above)")
+    # its own process group, so that Ctrl-C reaches this process alone, which stops the
+    # phase quietly (its checkpoints are written atomically) and says what is on disk
+    child = subprocess.Popen(cmd, process_group=0)
+    try:
+        if child.wait():
+            die(f"the phase in {out_dir} failed (its error is above)")
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            child.wait()
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
@@ -440,7 +492,7 @@ def cost_and_outcome(res, best):
     return rows
 
 
-def methods(args, cfg, opts, grid):
+def methods(args, cfg, preset, opts, grid):
     """SFT for max_iters; then DPO for dpo_iters from it, with it as the frozen reference, at
     each (beta, lr) of the grid, the best chosen on held-out prompts the report never sees;
     and ORPO for max_iters from scratch, at its preset. Each phase in its own process, so
@@ -471,25 +523,17 @@ def methods(args, cfg, opts, grid):
     write_csv(os.path.join(d, "methods.csv"), rows)
     write_csv(os.path.join(d, "why.csv"), why)
     print_methods(rows, why)
-    plot_methods(d, rows)
+    plot_methods(d, rows, why, f"methods: config {preset}, seed {cfg.seed}")
 
 
 # figures.py's own options: sft-vs-orpo's seeds; methods' DPO iterations, its grid of (beta,
 # lr), the held-out prompts each grid point answers (0: no tuning, one run at --beta, --dpo_lr)
-OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.05,0.1,0.5,1",
+OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.1,0.5,1",
                dpo_lrs="3e-5,1e-4,3e-4", tune_samples=300)
 
 
-def main():
-    sys.stdout.reconfigure(line_buffering=True)
-    args = sys.argv[1:]
-    if args[:1] in (["-h"], ["--help"]):
-        parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS,  # prints the keys and exits
-                   usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};")
-    if not args or args[0] not in FIGURES:
-        die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
-    name, args = args[0], args[1:]
-    preset, cfg, opts = parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)
+def make(name, args, preset, cfg, opts):
+    """Check figures.py's own options, then make the figure."""
     if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["dpo_lr"] <= 0:
         die("--seeds must be >= 1, --dpo_iters >= 0 (0: max_iters / 2), --dpo_lr > 0")
     try:
@@ -508,9 +552,27 @@ def main():
         for a, before in zip(args, [""] + args):  # orpo.py's own overrides, both spellings
             if not a.startswith(own) and not (before.startswith(own) and "=" not in before):
                 rest.append(a)
-        methods(rest, cfg, opts, grid)
+        methods(rest, cfg, preset, opts, grid)
     else:
         figure(name, cfg, preset)
+
+
+def main():
+    sys.stdout.reconfigure(line_buffering=True)
+    args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS,  # prints the keys and exits
+                   usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};")
+    if not args or args[0] not in FIGURES:
+        die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
+    name, args = args[0], args[1:]
+    preset, cfg, opts = parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)
+    try:
+        make(name, args, preset, cfg, opts)
+    except KeyboardInterrupt:
+        die(f"interrupted; safe on disk in {os.path.join(cfg.out_dir, name)}: each finished run's "
+            f"ckpt.pt, log.jsonl and summary.json, the unfinished one's ckpt.pt as of its last "
+            f"eval; the tables and the PNG are written only at the end", 130)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,15 +104,47 @@ def test_figure_writes_numbers_without_matplotlib(tmp_path, data_dir, name):
 
 def test_methods_figure_costs_and_outcomes(tmp_path, data_dir):
     """SFT, then DPO from it against it as the reference, and ORPO: DPO's phase runs a
-    reference forward pass for every policy pass; SFT then DPO adds both phases' costs."""
-    out, d = figure(tmp_path, data_dir, "methods", hide=True, extra=["--dpo_iters=4"])
+    reference forward pass for every policy pass; SFT then DPO adds both phases' costs.
+    --tune_samples=0: one DPO setting, no grid."""
+    out, d = figure(tmp_path, data_dir, "methods", hide=True, extra=["--dpo_iters=4", "--tune_samples=0"])
     rows = {r["method"]: r for r in csv.DictReader(open(d / "methods.csv"))}
     assert list(rows) == ["SFT", "DPO phase", "SFT then DPO", "ORPO"]
     assert [int(rows[m]["steps"]) for m in rows] == [10, 4, 14, 10]
     assert int(rows["DPO phase"]["ref_passes"]) == int(rows["DPO phase"]["policy_passes"]) == 4 * 16
     assert int(rows["ORPO"]["ref_passes"]) == 0 and float(rows["ORPO"]["h2h_vs_orpo"]) == 0.5
     assert float(rows["SFT then DPO"]["gflop"]) > float(rows["ORPO"]["gflop"])
-    assert "what each costs" in out and "what comes out" in out
+    assert (rows["DPO phase"]["beta"], rows["DPO phase"]["lr"]) == ("0.1", "0.0001")  # --beta, --dpo_lr
+    assert "what each costs" in out and "what comes out" in out and "tuned" not in out
+    assert not (d / "grid.csv").exists()
+
+
+def test_methods_tunes_dpo_on_other_prompts(tmp_path, data_dir):
+    """Each (beta, lr) of the grid answers held-out prompts after the reported ones; the one
+    with the best win rate is reported. P(end-of-text) where the chosen answer ends, checked
+    against a plain softmax over the SFT model's full logits."""
+    out, d = figure(tmp_path, data_dir, "methods", hide=True, extra=[
+        "--dpo_iters=4", "--tune_samples=6", "--dpo_betas=0.1,1", "--dpo_lrs=1e-4"])
+    grid = list(csv.DictReader(open(d / "grid.csv")))
+    assert [(g["beta"], g["lr"]) for g in grid] == [("0.1", "0.0001"), ("1.0", "0.0001")]
+    best = [g for g in grid if g["chosen"] == "True"]
+    assert len(best) == 1 and float(best[0]["win_vs_chosen"]) == max(float(g["win_vs_chosen"]) for g in grid)
+    rows = {r["method"]: r for r in csv.DictReader(open(d / "methods.csv"))}
+    assert float(rows["SFT then DPO"]["beta"]) == float(best[0]["beta"])
+    assert "tuned on 6 held-out prompts (val rows 5-10), not the 4 reported below" in out
+    assert out.index("<- chosen") < out.index("what each costs")
+    why = {w["model"].split(" (")[0]: w for w in csv.DictReader(open(d / "why.csv"))}
+    assert list(why) == ["untrained", "ORPO", "SFT", "SFT then DPO"]
+    ck = orpo.load_checkpoint(str(d / "SFT" / "ckpt.pt"))
+    model = orpo.model_from_checkpoint(ck, "ckpt").eval()
+    tokens, index = (np.load(os.path.join(data_dir, f"val.{k}.npy")) for k in ("tokens", "index"))
+    ps = []
+    for off, p, c, _ in index[:32].tolist():  # the tiny preset's 32 eval pairs
+        seq = torch.from_numpy(tokens[off:off + p + c].astype("int64"))
+        assert int(seq[-1]) == ck["meta"]["eot"]
+        with torch.no_grad():
+            ps.append(torch.softmax(model(seq[None, :-1])[0, -1].double(), -1)[seq[-1]].item())
+    assert abs(float(why["SFT"]["p_eot"]) - sum(ps) / len(ps)) < 1e-5
+    assert all(float(w["words_chosen"]) > 0 and 0 <= float(w["at_limit"]) <= 1 for w in why.values())
 
 
 def test_figure_writes_png_with_matplotlib(tmp_path, data_dir):
