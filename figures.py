@@ -103,13 +103,15 @@ def plot_curves(axes, curves):
     """Held-out mean log P of the chosen (solid) and the rejected (dashed) answers, per run
     (mean over seeds): a colour and a marker per run, so that runs that overlap still show."""
     for ax, k, style in zip(axes, ("logp_chosen", "logp_rejected"), ("-", "--")):
-        for j, run in enumerate(dict.fromkeys(c["run"] for c in curves)):
+        runs = list(dict.fromkeys(c["run"] for c in curves))
+        for j, run in enumerate(runs):
             by_iter = {}
             for c in curves:
                 if c["run"] == run:
                     by_iter.setdefault(c["iter"], []).append(c[k])
+            every = max(2, len(by_iter) // 10)  # each run's markers at other iterations
             ax.plot(list(by_iter), [np.mean(v) for v in by_iter.values()], style, color=f"C{j}",
-                    marker=MARKERS[j % 6], markevery=max(1, len(by_iter) // 10), alpha=0.8,
+                    marker=MARKERS[j % 6], markevery=(j * every // len(runs), every), alpha=0.8,
                     lw=3 - j * 0.6 if j < 3 else 1, label=run)
         ax.set(title=f"held-out mean log P({k.split('_')[1]})", xlabel="iteration",
                ylabel="mean log P per token (nats)")
