@@ -647,7 +647,7 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
                          f"delete {data_dir})")
     if why:
         print(f"{data_dir} {why}: preparing {file or source} for pairs of {max_len} tokens")
-        prepare(source, data_dir, max_len=max_len, max_prompt_len=max_prompt_len, file=file)
+        prepare(source, data_dir, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len, file)
     return load(data_dir, source, file, max_len)
 
 

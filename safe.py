@@ -51,6 +51,8 @@ class lock:
     def __init__(self, folder):
         if not folder:
             raise ValueError("no folder given (an empty path)")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{folder} is a file, not a folder")
         try:
             os.makedirs(folder, exist_ok=True)
             self.f = open(os.path.join(folder, ".lock"), "a+")
