@@ -53,7 +53,7 @@ def snapshot(d):
         meta, splits = prepare_data.load(d, "synthetic")
     except ValueError as e:
         return str(e)
-    return meta["id"], {s: (t.tolist(), i.tolist()) for s, (t, i) in splits.items()}
+    return meta["splits"], {s: (t.tolist(), i.tolist()) for s, (t, i) in splits.items()}
 
 
 def old_data(tmp_path):
