@@ -391,7 +391,7 @@ def get_encoding(tok):
     try:
         return tiktoken.get_encoding(tok)
     except Exception as e:  # requests' ConnectionError, an HTTP error, a bad cached file
-        raise ValueError(f"cannot load the {tok} tokenizer ({type(e).__name__}: {one_line(e, 80)}"
+        raise ValueError(f"cannot load the {tok} tokenizer ({type(e).__name__}: {one_line(e)}"
                          f"); run once with network access, or set TIKTOKEN_CACHE_DIR to a "
                          f"folder holding tiktoken's cached {tok} files") from e
 
