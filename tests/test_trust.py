@@ -75,6 +75,19 @@ def test_a_preparation_killed_mid_write_leaves_the_old_data_or_none(tmp_path, mo
         [".lock", "meta.json"] + prepare_data.FILES)
 
 
+def test_preparing_again_under_a_reader_leaves_its_mapped_files_whole(tmp_path):
+    """A trainer maps the token files; preparing the folder again (here: fewer rows, so
+    shorter files) must not truncate them under it, which kills it with SIGBUS."""
+    d, before = old_data(tmp_path)
+    r = driver("import prepare_data\n"
+               "meta, splits = prepare_data.load(sys.argv[1], 'synthetic')\n"
+               "prepare_data.prepare('synthetic', sys.argv[1], seed=2, n_train=20, n_val=5)\n"
+               "print(sum(int(t.sum()) + int(i.sum()) for t, i in splits.values()))", d)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    want = sum(sum(t) + sum(map(sum, i)) for t, i in before[1].values())  # the old data's
+    assert int(r.stdout.split()[-1]) == want
+
+
 def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_old_data(tmp_path, monkeypatch):
     d, before = old_data(tmp_path)
     real, calls = np.save, []
