@@ -14,6 +14,7 @@ held-out prompts that come after the --n_samples it reports on; ORPO keeps its p
 which was not tuned on those prompts either. --tune_samples=0 runs one DPO setting, --beta
 and --dpo_lr.
 """
+import csv
 import dataclasses
 import json
 import math
@@ -41,9 +42,10 @@ FIGURES = {
 
 def write_csv(path, rows):
     """Written to path.tmp, then renamed: an interrupted write leaves no half a table."""
-    with open(path + ".tmp", "w") as f:
-        f.write(",".join(rows[0]) + "\n")
-        f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)  # quotes a value that holds a comma
+        w.writerow(rows[0])
+        w.writerows(r.values() for r in rows)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
 

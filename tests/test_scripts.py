@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -69,6 +70,8 @@ def test_bench_prints_one_json_line(dtype):
 
 # figures.py run as a script, with matplotlib made unimportable or left as it is
 HIDE = "import sys; sys.modules['matplotlib'] = None; "
+# Ctrl-C's handler, as in a terminal: a shell that runs a command in the background ignores SIGINT
+CTRL_C = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
 SCRIPT = ("import runpy, sys; sys.argv = ['figures.py'] + sys.argv[1:]; "
           "runpy.run_path('figures.py', run_name='__main__')")
 
@@ -145,6 +148,24 @@ def test_methods_tunes_dpo_on_other_prompts(tmp_path, data_dir):
             ps.append(torch.softmax(model(seq[None, :-1])[0, -1].double(), -1)[seq[-1]].item())
     assert abs(float(why["SFT"]["p_eot"]) - sum(ps) / len(ps)) < 1e-5
     assert all(float(w["words_chosen"]) > 0 and 0 <= float(w["at_limit"]) <= 1 for w in why.values())
+
+
+def test_ctrl_c_in_methods_is_one_line_and_stops_the_phase(tmp_path, data_dir):
+    """SIGINT (what Ctrl-C sends) while a phase trains in its own process: one line, exit
+    130, and the phase's `python orpo.py` is gone too."""
+    args = ["methods", "--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
+            "--max_iters=100000", "--tune_samples=0"]
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C + HIDE + SCRIPT, *args], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in p.stdout:  # wait until the SFT phase is training
+        if line.startswith("iter "):
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count("\n") == 1 and err.startswith("error: interrupted"), err
+    assert str(tmp_path / "methods") in err
+    left = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}/methods/SFT"], capture_output=True)
+    assert left.stdout == b""
 
 
 def test_figure_writes_png_with_matplotlib(tmp_path, data_dir):
