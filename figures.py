@@ -92,9 +92,9 @@ def save(fig, d, name):
     print(f"wrote {path}")
 
 
-def bars(ax, x, heights, width, **kw):
-    """Bars labelled with their values, so that a bar of 0 still shows."""
-    ax.bar_label(ax.bar(x, heights, width, **kw), fontsize=8, padding=2,
+def bars(ax, x, heights, width, rot=0, **kw):
+    """Bars labelled with their values, so that a bar of 0 still shows (narrow bars: rot=90)."""
+    ax.bar_label(ax.bar(x, heights, width, **kw), fontsize=8, padding=2, rotation=rot,
                  labels=[f"{h:,.0f}" if abs(h) >= 100 else f"{h:.2g}" for h in heights])
 
 
@@ -155,10 +155,12 @@ def plot_sft_vs_orpo(d, curves, scores, table, title):
         m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in prepare_data.FLAWS]
         err = [over_seeds([t[f"{tag}_{f}"] for t in table])[1] if n > 1 else
                table[0].get(f"{tag}_{f}_se", 0.0) for f in prepare_data.FLAWS]
-        bars(axes[2], x + (j - 1) * 0.27, m, 0.27, yerr=err, capsize=3, label=label, color=f"C{j}")
+        bars(axes[2], x + (j - 1) * 0.27, m, 0.27, rot=90, yerr=err, capsize=3, label=label,
+             color=f"C{j}")
+    axes[2].margins(y=0.4)
     axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x, ylabel="rate", xlabel="flaw",
                 xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
-    axes[2].legend()
+    axes[2].legend(ncol=3, loc="upper center")
     runs = list(dict.fromkeys(s["run"] for s in scores))
     axes[3].hist([[s["score"] for s in scores if s["run"] == r] for r in runs], bins=9,
                  range=(0, 1.0001), label=runs, color=[f"C{j}" for j in range(len(runs))])
@@ -183,15 +185,20 @@ def plot_methods(d, rows, why, title):
                 ylabel="wins + ties / 2")
     x = np.arange(len(prepare_data.FLAWS))
     for j, r in enumerate(rows):
-        bars(axes[4], x + (j - 1.5) * 0.2, [r[f] for f in prepare_data.FLAWS], 0.2,
+        bars(axes[4], x + (j - 1.5) * 0.2, [r[f] for f in prepare_data.FLAWS], 0.2, rot=90,
              label=r["method"], color=colors[j])
+    axes[4].margins(y=0.4)
     axes[4].set(title="flaw rates of the sampled answers", xticks=x, ylabel="rate", xlabel="flaw",
                 xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
-    axes[4].legend()
-    bars(axes[5], np.arange(len(why)), [w["p_eot"] for w in why], 0.6,
-         color=["C5", "C3", "C0", "C2"][:len(why)])
-    axes[5].set(title="P(end-of-text) where the chosen answer ends", ylabel="probability", xlabel="model",
-                xticks=np.arange(len(why)), xticklabels=[w["model"].split(" (")[0] for w in why])
+    axes[4].legend(ncol=2, loc="upper center")
+    c = axes[5].bar(np.arange(len(why)), [w["words"] for w in why], 0.6, color=["C5", "C3", "C0", "C2"])
+    axes[5].bar_label(c, fontsize=8, padding=2, labels=[
+        f"P(eot) {w['p_eot']:.3f}\n{w['at_limit']:.0%} unended" for w in why])
+    axes[5].axhline(why[0]["words_chosen"], color="k", ls="--", lw=1, label="chosen answers")
+    axes[5].set(title="sampled answers' length; P(end-of-text) at the chosen end", xlabel="model",
+                ylabel="words per answer", xticks=np.arange(len(why)), ylim=(0, 1.3 * max(w["words"] for w in why)),
+                xticklabels=[w["model"].split(" (")[0].replace(" then ", "\nthen ") for w in why])
+    axes[5].legend(loc="upper right")
     save(fig, d, "methods")
 
 
