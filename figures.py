@@ -514,6 +514,9 @@ def methods(args, cfg, preset, opts, grid):
     n_report = min(cfg.n_samples, n_val - n_tune)
     if n_report < 1:
         die(f"--tune_samples={n_tune} leaves none of the {n_val} held-out prompts to report on")
+    if n_report < cfg.n_samples:
+        print(f"{n_val} held-out prompts: the report samples the first {n_report}, not "
+              f"--n_samples={cfg.n_samples}; the next {n_tune} tune DPO")
     res, sft = {}, os.path.join(d, "SFT", "ckpt.pt")
     for phase, lam in (("SFT", 0), ("ORPO", 1)):
         res[phase] = run_phase(args, [f"--eval_interval={dense(cfg)}", f"--lam={lam}",
@@ -539,8 +542,8 @@ def methods(args, cfg, preset, opts, grid):
 
 # figures.py's own options: sft-vs-orpo's seeds; methods' DPO iterations, its grid of (beta,
 # lr), the held-out prompts each grid point answers (0: no tuning, one run at --beta, --dpo_lr)
-OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.1,0.5,1",
-               dpo_lrs="3e-5,1e-4,3e-4", tune_samples=300)
+OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.1,0.5",
+               dpo_lrs="3e-5,1e-4,3e-4", tune_samples=200)
 
 
 def make(name, args, preset, cfg, opts):
