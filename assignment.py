@@ -281,20 +281,25 @@ class Fail(Exception):
 
 
 def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
-    """got (a tensor) against the frozen want; a Fail names the first element that differs."""
+    """got (a tensor) against the frozen want; a Fail names the first element that differs,
+    and where: at is a text, or a function of that element's flat index that says which
+    input it belongs to."""
     import torch
     want = torch.tensor(want, dtype=torch.float64)
+    where = at if isinstance(at, str) else at(None)
     if not isinstance(got, torch.Tensor):
-        raise Fail(f"{what}{at}: expected a tensor, got {type(got).__name__}")
+        raise Fail(f"{what}{where}: expected a tensor, got {type(got).__name__}")
     got = got.detach().double()
     if got.shape != want.shape:
-        raise Fail(f"{what}{at}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}")
+        raise Fail(f"{what}{where}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}")
     bad = ~(torch.isfinite(got) & ((got - want).abs() <= atol + rtol * want.abs()))
     if bad.any():
         i = int(bad.flatten().nonzero()[0])
-        idx = f" [{', '.join(map(str, [int(v) for v in torch.unravel_index(torch.tensor(i), want.shape)]))}]" \
-            if want.dim() else ""
-        raise Fail(f"{what}{idx}{at}: expected {want.flatten()[i].item():.10g}, "
+        if isinstance(at, str) and want.dim():
+            where = f" [{', '.join(str(int(v)) for v in torch.unravel_index(torch.tensor(i), want.shape))}]{at}"
+        elif not isinstance(at, str):
+            where = at(i)
+        raise Fail(f"{what}{where}: expected {want.flatten()[i].item():.10g}, "
                    f"got {got.flatten()[i].item():.10g}")
 
 
@@ -303,9 +308,11 @@ def T(v, dtype="float64"):
     return None if v is None else torch.tensor(v, dtype=getattr(torch, dtype))
 
 
-def pairs(c):
-    w, l = c["ell_w"], c["ell_l"]
-    return f" at l_w={w}, l_l={l}" if len(w) <= 4 else f" at the batch of {len(w)} pairs (l_w={w[:3]}...)"
+def pairs(c, extra=""):
+    """Where a per-pair value was wrong: its pair, and the batch it came in."""
+    w, l, B = c["ell_w"], c["ell_l"], len(c["ell_w"])
+    return lambda i: (f" in a batch of {B} pair(s){extra}" if i is None else
+                      f" at pair {i} (l_w={w[i]!r}, l_l={l[i]!r}) of a batch of {B}{extra}")
 
 
 def read_answers(d):
@@ -397,7 +404,7 @@ def check_grad(load, cases):
     fn = load("orpo_grad")
     for c in cases:
         g_w, g_l = fn(T(c["ell_w"], c["dtype"]), T(c["ell_l"], c["dtype"]), c["lam"])
-        at = pairs(c) + f", lam={c['lam']} ({c['dtype']})"
+        at = pairs(c, f", lam={c['lam']} ({c['dtype']})")
         tol = dict(rtol=1e-8, atol=1e-300) if c["dtype"] == "float64" else dict(rtol=1e-3, atol=1e-30)
         compare("orpo_grad: dL/dl_w", g_w, c["g_w"], at, **tol)
         compare("orpo_grad: dL/dl_l", g_l, c["g_l"], at, **tol)
@@ -423,8 +430,8 @@ def check_simpo(load, cases):
     fn = load("simpo_loss")
     for c in cases:
         loss = fn(T(c["ell_w"]), T(c["ell_l"]), **c["kw"])
-        compare("simpo_loss", loss, c["loss"], pairs(c) + (f", {c['kw']}" if c["kw"] else
-                                                           " (beta, gamma: the defaults)"))
+        compare("simpo_loss", loss, c["loss"], pairs(c, f", {c['kw']}" if c["kw"] else
+                                                     " (beta, gamma: the defaults)"))
 
 
 def check_dpo(load, cases):
