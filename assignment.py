@@ -120,8 +120,9 @@ def hole_edits(src, tree):
             top = end
             while top > 0 and lines[top - 1].lstrip().startswith("#"):
                 top -= 1
-            if top < end:
-                edits.append((top + 1, end, ["# The gradient by hand: exercise 4."]))
+            if top < end:  # a section's rule stays
+                rule = [lines[top]] if lines[top].startswith("# ---") else []
+                edits.append((top + 1, end, rule + ["# The gradient by hand: exercise 4."]))
     sets = [n for n in ast.walk(find(tree, "make_batch")) if isinstance(n, ast.Assign) and any(
         isinstance(t, ast.Subscript) and getattr(t.value, "id", "") in MASKS for t in n.targets)]
     if len(sets) != len(MASKS):
