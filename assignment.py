@@ -387,8 +387,8 @@ def check_masks(load, c):
     for call in c["calls"]:
         got = fn(split, call["rows"], "cpu")
         for k, g in zip(("x", "y", "resp_mask", "seq_mask"), got):
-            compare(f"make_batch: {k}", g, call[k], f" for the pairs {call['rows']} of the toy "
-                    f"split {c['rows']}", rtol=0, atol=0)
+            compare(f"make_batch: {k}", g, call[k], f" (row, position) for the pairs (prompt, "
+                    f"chosen, rejected) {[c['rows'][r] for r in call['rows']]}", rtol=0, atol=0)
 
 
 def check_response_logps(load, cases):
@@ -656,10 +656,10 @@ def freeze_rest(orpo, torch):
         tokens += p + c + r
     split = np.array(tokens, np.uint16), np.array(index, np.int64)
     calls = []
-    for rows in ([0, 1, 2], [0], [2, 0]):
+    for rows in ([0], [0, 1, 2], [2, 0]):
         got = orpo.make_batch(split, rows, "cpu")
         calls.append(dict(zip(("x", "y", "resp_mask", "seq_mask"), (t.tolist() for t in got)), rows=rows))
-    x0, y0, resp0, seq0 = (calls[1][k][0] for k in ("x", "y", "resp_mask", "seq_mask"))
+    x0, y0, resp0, seq0 = (calls[0][k][0] for k in ("x", "y", "resp_mask", "seq_mask"))
     by_hand = dict(x=" ".join(LETTERS[v] for v in x0), y=" ".join(LETTERS[v] for v in y0),
                    resp_mask=" ".join(str(int(v)) for v in resp0),
                    seq_mask=" ".join(str(int(v)) for v in seq0))
