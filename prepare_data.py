@@ -32,6 +32,7 @@ judge() found wrong with it; verdict() gives both for a sampled answer against t
 one, and judged() sums the verdicts up, each rate with its standard error.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,8 @@ import sys
 
 import numpy as np
 import tiktoken
+
+from safe import lock, one_line, staged
 
 OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: offset, lengths
 
@@ -125,10 +128,14 @@ def read_answer(prompt, response):
     """The pieces judge() and flaws() check, parsed once, so that the two cannot disagree:
     the count the prompt asks for; the response's opener (None if it is empty), whether it
     has the form ' opener : words .', its listed words (all after the opener when it has
-    not), and how many of them are of the prompt's topic."""
+    not), and how many of them are of the prompt's topic. A prompt that is not a whole
+    synthetic one (cut by max_prompt_len, or typed) is a ValueError: there is nothing to judge."""
     head, _, tail = prompt.partition(" more like ")
-    n = int(head.split()[-1])
-    topic = TOPIC_OF[tail.split("\n")[0].split(" and ")[0]]
+    try:
+        n = int(head.split()[-1])
+        topic = TOPIC_OF[tail.split("\n")[0].split(" and ")[0]]
+    except (ValueError, IndexError, KeyError):
+        raise ValueError(f"not a whole prompt of the synthetic task: {prompt[-60:]!r}") from None
     toks = response.split()
     formed = len(toks) >= 3 and toks[1] == ":" and toks[-1] == "."
     words = toks[2:-1] if formed else toks[1:]
@@ -284,11 +291,6 @@ def to_triple(row, shape):
             "rejected": " " + conv["rejected"][-1]["content"]}
 
 
-def one_line(e):
-    """An exception as a short single line, for error messages that must stay one line."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-
-
 def read_jsonl(path):
     """A .jsonl(.gz) file's rows, one a line, so that rows[i] is line i + 1. A line that is not
     JSON is kept as a BrokenLine, to be reported and skipped, not fatal; a blank line as BLANK.
@@ -308,7 +310,7 @@ def read_jsonl(path):
                 except json.JSONDecodeError as e:
                     rows.append(BrokenLine(f"broken JSON ({e.msg})"))
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt or cut-off .gz
-        raise ValueError(f"{path}: cannot read it ({one_line(e)})") from e
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {one_line(e)})") from e
     return rows
 
 
@@ -332,7 +334,8 @@ def read_file(path):
             rows = list(datasets.load_dataset(kind, data_files=path, split="train"))
         except Exception as e:  # a corrupt file, or one not of its extension's format
             cause = e.__cause__ or e  # datasets wraps the reader's error in a vaguer one
-            raise ValueError(f"{path}: cannot read it as {kind} ({one_line(cause)})") from e
+            raise ValueError(f"{path}: cannot read it as {kind} "
+                             f"({type(cause).__name__}: {one_line(cause)})") from e
         finally:
             logging.set_verbosity(level)
             if not bars_off:
@@ -367,8 +370,9 @@ def load_source(source, path=None, subset=None, val_path=None):
             ds = datasets.load_dataset("HuggingFaceH4/ultrafeedback_binarized")
             return {"train": (ds["train_prefs"], source, 1), "val": (ds["test_prefs"], source, 1)}
     except Exception as e:  # no network, or the hub refused: say so, and what works instead
-        raise ValueError(f"could not load {source!r} from the Hugging Face hub ({one_line(e)}); "
-                         f"download it and pass --file PATH instead") from e
+        raise ValueError(f"could not load {source!r} from the Hugging Face hub "
+                         f"({type(e).__name__}: {one_line(e)}); download it and pass --file "
+                         f"PATH instead") from e
     raise ValueError(f"unknown source {source!r}; known: synthetic, hh-rlhf, ultrafeedback "
                      f"(or --file PATH)")
 
@@ -380,8 +384,21 @@ DROPS = ("blank", "malformed", "empty_response", "identical", "too_long")  # why
 
 
 def get_encoding(tok):
-    """The tokenizer named by meta['tokenizer']."""
-    return synthetic_encoding() if tok == "synthetic" else tiktoken.get_encoding(tok)
+    """The tokenizer named by meta['tokenizer']. tiktoken downloads GPT-2's files on first
+    use; with no network and no cached copy that is a ValueError saying what to do."""
+    if tok == "synthetic":
+        return synthetic_encoding()
+    try:
+        return tiktoken.get_encoding(tok)
+    except Exception as e:  # requests' ConnectionError, an HTTP error, a bad cached file
+        raise ValueError(f"cannot load the {tok} tokenizer ({type(e).__name__}: {one_line(e)}"
+                         f"); run once with network access, or set TIKTOKEN_CACHE_DIR to a "
+                         f"folder holding tiktoken's cached {tok} files") from e
+
+
+def decode(enc, ids, eot):
+    """Token ids -> text, up to the first end-of-text token (a sample's end)."""
+    return enc.decode(ids[:ids.index(eot)] if eot in ids else ids)
 
 
 def check(row, shape):
@@ -467,19 +484,57 @@ def held_out(rows, shape):
     return usable[n_val - 1] + 1 if usable else 0
 
 
-def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=1000,
+def fingerprint(path, known=None):
+    """A file's size, mtime and sha256. Hashing costs about 2 ms a MB here, so a fingerprint
+    `known` from before is reused when the size and mtime have not changed."""
+    st = os.stat(path)
+    fp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if known and all(known.get(k) == v for k, v in fp.items()):
+        return known
+    with open(path, "rb") as f:
+        fp["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return fp
+
+
+SEED, N_TRAIN, N_VAL = 1337, 20000, 1000  # the synthetic task's defaults
+FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("tokens", "index")]
+
+
+def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len):
+    """What prepared data is made from, as meta.json records it: data made from the same
+    recipe, and the same file contents (fingerprint), is the same data. The seed and the
+    row counts only make synthetic rows; files are kept as absolute paths."""
+    synth = source == "synthetic" and not file
+    return dict(source=source, file=file and os.path.abspath(file),
+                val_file=val_file and os.path.abspath(val_file), subset=subset,
+                tokenizer="synthetic" if synth else "gpt2", seed=seed if synth else None,
+                n_train=n_train if synth else None, n_val=n_val if synth else None,
+                max_len=max_len, max_prompt_len=max_prompt_len)
+
+
+def holds(out):
+    """What out holds, read from the disk, for the line that ends an interrupted or failed
+    preparation."""
+    return (f"{out} holds the data prepared before, unchanged" if os.path.isfile(
+        os.path.join(out, "meta.json")) else f"{out} holds no prepared data")
+
+
+def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VAL,
             max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
     """Write the source's train and val splits and meta.json to out; return the meta. Bad input
-    is a ValueError whose message is one line."""
+    is a ValueError whose message is one line. The files are written into out/.tmp, then
+    moved into place, meta.json last, with out locked: a preparation that fails or is killed
+    leaves out's previous data or none, never a mix, and a trainer that has the old files
+    mapped keeps reading them. meta.json records each file's size and hash."""
     if not 0 <= max_prompt_len < max_len:  # a kept row needs room for a token of each response
         raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 0 and below max_len "
                          f"{max_len}, to leave room for the responses")
     out = out or os.path.join("data", source)
     if source == "synthetic" and not file:
         splits = {k: (v, source, 1) for k, v in make_synthetic(n_train, n_val, seed).items()}
-        tok, shape = "synthetic", "triple"
+        shape = "triple"
     else:
-        splits, tok = load_source(source, file, subset, val_file), "gpt2"
+        splits = load_source(source, file, subset, val_file)
         first = next((r for rows, _, _ in splits.values() for r in rows
                       if not isinstance(r, BrokenLine)), None)
         shape = detect_shape(first, file or source)
@@ -487,20 +542,24 @@ def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=1000,
             rows, name, _ = splits["train"]
             cut = held_out(rows, shape)
             splits = {"train": (rows[cut:], name, cut + 1), "val": (rows[:cut], name, 1)}
-    enc = get_encoding(tok)
-    os.makedirs(out, exist_ok=True)
-    # "file" and "val_file" as absolute paths, so the trainer can tell data prepared elsewhere
-    meta = {"source": source, "file": os.path.abspath(file) if file else None,
-            "val_file": os.path.abspath(val_file) if val_file else None, "tokenizer": tok,
-            "vocab_size": enc.n_vocab, "eot": enc.eot_token, "max_len": max_len,
-            "max_prompt_len": max_prompt_len, "seed": seed, "shape": shape, "splits": {}}
-    for split, (rows, name, first_row) in splits.items():
-        meta["splits"][split] = write_split(rows, enc, out, split, max_len, max_prompt_len,
-                                            name, shape, first_row)
-    tmp = os.path.join(out, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out, "meta.json"))  # meta last: its presence means "complete"
+    meta = recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len)
+    enc = get_encoding(meta["tokenizer"])
+    meta.update(vocab_size=enc.n_vocab, eot=enc.eot_token, shape=shape, splits={},
+                file_id=file and fingerprint(file), val_file_id=val_file and fingerprint(val_file))
+    with lock(out):
+        try:
+            with staged(out, "meta.json", FILES) as tmp:
+                for split, (rows, name, first_row) in splits.items():
+                    meta["splits"][split] = write_split(rows, enc, tmp, split, max_len,
+                                                        max_prompt_len, name, shape, first_row)
+                meta["files"] = {f: fingerprint(os.path.join(tmp, f)) for f in FILES}
+                meta["id"] = hashlib.sha256(" ".join(
+                    meta["files"][f]["sha256"] for f in FILES).encode()).hexdigest()[:16]
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f, indent=1)
+        except OSError as e:  # a full disk, above all
+            raise ValueError(f"cannot write in {out} ({type(e).__name__}: {one_line(e)}); "
+                             f"{holds(out)}") from e
     for split, c in meta["splits"].items():
         print(f"{out}/{split}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
               f"dropped {c['dropped']}")
@@ -510,17 +569,25 @@ def prepare(source="synthetic", out=None, seed=1337, n_train=20000, n_val=1000,
 def load(data_dir, source, file=None, max_len=None):
     """meta and {split: (tokens, index)} of data prepared in data_dir, checked against what
     the caller asks for: the same source (and file, when given), and pairs of at most max_len
-    tokens. Stale or unreadable data is a ValueError that says how to prepare again."""
+    tokens; and each file against the size meta.json records. Stale or unreadable data is a
+    ValueError that says how to prepare again."""
     meta_path, redo = os.path.join(data_dir, "meta.json"), \
         f"prepare it again into a new --data_dir (or delete {data_dir})"
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         was = (meta["source"], meta.get("file"), meta["tokenizer"], meta["vocab_size"])
+        cut = [f for f, fp in meta.get("files", {}).items()
+               if os.path.getsize(os.path.join(data_dir, f)) != fp["size"]]
         splits = {s: (np.load(os.path.join(data_dir, f"{s}.tokens.npy"), mmap_mode="r"),
                       np.load(os.path.join(data_dir, f"{s}.index.npy"))) for s in ("train", "val")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{data_dir} holds no readable prepared data ({one_line(e)}); {redo}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{data_dir} holds no readable prepared data ({type(e).__name__}: "
+                         f"{one_line(e)}); {redo}") from e
+    if "files" not in meta or cut:
+        raise ValueError(f"{data_dir}: " + (f"{', '.join(cut)} differ from what meta.json says"
+                         if cut else "meta.json, from an older prepare_data.py, names no "
+                         "files to check") + f"; {redo}")
     file = file and os.path.abspath(file)
     if was[0] != source or (file and was[1] != file):
         raise ValueError(f"{data_dir} was prepared from {was[1] or was[0]}, not {file or source}; {redo}")
@@ -534,6 +601,56 @@ def load(data_dir, source, file=None, max_len=None):
                              f"{max_len}; {redo} with --max_len {max_len}")
     return meta, splits
 
+
+def stale(data_dir, want, explicit):
+    """Why data_dir's data is not what the recipe `want` asks for, or None. In a folder the
+    user named (explicit), only the source and the file count: the limits and the seed
+    there are the user's choice."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return "holds no prepared data"
+    except (OSError, ValueError) as e:
+        return f"holds no readable meta.json ({type(e).__name__}: {one_line(e)})"
+    if not isinstance(meta, dict) or "files" not in meta:
+        return "holds data from an older prepare_data.py, which did not record its files"
+    if meta.get("source") != want["source"] or (want["file"] and meta.get("file") != want["file"]):
+        return f"was prepared from {meta.get('file') or meta.get('source')}, not " \
+               f"{want['file'] or want['source']}"
+    fp = meta.get("file_id") or {}
+    if want["file"] and os.path.isfile(want["file"]) and \
+            fingerprint(want["file"], fp)["sha256"] != fp.get("sha256"):
+        return f"was prepared from {want['file']} as it was before it changed"
+    if not explicit:
+        for k, v in want.items():
+            if meta.get(k) != v:
+                return f"was prepared with {k} {meta.get(k)}, not {v}"
+    return None
+
+
+def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explicit=False):
+    """The data orpo.py trains on: meta and splits (load) of data_dir, prepared from source,
+    or from file, for pairs of at most max_len tokens. The default folder (explicit False) is
+    prepared when its data is absent or was made from anything else (another file, the file
+    before it changed, other limits), saying why. A folder the user named is theirs: data
+    made from another source or file, or the file before it changed, is refused; there an
+    absent one is prepared only from a file. Bad data is a ValueError, one line."""
+    want = recipe(source, file, None, None, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len)
+    why = stale(data_dir, want, explicit)
+    if why == "holds no prepared data" and explicit and not file:  # a typo gets no new data
+        raise ValueError(f"no prepared data in {data_dir} (no meta.json); prepare it with "
+                         f"`python prepare_data.py --out {data_dir} ...`, or give --data_file "
+                         f"to prepare it")
+    if why and explicit and why != "holds no prepared data":
+        raise ValueError(f"{data_dir} {why}; prepare it again into a new --data_dir (or "
+                         f"delete {data_dir})")
+    if why:
+        print(f"{data_dir} {why}: preparing {file or source} for pairs of {max_len} tokens")
+        prepare(source, data_dir, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len, file)
+    return load(data_dir, source, file, max_len)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="synthetic",
@@ -543,15 +660,19 @@ if __name__ == "__main__":
                     help="held-out rows (default: --file's top tenth of usable rows)")
     ap.add_argument("--subset", default=None, help="hh-rlhf data_dir, e.g. harmless-base")
     ap.add_argument("--out", default=None, help="output folder (default data/SOURCE)")
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--n_train", type=int, default=20000, help="synthetic rows")
-    ap.add_argument("--n_val", type=int, default=1000, help="synthetic rows")
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--n_train", type=int, default=N_TRAIN, help="synthetic rows")
+    ap.add_argument("--n_val", type=int, default=N_VAL, help="synthetic rows")
     ap.add_argument("--max_len", type=int, default=1024, help="prompt + response tokens")
     ap.add_argument("--max_prompt_len", type=int, default=512, help="below --max_len")
     a = ap.parse_args()
+    out = a.out or os.path.join("data", a.source)
     try:
-        prepare(a.source, a.out, a.seed, a.n_train, a.n_val, a.max_len, a.max_prompt_len,
+        prepare(a.source, out, a.seed, a.n_train, a.n_val, a.max_len, a.max_prompt_len,
                 a.file, a.subset, a.val_file)
     except ValueError as e:
         print(f"prepare_data: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"prepare_data: interrupted; {holds(out)}", file=sys.stderr)
+        sys.exit(130)

@@ -23,7 +23,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     task the judge scores it; a win is a sample scored above the pair's chosen answer (a tie
     counts half), as the paper counts reward-model wins against a reference."""
     enc, eot = prepare_data.get_encoding(meta["tokenizer"]), meta["eot"]
-    text = lambda ids: enc.decode(ids[:ids.index(eot)] if eot in ids else ids)  # up to end-of-text
+    text = lambda ids: prepare_data.decode(enc, ids, eot)
     tokens, index = split
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     by_len, out = {}, []
@@ -45,8 +45,13 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     model.train()
     out.sort(key=lambda s: s["row"])
     if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
-        for s in out:
-            s.update(prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]))
+        try:
+            verdicts = [prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]) for s in out]
+        except ValueError as e:  # prompts cut short (a small block_size) cannot be judged
+            print(f"note: the judge cannot score these answers: {one_line(e)}")
+            return out
+        for s, v in zip(out, verdicts):
+            s.update(v)
     return out
 
 

@@ -6,7 +6,13 @@ GPT-2 directory (config.json and the weights) for the usual evaluation tools.
 
 It takes orpo.py's --config NAME and --key=value overrides: temperature, top_k,
 max_new_tokens, n_samples (at most 5 are printed), seed, device, dtype.
+
+An export goes into a new or empty folder, or over an earlier export (which
+orpo_export.json marks): never over files it did not write. It is written beside, then
+moved in, config.json last: an export that fails or is stopped leaves the earlier one, or a
+folder that does not load, never a new config.json beside old weights.
 """
+import json
 import os
 import sys
 
@@ -15,21 +21,54 @@ import torch
 import orpo
 import prepare_data
 from configurator import die, parse_args, setup_device
+from safe import lock, one_line, staged
+
+MARK = "orpo_export.json"  # in an export: which checkpoint, and the files written
+
+
+def export(model, meta, ck_path, d):
+    """Write model as a Hugging Face GPT-2 folder d (see the docstring); die in one line."""
+    if os.path.exists(d) and not os.path.isdir(d):
+        die(f"--export={d} is a file, not a folder")
+    found = sorted(set(os.listdir(d)) - {".lock", ".tmp"}) if os.path.isdir(d) else []
+    if found and MARK not in found:
+        die(f"--export={d} holds files that no export wrote ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}); give a new or empty folder")
+    try:
+        old = []
+        if found:  # an earlier export's files go, all of them
+            with open(os.path.join(d, MARK)) as f:
+                old = json.load(f)["files"]
+        with lock(d), staged(d, "config.json", old, MARK) as tmp:
+            model.export_hf(tmp, eot=meta["eot"])
+            files = sorted(os.listdir(tmp) + [MARK])
+            with open(os.path.join(tmp, MARK), "w") as f:
+                json.dump({"checkpoint": os.path.abspath(ck_path), "files": files}, f, indent=1)
+    except (Exception, KeyboardInterrupt) as e:  # a full disk (OSError, SafetensorError), Ctrl-C
+        state = "holds the export from before" if os.path.isfile(os.path.join(
+            d, "config.json")) else "holds no export"
+        if isinstance(e, KeyboardInterrupt):
+            die(f"interrupted; {d} {state}", status=130)
+        die(f"could not export to {d} ({type(e).__name__}: {one_line(e)}); {d} {state}")
+    print(f"wrote {', '.join(n for n in sorted(os.listdir(d)) if n[0] != '.')} in {d}")
 
 
 def main():
-    _, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""))
+    _, cfg, opts = parse_args(
+        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""),
+        usage="sample.py [--config NAME] --prompt=TEXT | --export=DIR [--key=value ...]",
+        keys=("out_dir", "temperature", "top_k", "max_new_tokens", "n_samples", "seed", "device",
+              "dtype"),
+        notes=dict(prompt="the text to answer (\\n for a new line)", out_dir="the run to read",
+                   n_samples="answers to sample (at most 5 are printed)",
+                   export="a folder to write the checkpoint to, in the Hugging Face GPT-2 format"))
     if not opts["prompt"].strip() and not opts["export"]:
         die("give --prompt=TEXT to sample from the checkpoint, or --export=DIR to export it")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ck = orpo.load_checkpoint(path)
     model, meta = orpo.model_from_checkpoint(ck, path), ck["meta"]
     if opts["export"]:
-        try:
-            model.export_hf(opts["export"], eot=meta["eot"])
-        except (ValueError, OSError) as e:
-            die(f"could not export to {opts['export']}: {e}")
-        print(f"wrote {', '.join(sorted(os.listdir(opts['export'])))} in {opts['export']}")
+        export(model, meta, path, opts["export"])
         if meta["tokenizer"] != "gpt2":
             print(f"note: this model's tokenizer is the {meta['tokenizer']} task's "
                   f"({meta['vocab_size']} ids), not GPT-2's: GPT2LMHeadModel loads it, but "
@@ -38,7 +77,10 @@ def main():
         return
     dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
     model.to(dev).eval()
-    enc = prepare_data.get_encoding(meta["tokenizer"])
+    try:
+        enc = prepare_data.get_encoding(meta["tokenizer"])
+    except ValueError as e:  # GPT-2's tokenizer neither cached nor downloadable
+        die(str(e))
     text = opts["prompt"].replace("\\n", "\n")
     ids = torch.tensor(enc.encode_ordinary(text), device=dev)[None]
     if ids.size(1) >= model.cfg.block_size:
@@ -49,7 +91,7 @@ def main():
         out = model.generate(ids.expand(max(1, min(cfg.n_samples, 5)), -1), cfg.max_new_tokens,
                              cfg.temperature, cfg.top_k or None, meta["eot"], gen)
     for row in out[:, ids.size(1):].tolist():
-        answer = enc.decode(row[:row.index(meta["eot"])] if meta["eot"] in row else row)
+        answer = prepare_data.decode(enc, row, meta["eot"])
         line = f"{text!r} ->{answer!r}"
         if meta["source"] == "synthetic":
             try:
@@ -60,4 +102,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # an export in progress has cleaned up after itself
+        die("interrupted; sample.py writes nothing but an export", status=130)

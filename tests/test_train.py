@@ -58,11 +58,35 @@ def test_resume_logs_each_iteration_once_and_counts_the_whole_time(tmp_path, dat
     assert first > 0 and ck["seconds"] > first  # the clock carried over
 
 
-def test_a_new_run_in_the_same_out_dir_starts_a_fresh_log(tmp_path, data_dir):
-    run(tmp_path, data_dir, max_iters=6, log_interval=1)
-    recs = run(tmp_path, data_dir, lam=0.0, max_iters=4, log_interval=1)
-    assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["l_sft"] for r in recs if r["kind"] == "train")  # the lam=0 run's
+def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_mixes_nothing(tmp_path, data_dir):
+    first = run(tmp_path, data_dir, max_iters=6, log_interval=1, eval_interval=3)
+    before = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "summary.json")}
+    r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--lam=0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tmp_path} holds another run ({tmp_path / 'ckpt.pt'} holds iteration 6)" in r.stderr
+    assert "--init_from=resume" in r.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before  # the old run, whole
+    assert [r["iter"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_runs_on_one_out_dir_the_second_is_refused_naming_the_first(tmp_path, data_dir):
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config=tiny",
+                              f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000",
+                              "--n_samples=2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the first one holds the folder
+            if (tmp_path / ".lock").exists() and (tmp_path / ".lock").read_text():
+                break
+            time.sleep(0.1)
+        r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{tmp_path} is in use by pid {first.pid}" in r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+            "--max_iters=2", "--n_samples=2", "--init_from=resume")  # the lock of a killed run
+    assert f"took over the lock of pid {first.pid}" in r.stderr
 
 
 def test_lam_zero_is_plain_sft(tmp_path, data_dir):

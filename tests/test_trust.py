@@ -1,0 +1,354 @@
+"""Nothing lost, nothing mixed: prepared data and exports are whole or absent after a kill,
+a full disk or Ctrl-C; one process writes a folder at a time; data made from anything else
+than what a run asks is noticed. Kills happen in a subprocess, at a chosen write."""
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import prepare_data
+import safe
+from conftest import ROOT, run
+
+SMALL = dict(n_train=200, n_val=20)
+
+
+def driver(code, *args, timeout=120, wait=True):
+    """Python code in a subprocess that imports the project, e.g. to patch a function so that
+    the process kills itself at a chosen point."""
+    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n{code}", *args]
+    if not wait:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# At the n-th call of module.fn, before it acts, the process sends itself a signal.
+HOOK = """
+import os, signal, {module}
+n, real = [0], {module}.{fn}
+def hooked(*a, **k):
+    n[0] += 1
+    if n[0] == {at}:
+        os.kill(os.getpid(), signal.{sig})
+    return real(*a, **k)
+{module}.{fn} = hooked
+"""
+PREPARE = "import prepare_data; prepare_data.prepare('synthetic', sys.argv[1], seed=2, " \
+          "n_train=200, n_val=20)"
+CLI = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def snapshot(d):
+    """The data in d as load() gives it, as plain values, or the error it raises."""
+    try:
+        meta, splits = prepare_data.load(d, "synthetic")
+    except ValueError as e:
+        return str(e)
+    return meta["splits"], {s: (t.tolist(), i.tolist()) for s, (t, i) in splits.items()}
+
+
+def old_data(tmp_path):
+    d = str(tmp_path / "d")
+    prepare_data.prepare("synthetic", d, seed=1, **SMALL)
+    return d, snapshot(d)
+
+
+@pytest.mark.parametrize("module, fn, at", [("numpy", "save", 2), ("numpy", "save", 4),
+                                            ("os", "replace", 1), ("os", "replace", 3)])
+def test_a_preparation_killed_mid_write_leaves_the_old_data_or_none(tmp_path, module, fn, at):
+    d, before = old_data(tmp_path)
+    r = driver(HOOK.format(module=module, fn=fn, at=at, sig="SIGKILL") + PREPARE, d)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    after = snapshot(d)
+    assert after == before or "holds no readable prepared data" in after, after
+    prepare_data.prepare("synthetic", d, seed=1, **SMALL)  # the next preparation cleans up
+    assert snapshot(d) == before and sorted(os.listdir(d)) == sorted(
+        [".lock", "meta.json"] + prepare_data.FILES)
+
+
+def test_preparing_again_under_a_reader_leaves_its_mapped_files_whole(tmp_path):
+    """A trainer maps the token files; preparing the folder again (here: fewer rows, so
+    shorter files) must not truncate them under it, which kills it with SIGBUS."""
+    d, before = old_data(tmp_path)
+    r = driver("import prepare_data\n"
+               "meta, splits = prepare_data.load(sys.argv[1], 'synthetic')\n"
+               "prepare_data.prepare('synthetic', sys.argv[1], seed=2, n_train=20, n_val=5)\n"
+               "print(sum(int(t.sum()) + int(i.sum()) for t, i in splits.values()))", d)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    want = sum(sum(t) + sum(map(sum, i)) for t, i in before[1].values())  # the old data's
+    assert int(r.stdout.split()[-1]) == want
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_old_data(tmp_path, monkeypatch):
+    d, before = old_data(tmp_path)
+    real, calls = np.save, []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*a, **k)
+    monkeypatch.setattr(np, "save", full)
+    want = re.escape(f"cannot write in {d} (") + r".*No space left on device\)" + re.escape(
+        f"; {d} holds the data prepared before, unchanged")
+    with pytest.raises(ValueError, match=want):
+        prepare_data.prepare("synthetic", d, seed=2, **SMALL)
+    assert snapshot(d) == before and ".tmp" not in os.listdir(d)
+
+
+def test_ctrl_c_while_preparing_is_one_line_exit_130_and_no_temporary_file(tmp_path):
+    d, before = old_data(tmp_path)
+    r = driver(HOOK.format(module="numpy", fn="save", at=2, sig="SIGINT") + CLI,
+               os.path.join(ROOT, "prepare_data.py"), "--out", d, "--n_train", "200")
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"prepare_data: interrupted; {d} holds the data prepared " \
+                               f"before, unchanged"
+    assert snapshot(d) == before and ".tmp" not in os.listdir(d)
+
+
+def test_two_preparers_on_one_folder_the_second_is_refused_a_stale_lock_taken_over(tmp_path):
+    d, _ = old_data(tmp_path)
+    started = tmp_path / "started"
+    hold = f"""
+import numpy, pathlib, time
+def slow(*a, **k):
+    pathlib.Path({str(started)!r}).touch()
+    time.sleep(120)
+numpy.save = slow
+""" + PREPARE
+    first = driver(hold, d, wait=False)
+    try:
+        for _ in range(600):
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), first.communicate()
+        r = subprocess.run([sys.executable, "prepare_data.py", "--out", d], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"prepare_data: {d} is in use by pid {first.pid} (")
+    finally:
+        first.kill()
+        first.communicate()
+    prepare_data.prepare("synthetic", d, seed=1, **SMALL)  # its holder is gone: taken over
+    with open(os.path.join(d, ".lock")) as f:
+        assert f.read() == ""  # released, so the next one has nothing to report
+
+
+def test_a_stale_lock_is_taken_over_and_said(tmp_path, capsys):
+    d = tmp_path / "d"
+    r = driver("import os, safe; safe.lock(sys.argv[1]); os._exit(9)", str(d))  # dies holding
+    assert r.returncode == 9
+    with safe.lock(str(d)):
+        err = capsys.readouterr().err
+        assert f"{d}: took over the lock of pid " in err and "which is gone" in err
+        with open(d / ".lock") as f:
+            assert f.read().startswith(f"pid {os.getpid()} (")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_text("x"), "is a file"),
+    (lambda p: (p.mkdir(), p.chmod(0o500)), "cannot write in"),
+])
+def test_a_folder_that_cannot_be_locked_is_one_line(tmp_path, make, words):
+    p = tmp_path / "x"
+    make(p)
+    if words == "cannot write in" and os.access(p, os.W_OK):
+        pytest.skip("running as root: a read-only folder is writable")
+    with pytest.raises(ValueError, match=words):
+        safe.lock(str(p))
+    r = subprocess.run([sys.executable, "prepare_data.py", "--out", str(p), "--n_train", "50"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
+    path = str(tmp_path / "f")
+    with safe.atomic_write(path) as tmp:
+        open(tmp, "w").write("old")
+    with pytest.raises(KeyboardInterrupt):
+        with safe.atomic_write(path) as tmp:
+            open(tmp, "w").write("new, but cut")
+            raise KeyboardInterrupt
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["f"]
+
+
+# --- data made from something else than the run asks for ---
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(prepare_data, "get_encoding", lambda tok: prepare_data.synthetic_encoding())
+
+
+def pairs_file(path, words):
+    with open(path, "w") as f:
+        for w in words:
+            f.write(json.dumps({"prompt": f"user: 2 more like {w} and cat\nassistant:",
+                                "chosen": f" sure : {w} .", "rejected": f" ugh : {w} ."}) + "\n")
+    return str(path)
+
+
+def test_a_data_file_edited_in_place_is_noticed(tmp_path, capsys, offline):
+    f = pairs_file(tmp_path / "f.jsonl", ["dog", "owl", "hen", "fox", "elk"])
+    d = str(tmp_path / "data")
+    meta, _ = prepare_data.ensure(d, "mine", f, 64, 32)
+    assert meta["file_id"]["sha256"] and meta["file_id"]["size"] == os.path.getsize(f)
+    capsys.readouterr()
+    meta, _ = prepare_data.ensure(d, "mine", f, 64, 32)
+    assert capsys.readouterr().out == ""  # prepared once, not twice
+    time.sleep(0.01)
+    pairs_file(f, ["dog", "owl", "hen", "fox", "ant"])  # the same size, one word changed
+    with pytest.raises(ValueError, match=re.escape(f"{d} was prepared from {f} as it was before "
+                                                   f"it changed; prepare it again into a new")):
+        prepare_data.ensure(d, "mine", f, 64, 32, explicit=True)
+    meta2, splits = prepare_data.ensure(d, "mine", f, 64, 32)
+    assert f"{d} was prepared from {f} as it was before it changed: preparing" in \
+        capsys.readouterr().out
+    assert meta2["file_id"]["sha256"] != meta["file_id"]["sha256"]
+    enc = prepare_data.synthetic_encoding()
+    tokens, index = splits["train"]
+    assert " ant " in enc.decode(tokens.tolist())
+
+
+def test_data_for_other_limits_is_prepared_again_in_the_default_folder(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr(prepare_data, "N_TRAIN", 300)  # what the run asks for, made small
+    d = str(tmp_path / "synthetic")
+    prepare_data.ensure(d, "synthetic", None, 17, 8)
+    meta, splits = prepare_data.ensure(d, "synthetic", None, 65, 32)
+    assert f"{d} was prepared with max_len 17, not 65: preparing" in capsys.readouterr().out
+    assert (meta["max_len"], meta["max_prompt_len"], meta["n_train"]) == (65, 32, 300)
+    tokens, index = splits["val"]
+    off, p, c, r = index[0]  # no longer cut: the response ends with end-of-text
+    assert tokens[off + p + c - 1] == meta["eot"] and meta["splits"]["val"]["truncated"] == 0
+    # a folder the user named keeps its limits; longer pairs than the run reads are refused
+    with pytest.raises(ValueError, match="holds a pair of .* tokens, more than 17"):
+        prepare_data.ensure(d, "synthetic", None, 17, 8, explicit=True)
+    with pytest.raises(ValueError, match="no prepared data in .*nope"):
+        prepare_data.ensure(str(tmp_path / "nope"), "synthetic", None, 65, 32, explicit=True)
+
+
+def test_a_data_file_changed_by_hand_is_refused(tmp_path):
+    d, _ = old_data(tmp_path)
+    np.save(os.path.join(d, "val.index.npy"), np.zeros((3, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="val.index.npy differ from what meta.json says"):
+        prepare_data.load(d, "synthetic")
+
+
+# --- messages instead of tracebacks ---
+
+def test_prepare_out_an_existing_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    r = subprocess.run([sys.executable, "prepare_data.py", "--out", str(tmp_path / "f"),
+                        "--n_train", "50"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == f"prepare_data: {tmp_path / 'f'} is a file, not a " \
+                                             f"folder\n", r.stderr
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_gpt2_tokenizer_neither_cached_nor_downloadable_is_one_line(tmp_path, monkeypatch):
+    import requests
+    import tiktoken
+
+    def offline(name):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    f = pairs_file(tmp_path / "f.jsonl", ["dog", "owl"])
+    with pytest.raises(ValueError, match="cannot load the gpt2 tokenizer .*TIKTOKEN_CACHE_DIR"):
+        prepare_data.prepare("mine", str(tmp_path / "o"), file=f)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cut_prompt_is_not_judged_and_decode_stops_at_end_of_text():
+    with pytest.raises(ValueError, match="not a whole prompt of the synthetic task"):
+        prepare_data.judge(" dog\nassistant:", " sure : fox owl .")
+    with pytest.raises(ValueError, match="not a whole prompt of the synthetic task"):
+        prepare_data.judge("user: 3 more like zebra and dog\nassistant:", " sure : fox .")
+    enc = prepare_data.synthetic_encoding()
+    ids = enc.encode_ordinary(" sure : cat .")
+    assert prepare_data.decode(enc, ids + [enc.eot_token] + ids, enc.eot_token) == " sure : cat ."
+    assert prepare_data.decode(enc, ids, enc.eot_token) == " sure : cat ."
+
+
+# --- exports ---
+
+def export(out_dir, dest, hook=""):
+    return driver(hook + CLI, os.path.join(ROOT, "sample.py"), f"--out_dir={out_dir}",
+                  f"--export={dest}")
+
+
+def files(d):
+    return {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d) if n[0] != "."}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two trained checkpoints with different weights, o1 and o2, exported to a and b."""
+    base = tmp_path_factory.mktemp("runs")
+    d = str(base / "data")
+    prepare_data.prepare("synthetic", d, n_train=400, n_val=40)
+    for seed in (1, 2):
+        run(base / f"o{seed}", d, max_iters=1, eval_interval=1, eval_pairs=8, n_samples=1,
+            max_new_tokens=4, seed=seed)
+    for src, dest in (("o1", "a"), ("o2", "b")):
+        assert export(base / src, base / dest).returncode == 0
+    return base
+
+
+def test_an_export_never_overwrites_files_it_did_not_write(tmp_path, two_runs):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    r = export(two_runs / "o1", mine)
+    assert r.returncode == 2 and r.stderr == f"error: --export={mine} holds files that no " \
+                                             f"export wrote (config.json); give a new or " \
+                                             f"empty folder\n", r.stderr
+    assert os.listdir(mine) == ["config.json"]  # no lock file, no temporary folder left
+    assert (mine / "config.json").read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("hook", [
+    HOOK.format(module="safetensors.torch", fn="save_file", at=1, sig="SIGKILL"),
+    HOOK.format(module="os", fn="replace", at=2, sig="SIGKILL"),
+    HOOK.format(module="os", fn="replace", at=4, sig="SIGKILL"),
+])
+def test_an_export_killed_mid_write_leaves_the_old_export_or_one_that_does_not_mix(
+        tmp_path, two_runs, hook):
+    a = tmp_path / "a"
+    shutil.copytree(two_runs / "a", a)
+    old, new = files(a), files(two_runs / "b")
+    assert old != new
+    r = export(two_runs / "o2", a, hook)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    now = files(a)
+    differ = [n for n in now if old.get(n) != new.get(n)]  # the weights and the mark
+    assert all(now[n] in (old.get(n), new.get(n)) for n in now), sorted(now)
+    assert all(now[n] == old.get(n) for n in differ) or all(now[n] == new.get(n) for n in differ)
+    if now.get("config.json") is not None and now != old:
+        assert now == new  # loadable (config.json there) means whole
+    assert export(two_runs / "o2", a).returncode == 0 and files(a) == new  # and it is redone
+
+
+def test_an_export_that_fails_keeps_the_old_one_in_one_line(tmp_path, two_runs):
+    a = tmp_path / "a"
+    shutil.copytree(two_runs / "a", a)
+    old = files(a)
+    full = """
+import safetensors.torch
+def full(*a, **k):
+    raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+safetensors.torch.save_file = full
+"""
+    r = export(two_runs / "o2", a, full)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "No space left on device" in r.stderr and f"{a} holds the export from before" in r.stderr
+    assert files(a) == old and ".tmp" not in os.listdir(a)
