@@ -14,7 +14,7 @@ import torch
 
 import prepare_data
 from prepare_data import CHOSEN, OFF, PROMPT
-from safe import die, one_line
+from safe import atomic_write, die, one_line
 
 
 @torch.no_grad()
@@ -166,6 +166,6 @@ def finish(log, cfg, preset, *, history, s0, s1, seconds, wall, pairs, cost):
     """Close the log; print the summary and write it to out_dir/summary.json."""
     log.close()
     summary = dict(summarize(cfg, preset, history, s0, s1, seconds, wall, pairs), cost=cost)
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+    with atomic_write(os.path.join(cfg.out_dir, "summary.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     return summary

@@ -251,6 +251,22 @@ def test_ctrl_c_stops_with_one_line(tmp_path, data_dir):
     assert err.startswith("error: interrupted at iteration ") and "ckpt.pt holds iteration" in err
 
 
+
+def test_ctrl_c_while_sampling_before_training_is_one_line_and_leaves_no_temporary_file(tmp_path, data_dir):
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config", "tiny",
+                          f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--n_samples=100000",
+                          "--max_new_tokens=64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:  # the eval at iteration 0 is printed; the sampling has begun
+        if line.startswith("eval     0"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "error: interrupted at iteration 0; no checkpoint was written yet\n", err
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]  # nothing half-written
+    assert (tmp_path / ".lock").read_text() == ""  # released
+
 def test_dpo_trains_the_policy_and_never_touches_the_reference(tmp_path, data_dir, monkeypatch):
     run(tmp_path / "sft", data_dir, lam=0.0, max_iters=10, eval_interval=10)
     sft = str(tmp_path / "sft" / "ckpt.pt")
