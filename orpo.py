@@ -14,12 +14,14 @@ assignment.py import this file.
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import functools
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import report
 from configurator import parse_args, setup_device
 from model import GPT, GPTConfig, Scorer, padded_vocab
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
-from safe import die, one_line
+from safe import atomic_write, die, lock, one_line
 
 # ----------------------------------------------------------------------------------------
 # The loss (Eqs. 1-7), in fp32 whatever the autocast dtype. Notation, the paper's: for a
@@ -225,22 +227,16 @@ PRESETS = {
 # padded together into one (2B, T) tensor, chosen rows first, so one forward pass serves both.
 
 def load_data(cfg):
-    """meta and {split: (tokens, index)}. data/<dataset> is prepared on first use; data that
-    was prepared from other data, or holds pairs longer than block_size + 1, is refused."""
+    """meta and {split: (tokens, index)}. data/<dataset> is prepared on first use, and again
+    when it was made from anything else; a --data_dir of other data is refused."""
     d = cfg.data_dir or os.path.join("data", cfg.dataset)
     tok = "synthetic" if cfg.dataset == "synthetic" and not cfg.data_file else "gpt2"
-    n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
-    if cfg.vocab_size < n_vocab:
-        die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
     try:
-        if not os.path.exists(os.path.join(d, "meta.json")):
-            if cfg.data_dir and not cfg.data_file:  # a typo should not quietly get new data
-                die(f"no prepared data in {d} (no meta.json); prepare it with `python "
-                    f"prepare_data.py --out {d} ...`, or give --data_file to prepare it")
-            print(f"no data in {d}: preparing {cfg.data_file or cfg.dataset}")
-            prepare_data.prepare(cfg.dataset, d, max_len=cfg.block_size + 1, file=cfg.data_file
-                                 or None, max_prompt_len=(cfg.block_size + 1) // 2)
-        return prepare_data.load(d, cfg.dataset, cfg.data_file, max_len=cfg.block_size + 1)
+        n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
+        if cfg.vocab_size < n_vocab:
+            die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
+        return prepare_data.ensure(d, cfg.dataset, cfg.data_file or None, cfg.block_size + 1,
+                                   (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
     except ValueError as e:
         die(str(e))
 
@@ -394,19 +390,15 @@ CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what 
              "history", "seconds", "cost")               # what was measured so far
 # what a resumed run must share with the run it continues: the shape, and the data
 RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
-               "data_file")
+               "data_file", "batch_size", "seed")
 
 def save_checkpoint(path, **state):
-    """Write path.tmp, then rename it: a crash, Ctrl-C or a full disk mid-save leaves the
-    last good checkpoint intact, and the partial file is removed."""
+    """Whole or not at all (safe.atomic_write): a crash, Ctrl-C or a full disk mid-save
+    leaves the last good checkpoint intact, and the partial file is removed."""
     try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
+        with atomic_write(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
         # torch.save reports a full disk as a stream error, in words that vary by version;
         # the partial file is gone by now, so the free space alone can miss it
         full = getattr(e, "errno", None) == errno.ENOSPC or any(
@@ -478,6 +470,10 @@ def build_model(cfg, meta, path):
     if cfg.init_from == "resume":
         ck = load_checkpoint(path, CKPT_KEYS, meta)
         check_same(path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
+        if ck["meta"].get("id") != meta["id"]:  # the same names, but other tokens
+            die(f"checkpoint {path} was trained on other data than {cfg.data_dir or cfg.dataset} "
+                f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
+                f"data, or start a new --out_dir")
         return model_from_checkpoint(ck, path), ck
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg, meta)), None
@@ -513,6 +509,10 @@ def start_processes(cfg):
         if nccl:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)
+        if sys.platform == "linux":  # a worker whose launcher dies stops, not trains on alone
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # it died before that line
+                die("torchrun, which started this process, is gone", 143)
     return rank, world, device
 
 def rng_states(world, dev_type):
@@ -540,47 +540,56 @@ def train(cfg, preset="custom"):
     """Train. The loop's state lives in this function's variables, in plain sight: the model,
     the optimizer and scaler, the iteration, where the data is, and the cost so far. (It is
     longer than a screen: one loop reads better whole.)"""
-    t_begin = time.time()
+    t_begin, it, held = time.time(), 0, None
     rank, world, device = start_processes(cfg)
     master = rank == 0
-    torch.manual_seed(cfg.seed + rank)
-    dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
-    meta, data = load_data(cfg)
-    tr, val = data["train"], data["val"]
-    if len(tr[1]) < cfg.batch_size:
-        die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    raw, ck = build_model(cfg, meta, path)
-    raw.to(dev)
-    ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
-    opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
-    scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-    it, epoch, pos, history, seconds = 0, 0, 0, [], 0.0
-    cost = dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0)
-    if ck:  # resume: the optimizer, the scaler, this process's RNG, the data and the clock
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None and dev_type == "cuda":
-            torch.cuda.set_rng_state(cuda_rng)
-        it, epoch, pos, history, seconds, cost = (ck[k] for k in ("iter", "epoch", "pos",
-                                                                  "history", "seconds", "cost"))
-        print(f"resumed from {path} at iteration {it}")
-    scorer = Scorer(raw)  # eval reads it as it is: one process, never compiled
-    model = torch.compile(scorer) if cfg.compile else scorer
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev] if dev_type == "cuda" else None)
-    loss_fn, order = objective(cfg, ref), batch_order(tr[1], cfg.batch_size, cfg.seed, epoch)
-    # the log: a new run starts one; a resumed run keeps it up to the checkpoint, and the
-    # samples taken before training (s0) come back from it
-    log, s0 = report.open_log(cfg.out_dir, it if ck else None) if master else (None, None)
-    if master:
-        print(f"{preset}: {raw.num_params() / 1e6:.2f}M parameters, {dev} {dtype}, lam={cfg.lam}, "
-              f"{len(tr[1])} train pairs, {world} process(es) x {cfg.grad_accum // world} "
-              f"micro-steps x {cfg.batch_size} pairs")
     try:
+        torch.manual_seed(cfg.seed + rank)
+        dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
+        meta, data = load_data(cfg)
+        tr, val = data["train"], data["val"]
+        if len(tr[1]) < cfg.batch_size:
+            die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")
+        raw, ck = build_model(cfg, meta, path)
+        if master:  # one run per out_dir: a second one is told which process holds it
+            try:
+                held = lock(cfg.out_dir)
+            except ValueError as e:
+                die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
+            if cfg.init_from != "resume" and any(os.path.exists(os.path.join(cfg.out_dir, f))
+                                                 for f in ("ckpt.pt", "log.jsonl")):
+                die(f"{cfg.out_dir} holds another run ({on_disk(path)}): continue it with "
+                    f"--init_from=resume, or give a new --out_dir")
+        raw.to(dev)
+        ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
+        opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
+        scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
+        epoch, pos, history, seconds = 0, 0, [], 0.0
+        cost = dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0)
+        if ck:  # resume: the optimizer, the scaler, this process's RNG, the data and the clock
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None and dev_type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
+            it, epoch, pos, history, seconds, cost = (ck[k] for k in ("iter", "epoch", "pos",
+                                                                      "history", "seconds", "cost"))
+            print(f"resumed from {path} at iteration {it}")
+        scorer = Scorer(raw)  # eval reads it as it is: one process, never compiled
+        model = torch.compile(scorer) if cfg.compile else scorer
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev] if dev_type == "cuda" else None)
+        loss_fn, order = objective(cfg, ref), batch_order(tr[1], cfg.batch_size, cfg.seed, epoch)
+        # the log: a new run starts one; a resumed run keeps it up to the checkpoint, and the
+        # samples taken before training (s0) come back from it
+        log, s0 = report.open_log(cfg.out_dir, it if ck else None) if master else (None, None)
+        if master:
+            print(f"{preset}: {raw.num_params() / 1e6:.2f}M parameters, {dev} {dtype}, lam={cfg.lam}, "
+                  f"{len(tr[1])} train pairs, {world} process(es) x {cfg.grad_accum // world} "
+                  f"micro-steps x {cfg.batch_size} pairs")
         if it == 0 and master:
             report.record_eval(log, history, it, evaluate(scorer, val, cfg, dev, ctx))
             s0 = report.sample_and_judge(raw, val, meta, cfg, dev, ctx)
@@ -638,6 +647,9 @@ def train(cfg, preset="custom"):
                                     pairs=min(cfg.eval_pairs, len(val[1])), cost=cost)
     except KeyboardInterrupt:
         die(f"interrupted at iteration {it}; {on_disk(path)}", 130)
+    finally:
+        if held:
+            held.release()
     if world > 1:
         torch.distributed.destroy_process_group()
     return Run(raw, val, meta, dev, ctx, history, summary, samples)
@@ -645,10 +657,7 @@ def train(cfg, preset="custom"):
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
     preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS)
-    try:
-        train(cfg, preset)
-    except KeyboardInterrupt:  # before the loop began: preparing data, loading a model
-        die(f"interrupted before training began; {on_disk(os.path.join(cfg.out_dir, 'ckpt.pt'))}", 130)
+    train(cfg, preset)
 
 if __name__ == "__main__":
     main()

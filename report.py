@@ -14,7 +14,7 @@ import torch
 
 import prepare_data
 from prepare_data import CHOSEN, OFF, PROMPT
-from safe import die, one_line
+from safe import atomic_write, die, one_line
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     task the judge scores it; a win is a sample scored above the pair's chosen answer (a tie
     counts half), as the paper counts reward-model wins against a reference."""
     enc, eot = prepare_data.get_encoding(meta["tokenizer"]), meta["eot"]
-    text = lambda ids: enc.decode(ids[:ids.index(eot)] if eot in ids else ids)  # up to end-of-text
+    text = lambda ids: prepare_data.decode(enc, ids, eot)
     tokens, index = split
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     by_len, out = {}, []
@@ -45,8 +45,13 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     model.train()
     out.sort(key=lambda s: s["row"])
     if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
-        for s in out:
-            s.update(prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]))
+        try:
+            verdicts = [prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]) for s in out]
+        except ValueError as e:  # prompts cut short (a small block_size) cannot be judged
+            print(f"note: the judge cannot score these answers: {one_line(e)}")
+            return out
+        for s, v in zip(out, verdicts):
+            s.update(v)
     return out
 
 
@@ -161,6 +166,6 @@ def finish(log, cfg, preset, *, history, s0, s1, seconds, wall, pairs, cost):
     """Close the log; print the summary and write it to out_dir/summary.json."""
     log.close()
     summary = dict(summarize(cfg, preset, history, s0, s1, seconds, wall, pairs), cost=cost)
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+    with atomic_write(os.path.join(cfg.out_dir, "summary.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     return summary

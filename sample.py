@@ -54,7 +54,14 @@ def export(model, meta, ck_path, d):
 
 
 def main():
-    _, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""))
+    _, cfg, opts = parse_args(
+        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""),
+        usage="sample.py [--config NAME] --prompt=TEXT | --export=DIR [--key=value ...]",
+        keys=("out_dir", "temperature", "top_k", "max_new_tokens", "n_samples", "seed", "device",
+              "dtype"),
+        notes=dict(prompt="the text to answer (\\n for a new line)", out_dir="the run to read",
+                   n_samples="answers to sample (at most 5 are printed)",
+                   export="a folder to write the checkpoint to, in the Hugging Face GPT-2 format"))
     if not opts["prompt"].strip() and not opts["export"]:
         die("give --prompt=TEXT to sample from the checkpoint, or --export=DIR to export it")
     path = os.path.join(cfg.out_dir, "ckpt.pt")

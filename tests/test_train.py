@@ -58,11 +58,35 @@ def test_resume_logs_each_iteration_once_and_counts_the_whole_time(tmp_path, dat
     assert first > 0 and ck["seconds"] > first  # the clock carried over
 
 
-def test_a_new_run_in_the_same_out_dir_starts_a_fresh_log(tmp_path, data_dir):
-    run(tmp_path, data_dir, max_iters=6, log_interval=1)
-    recs = run(tmp_path, data_dir, lam=0.0, max_iters=4, log_interval=1)
-    assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert all(r["loss"] == r["l_sft"] for r in recs if r["kind"] == "train")  # the lam=0 run's
+def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_mixes_nothing(tmp_path, data_dir):
+    first = run(tmp_path, data_dir, max_iters=6, log_interval=1, eval_interval=3)
+    before = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "summary.json")}
+    r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--lam=0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tmp_path} holds another run ({tmp_path / 'ckpt.pt'} holds iteration 6)" in r.stderr
+    assert "--init_from=resume" in r.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before  # the old run, whole
+    assert [r["iter"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_runs_on_one_out_dir_the_second_is_refused_naming_the_first(tmp_path, data_dir):
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config=tiny",
+                              f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000",
+                              "--n_samples=2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the first one holds the folder
+            if (tmp_path / ".lock").exists() and (tmp_path / ".lock").read_text():
+                break
+            time.sleep(0.1)
+        r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{tmp_path} is in use by pid {first.pid}" in r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+            "--max_iters=2", "--n_samples=2", "--init_from=resume")  # the lock of a killed run
+    assert f"took over the lock of pid {first.pid}" in r.stderr
 
 
 def test_lam_zero_is_plain_sft(tmp_path, data_dir):
@@ -226,6 +250,22 @@ def test_ctrl_c_stops_with_one_line(tmp_path, data_dir):
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("error: interrupted at iteration ") and "ckpt.pt holds iteration" in err
 
+
+
+def test_ctrl_c_while_sampling_before_training_is_one_line_and_leaves_no_temporary_file(tmp_path, data_dir):
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config", "tiny",
+                          f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--n_samples=100000",
+                          "--max_new_tokens=64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:  # the eval at iteration 0 is printed; the sampling has begun
+        if line.startswith("eval     0"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "error: interrupted at iteration 0; no checkpoint was written yet\n", err
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]  # nothing half-written
+    assert (tmp_path / ".lock").read_text() == ""  # released
 
 def test_dpo_trains_the_policy_and_never_touches_the_reference(tmp_path, data_dir, monkeypatch):
     run(tmp_path / "sft", data_dir, lam=0.0, max_iters=10, eval_interval=10)
