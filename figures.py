@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,12 +49,6 @@ def write_csv(path, rows):
         w.writerows(r.values() for r in rows)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
-
-
-def over_seeds(values):
-    """Mean and standard error over seeds (one seed: its value, no error)."""
-    m = float(np.mean(values))
-    return m, float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ def plot_sft_vs_orpo(d, curves, scores, table, title):
     x, n = np.arange(len(prepare_data.FLAWS)), len(table)
     for j, (tag, label) in enumerate((("sft", "SFT"), ("orpo", "ORPO"), ("chosen", "chosen answers"))):
         m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in prepare_data.FLAWS]
-        err = [over_seeds([t[f"{tag}_{f}"] for t in table])[1] if n > 1 else
+        err = [prepare_data.mean_se([t[f"{tag}_{f}"] for t in table], ddof=1)[1] if n > 1 else
                table[0].get(f"{tag}_{f}_se", 0.0) for f in prepare_data.FLAWS]
         bars(axes[2], x + (j - 1) * 0.27, m, 0.27, rot=90, yerr=err, capsize=3, label=label,
              color=f"C{j}")
@@ -213,6 +208,13 @@ def fresh(cfg):
     torch.manual_seed(cfg.seed)
     dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
     return GPT(orpo.model_config(cfg, meta)).to(dev), data["val"], dev, ctx
+
+
+def new_run(out_dir):
+    """A run's folder, emptied: a figure made again replaces its own runs (orpo.py will not
+    start a new run over an old one)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return out_dir
 
 
 def load_run(out_dir, dev):
@@ -279,7 +281,7 @@ def figure(name, cfg, preset):
         model, val, dev, ctx = fresh(cfg)
         extra = [dict(run="untrained", **p) for p in pair_logps(model, val, cfg, dev, ctx)]
     for run, change in FIGURES[name].items():
-        rcfg = dataclasses.replace(cfg, out_dir=os.path.join(d, run.replace(" ", "_")),
+        rcfg = dataclasses.replace(cfg, out_dir=new_run(os.path.join(d, run.replace(" ", "_"))),
                                    eval_interval=dense(cfg), **change)
         print(f"== {name}: run '{run}' ==")
         res = orpo.train(rcfg, preset)
@@ -309,15 +311,14 @@ def head_to_head(a, b):
     """a's samples against b's on the same prompts, by judge score: (win, tie, loss) rates,
     and a's win rate with ties counted half as (mean, standard error)."""
     by_row = {s["row"]: s["score"] for s in b}
-    w = [1.0 if s["score"] > by_row[s["row"]] else 0.5 if s["score"] == by_row[s["row"]] else 0.0
-         for s in a]
+    w = [prepare_data.win(s["score"], by_row[s["row"]]) for s in a]
     return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], prepare_data.mean_se(w)
 
 
 def print_sft_vs_orpo(table):
     """Mean ± standard error over seeds; with one seed, the standard errors over its prompts."""
     n, pm = len(table), lambda m_se: f"{m_se[0]:7.3f} ± {m_se[1]:.3f}"
-    col = lambda k: over_seeds([t[k] for t in table]) if n > 1 else (table[0][k], table[0].get(k + "_se"))
+    col = lambda k: prepare_data.mean_se([t[k] for t in table], ddof=1) if n > 1 else (table[0][k], table[0].get(k + "_se"))
     show = lambda m_se: pm(m_se) if m_se[1] is not None else f"{m_se[0]:7.3f}        "
     print("== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
           if n > 1 else "one seed, ± 1 standard error over the sampled prompts =="))
@@ -345,7 +346,7 @@ def sft_vs_orpo(cfg, preset, seeds):
         res = {}
         for run, change in FIGURES["sft-vs-orpo"].items():
             rcfg = dataclasses.replace(cfg, seed=cfg.seed + k, eval_interval=dense(cfg), **change,
-                                       out_dir=os.path.join(d, f"{run.split()[0]}_seed{cfg.seed + k}"))
+                                       out_dir=new_run(os.path.join(d, f"{run.split()[0]}_seed{cfg.seed + k}")))
             print(f"== sft-vs-orpo: run '{run}', seed {rcfg.seed} ==")
             res[run] = orpo.train(rcfg, preset)
             curves += curve(run, res[run].history, seed=rcfg.seed)
@@ -375,7 +376,7 @@ def run_phase(args, extra, out_dir):
     """One phase as its own `python orpo.py` process; its summary, and the answers it sampled
     before and after training."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "orpo.py"),
-           *args, *extra, f"--out_dir={out_dir}"]
+           *args, *extra, f"--out_dir={new_run(out_dir)}"]
     print(f"== methods: {' '.join(cmd[2:])} ==")
     # its own process group, so that Ctrl-C reaches this process alone, which stops the
     # phase quietly (its checkpoints are written atomically) and says what is on disk

@@ -552,6 +552,8 @@ def train(cfg, preset="custom"):
         if len(tr[1]) < cfg.batch_size:
             die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")
         raw, ck = build_model(cfg, meta, path)
+        raw.to(dev)
+        ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
         if master:  # one run per out_dir: a second one is told which process holds it
             try:
                 held = lock(cfg.out_dir)
@@ -561,8 +563,6 @@ def train(cfg, preset="custom"):
                                                  for f in ("ckpt.pt", "log.jsonl")):
                 die(f"{cfg.out_dir} holds another run ({on_disk(path)}): continue it with "
                     f"--init_from=resume, or give a new --out_dir")
-        raw.to(dev)
-        ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
         epoch, pos, history, seconds = 0, 0, [], 0.0

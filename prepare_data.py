@@ -166,19 +166,27 @@ def judge(prompt, response):
 FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four checks
 
 
+def win(score, other):
+    """A win (1), a tie (0.5) or a loss (0) of one judge score against another."""
+    return 1.0 if score > other else 0.5 if score == other else 0.0
+
+
 def verdict(prompt, sample, chosen):
     """The judge on a sampled answer: its score and flaws, the chosen answer's flaws, and
     whether it wins against the chosen answer (a tie counts half), as the paper counts
     reward-model wins against a reference."""
     score, ref = judge(prompt, sample), judge(prompt, chosen)
     return dict(score=score, flaws=flaws(prompt, sample), chosen_flaws=flaws(prompt, chosen),
-                win=1.0 if score > ref else 0.5 if score == ref else 0.0)
+                win=win(score, ref))
 
 
-def mean_se(xs):
-    """The mean of xs and its standard error, std / sqrt(n): for 0/1 values, the binomial one."""
+def mean_se(xs, ddof=0):
+    """The mean of xs and its standard error, std / sqrt(n). Over a run's sampled answers
+    (ddof 0) it is the binomial sqrt(p (1 - p) / n) for 0/1 values; over a few seeds, use
+    ddof=1, the unbiased variance, which a handful of values needs (with 3, ddof 0 would
+    understate the error by sqrt(3/2)). One value has no spread: its error is 0."""
     x = np.asarray(xs, dtype=float)
-    return float(x.mean()), float(x.std() / math.sqrt(len(x)))
+    return float(x.mean()), float(x.std(ddof=ddof) / math.sqrt(len(x))) if len(x) > ddof else 0.0
 
 
 def judged(s0, s1):

@@ -84,9 +84,9 @@ def test_two_runs_on_one_out_dir_the_second_is_refused_naming_the_first(tmp_path
     finally:
         first.kill()
         first.wait()
-    r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
-            "--max_iters=2", "--n_samples=2", "--init_from=resume")  # the lock of a killed run
-    assert f"took over the lock of pid {first.pid}" in r.stderr
+    r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    assert f"took over the lock of pid {first.pid}" in r.stderr  # the lock of a killed run
+    assert "holds another run" in r.stderr and r.returncode == 2  # and its log is kept
 
 
 def test_lam_zero_is_plain_sft(tmp_path, data_dir):
