@@ -7,6 +7,7 @@ matmuls set, the fraction of that limit reached (`mfu`), and peak memory.
     python bench.py --gemms=true ...   # also print the rate of each matmul shape of the step
     python bench.py --sweep=true ...   # block_size 256, 512, 1024 x batch_size 4, 8, fp32 and
                                        # bf16, each point in its own process (for its memory)
+    python bench.py --attn=plain ...   # or sdpa: attention one way, not model.py's choice
 
 The limit: on a CUDA GPU, the vendor's dense bf16 peak (GPU_PEAK). On a CPU, measured here
 and now, in the run's dtype, at every matmul shape and layout the step runs (step_gemms):
@@ -17,6 +18,7 @@ neighbours move the rate); the JSON names its shape. `limit_tokens_per_s` is the
 FLOPs (model.flops) done at that peak, and `mfu` = tokens_per_s / limit_tokens_per_s.
 `matmul_ms` is the time the step's matmuls alone take at the rates measured for their own
 shapes, the output layer's recomputed logits included: no step can be faster than that.
+`other_ms` is the rest of the step, the work outside its matmuls: ms_per_step - matmul_ms.
 """
 import collections
 import json
@@ -29,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import model
 import orpo
 import report
 from configurator import die, parse_args, setup_device
@@ -171,6 +174,8 @@ def bench(cfg, steps, show_gemms=False):
                peak_gflops=round(peak / 1e9, 1), peak_shape=shape,
                limit_tokens_per_s=round(toks * peak / flops, 1),
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
+               other_ms=None if matmul_ms is None else round(s * 1e3 - matmul_ms, 1),
+               attn=model.ATTN,
                peak_mem_mb=round(report.peak_mem_mb(dev_type)))
     print(json.dumps(out))
     return out
@@ -179,7 +184,7 @@ def bench(cfg, steps, show_gemms=False):
 def sweep(argv, steps):
     """Each point in its own process, so that peak memory is that point's alone."""
     keep = [a for a in argv if not a.startswith(("--sweep", "--block_size", "--batch_size",
-                                                 "--dtype", "--gemms"))]
+                                                 "--dtype", "--gemms", "--steps"))]
     for dtype in ("float32", "bfloat16"):
         for T in (256, 512, 1024):
             for B in (4, 8):
@@ -193,13 +198,19 @@ def sweep(argv, steps):
 
 def main():
     preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS,
-                                   dict(steps=10, sweep=False, gemms=False))
+                                   dict(steps=10, sweep=False, gemms=False, attn="auto"))
     if opts["steps"] < 1:
         die(f"--steps must be an integer >= 1, got {opts['steps']}")
-    if opts["sweep"]:
-        sweep(sys.argv[1:], opts["steps"])
-    else:
-        bench(cfg, opts["steps"], opts["gemms"])
+    if opts["attn"] not in ("auto", "sdpa", "plain"):
+        die(f"--attn must be auto, sdpa or plain, got {opts['attn']!r}")
+    model.ATTN = opts["attn"]
+    try:
+        if opts["sweep"]:
+            sweep(sys.argv[1:], opts["steps"])  # an interrupted point's process is killed
+        else:
+            bench(cfg, opts["steps"], opts["gemms"])
+    except KeyboardInterrupt:
+        die("interrupted", 130)
 
 
 if __name__ == "__main__":
