@@ -1,13 +1,14 @@
 """The command line, as nanoGPT's configurator.py is, without its exec: `--config NAME` picks
 a preset of a config dataclass, then `--key=value` (or `--key value`) overrides its fields,
-each parsed as the field's type and checked against RULES before any work. Also the checks
-of a checkpoint against the run, and the device. Bad input gets one line naming the key
+each parsed as the field's type and checked against RULES before any work; and the device
+and dtype that --device and --dtype pick. Bad input gets one line naming the key
 and exit status 2, never a traceback. orpo.py and its sibling scripts share it:
 
     preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, extra)
 """
 import contextlib
 import dataclasses
+import inspect
 import os
 import sys
 
@@ -24,7 +25,7 @@ one_of = lambda *ok: (lambda v: v in ok, "one of " + ", ".join(ok))
 RULES = {  # key: (test, what it accepts)
     "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
     "block_size": at_least(2), "vocab_size": at_least(0), "dropout": below_one,
-    "lam": at_least(0), "ratio": one_of("odds", "prob"), "logp": one_of("mean", "sum"),
+    "lam": at_least(0), "ratio": one_of("odds", "prob", "simpo"), "logp": one_of("mean", "sum"),
     "loss": one_of("orpo", "dpo"), "beta": positive, "batch_size": at_least(1),
     "grad_accum": at_least(1), "max_iters": at_least(0), "lr_decay_iters": at_least(0),
     "lr": positive, "min_lr": at_least(0), "warmup_iters": at_least(0),
@@ -32,6 +33,7 @@ RULES = {  # key: (test, what it accepts)
     "eval_interval": at_least(1), "eval_pairs": at_least(1), "log_interval": at_least(1),
     "n_samples": at_least(0), "temperature": at_least(0), "top_k": at_least(0),
     "max_new_tokens": at_least(1), "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "seed": at_least(0), "out_dir": (lambda v: v.strip() != "", "a folder's name"),
 }
 
 
@@ -54,6 +56,8 @@ def check(cfg):
     if cfg.init_from not in known and not os.path.exists(cfg.init_from):
         die(f"--init_from={cfg.init_from!r}: no such file or directory; accepts {', '.join(known)}, "
             f"an orpo checkpoint (.pt), or a GPT-2 weights file or directory")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        die(f"--out_dir={cfg.out_dir!r} is a file, not a folder")
     dev = cfg.device
     if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:")):
         die(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
@@ -61,22 +65,6 @@ def check(cfg):
         die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
     if dev == "mps" and not torch.backends.mps.is_available():
         die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
-
-
-def check_checkpoint(ck, path, cfg=None, meta=None):
-    """A loaded checkpoint: its keys, and, when resuming, the shape the run asks for; with
-    the data's meta, its vocabulary."""
-    need = {"model", "model_args", "config", "iter", "meta"}
-    missing = need - set(ck) if isinstance(ck, dict) else need
-    if missing:
-        die(f"{path} lacks {sorted(missing)}; not an orpo checkpoint")
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "bias") if cfg else ():
-        if cfg.init_from == "resume" and ck["config"][k] != getattr(cfg, k):
-            die(f"checkpoint {path} has {k}={ck['config'][k]}, "
-                f"but the run asks for {k}={getattr(cfg, k)}")
-    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
-        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
-            f"but the data has {meta['vocab_size']}")
 
 
 def native_bf16_cpu():
@@ -116,15 +104,29 @@ def parse_value(key, val, default):
         die(f"--{key} expects {typ.__name__}, got {val!r}")
 
 
-def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]"):
-    """--config NAME (default: small), then overrides of the dataclass config's fields and of
-    a script's own options `extra` ({key: default}). Returns (preset, cfg, opts)."""
+def key_notes(config):
+    """{field: its comment in the config class's source}: what --help says each key does."""
+    notes = {}
+    for line in inspect.getsource(config).splitlines():
+        name, colon, rest = line.strip().partition(":")
+        if colon and "#" in rest and name.isidentifier():
+            notes[name] = rest.split("#", 1)[1].strip()
+    return notes
+
+
+def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]",
+               keys=None, notes=None):
+    """--config NAME (default: small), then overrides of the dataclass config's fields that
+    the script reads (`keys`; None: all) and of its own options `extra` ({key: default},
+    described by `notes`). Returns (preset, cfg, opts)."""
     extra, args, pairs = dict(extra or {}), list(argv), []
+    fields = [f for f in dataclasses.fields(config) if keys is None or f.name in keys]
     if {"-h", "--help"} & set(args):
+        said = dict(key_notes(config), **(notes or {}))
         lines = [f"usage: {usage}   presets: " + ", ".join(presets)]
         lines += [f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})"
-                  for f in dataclasses.fields(config)]
-        lines += [f"  --{k}={v!r}" for k, v in extra.items()]
+                  f"  {said.get(f.name, '')}".rstrip() for f in fields]
+        lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
         try:
             print("\n".join(lines), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader left early, which is fine
@@ -143,11 +145,11 @@ def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=
     preset = dict(pairs).get("config", "small")
     if preset not in presets:
         die(f"unknown config {preset!r}; presets: {', '.join(presets)}")
-    cfg, opts = config(**presets[preset]), dict(extra)
+    cfg, opts, known = config(**presets[preset]), dict(extra), {f.name for f in fields}
     for key, val in pairs:
         if key in opts:
             opts[key] = parse_value(key, val, extra[key])
-        elif hasattr(cfg, key):
+        elif key in known:
             setattr(cfg, key, parse_value(key, val, getattr(cfg, key)))
         elif key != "config":
             die(f"unknown config key {key!r}; `--help` lists the keys")

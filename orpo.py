@@ -1,25 +1,28 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
-One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs. This
-is the teaching core, read top to bottom: config, data, the loss, its gradient by hand, one
-step, eval, checkpoints, the loop. model.py is the GPT; prepare_data.py the data and the
-synthetic task's judge; configurator.py the command line and its checks; report.py the
-sampled answers, the log and the summary. sample.py, bench.py and figures.py import this.
+One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
+
+This file is the teaching core. It reads top to bottom in the order the paper teaches: the
+loss and its gradient first, then the config, the data, one training step, eval,
+checkpoints and the loop. model.py is the GPT; prepare_data.py the data and the synthetic
+task's judge; configurator.py the command line; report.py what a run prints and logs;
+safe.py the one-line errors and safe writes. sample.py, bench.py, figures.py and
+assignment.py import this file.
 
     python orpo.py --config small                 # the CPU demo (prepares its data itself)
     python orpo.py --config small --lam=0         # the same loop as plain SFT
-    python orpo.py --help                         # every key, its default, and the presets
+    python orpo.py --help                         # every key, what it does, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
 import contextlib
 import dataclasses
 import errno
+import functools
 import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,9 +30,122 @@ import torch.nn.functional as F
 
 import prepare_data
 import report
-from configurator import check_checkpoint, die, parse_args, setup_device
+from configurator import parse_args, setup_device
 from model import GPT, GPTConfig, Scorer, padded_vocab
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
+from safe import die, one_line
+
+# ----------------------------------------------------------------------------------------
+# The loss (Eqs. 1-7), in fp32 whatever the autocast dtype. Notation, the paper's: for a
+# response y of m tokens to a prompt x, ℓ = log P(y|x) (code: ell) is the mean token
+# log-prob of Eq. 3, and P = e^ℓ. Subscript w marks the chosen (winning) response, l the
+# rejected (losing) one. A batch holds B pairs as 2B rows, the B chosen rows first.
+
+def log1mexp(x):
+    """log(1 - e^x) for x < 0, stable: log(-expm1 x) near 0, log1p(-e^x) far from it
+    (Maechler 2012). The naive log(1 - exp(x)) gives -inf, then NaN, as P -> 1. Each branch
+    gets a clamped input so that the branch torch.where discards has no inf gradient."""
+    a = -math.log(2)
+    return torch.where(x > a, torch.log(-torch.expm1(x.clamp(min=a))),
+                       torch.log1p(-torch.exp(x.clamp(max=a))))
+
+def response_logps(tok, resp_mask, scored, mean=True):
+    """The token log-probs tok (N,) at the positions `scored` marks, placed in (2B, T) (zero
+    elsewhere), and ℓ for each response (2B,): Eq. 3, (1/m) sum_t log P(y_t | x, y_<t).
+    With mean=False, the sum (no 1/m)."""
+    logp = torch.zeros_like(resp_mask).masked_scatter(scored, tok.to(resp_mask.dtype))
+    ell = (logp * resp_mask).sum(1) / (resp_mask.sum(1) if mean else 1)
+    # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
+    return logp, ell.clamp(max=-torch.finfo(torch.float32).tiny)
+
+def odds_ratio_loss(ell_w, ell_l):
+    """L_OR per pair, and the log odds ratio, from ℓ_w and ℓ_l (B,)."""
+    log_odds_w = ell_w - log1mexp(ell_w)  # Eq. 4: log odds = log P - log(1 - P)
+    log_odds_l = ell_l - log1mexp(ell_l)
+    log_or = log_odds_w - log_odds_l      # Eq. 5: the log of the odds ratio
+    return -F.logsigmoid(log_or), log_or  # Eq. 7: L_OR = -log sigma(log OR)
+
+def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
+    """SimPO (Meng, Xia & Chen, 2024), reference-free too, per pair: -log sigma(beta (ℓ_w -
+    ℓ_l) - gamma), on Eq. 3's mean log-probs, with a target margin gamma and no SFT term."""
+    return -F.logsigmoid(beta * (ell_w - ell_l) - gamma)
+
+def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False, ratio="odds"):
+    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts).
+    Two ablations swap the odds ratio: ratio="prob", the probability ratio P_w/P_l (Sec. 7.1);
+    ratio="simpo", SimPO's loss alone (no L_SFT, lam unused; log_or logs ℓ_w - ℓ_l)."""
+    B = ell.size(0) // 2
+    ell_w, ell_l = ell[:B], ell[B:]
+    if sft_on_prompt:  # the official code and TRL: NLL over prompt and chosen response
+        l_sft = -((logp * seq_mask)[:B].sum(1) / seq_mask[:B].sum(1))
+    else:              # Eq. 1: the NLL of the chosen response, per token
+        l_sft = -ell_w
+    if ratio == "odds":
+        l_or, log_or = odds_ratio_loss(ell_w, ell_l)
+    else:              # the ablations: log P_w/P_l = ℓ_w - ℓ_l
+        log_or = ell_w - ell_l
+        l_or = -F.logsigmoid(log_or) if ratio == "prob" else simpo_loss(ell_w, ell_l)
+    loss = l_or.mean() if ratio == "simpo" else (l_sft + lam * l_or).mean()  # Eq. 6
+    return loss, dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(),
+                      ell_l=ell_l.mean(), log_or=log_or.mean(), acc=(log_or > 0).float().mean())
+
+def dpo_loss(pi, ref, *, beta):
+    """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
+    pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
+    reference, chosen rows first. L = -log sigma(beta * (log-ratio_w - log-ratio_l))."""
+    B = pi.size(0) // 2
+    z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
+    return -F.logsigmoid(z).mean()
+
+# ----------------------------------------------------------------------------------------
+# The gradient by hand (GRADIENT.md derives it). With d = log OR,
+#   dL_OR/dd = -sigma(-d) = -delta                 (delta: the paper's Eq. 9)
+#   d log odds / dℓ = 1 + P/(1-P) = 1/(1-P)
+# so dL_OR/dℓ_w = -delta/(1-P_w) and dL_OR/dℓ_l = +delta/(1-P_l): the paper's h(d) (Eq. 10)
+# with the minus sign that its Eqs. 8 and 20 drop. Then dℓ/dlogits_t = (onehot(y_t) -
+# softmax_t)/m on the m response positions, zero elsewhere.
+def orpo_grad(ell_w, ell_l, lam):
+    """dL/dℓ_w, dL/dℓ_l for L = mean_b[-ℓ_w + lam * L_OR] (response-only L_SFT)."""
+    B = ell_w.size(0)
+    _, log_or = odds_ratio_loss(ell_w, ell_l)
+    delta = torch.sigmoid(-log_or)                # Eq. 9: delta(d) = 1 / (1 + OR)
+    inv_w = -1 / torch.expm1(ell_w)               # 1/(1 - P_w): grows as P_w -> 1
+    inv_l = -1 / torch.expm1(ell_l)               # 1/(1 - P_l): the sure-of-rejected weight
+    g_w = (-1 - lam * delta * inv_w) / B          # SFT pulls ℓ_w up; L_OR pulls harder
+    g_l = (lam * delta * inv_l) / B               # L_OR pushes ℓ_l down
+    return g_w, g_l
+
+def logps_from_logits(logits, targets):
+    """log P(target) from logits (N, V), in fp32 (fp64 in tests); the model's fused
+    token_logps computes the same without materialising the logits."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+class HandORPO(torch.autograd.Function):
+    """The ORPO loss with a backward written by hand: the flag --hand_grad trains on it."""
+
+    @staticmethod
+    def forward(ctx, logits, y, resp_mask, seq_mask, scored, lam, sft_on_prompt):
+        logp, ell = response_logps(logps_from_logits(logits, y[scored]), resp_mask, scored)
+        loss, parts = orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)
+        ctx.save_for_backward(logits, y, resp_mask, seq_mask, scored, ell)
+        ctx.lam, ctx.sft_on_prompt = lam, sft_on_prompt
+        ctx.mark_non_differentiable(parts["l_sft"], parts["l_or"])  # for logging only
+        return loss, parts["l_sft"], parts["l_or"]
+
+    @staticmethod
+    def backward(ctx, g_loss, _, __):
+        logits, y, resp_mask, seq_mask, scored, ell = ctx.saved_tensors
+        B = ell.size(0) // 2
+        g_w, g_l = orpo_grad(ell[:B], ell[B:], ctx.lam)
+        if ctx.sft_on_prompt:
+            g_w = g_w + 1 / B  # take out the response-only L_SFT; the prompt-wide one is below
+        tok = torch.cat([g_w, g_l])[:, None] * resp_mask / resp_mask.sum(1, keepdim=True)
+        if ctx.sft_on_prompt:
+            tok[:B] -= seq_mask[:B] / seq_mask[:B].sum(1, keepdim=True) / B
+        g = -torch.softmax(logits.to(ell.dtype), -1)  # dlogp_t/dlogits_t = onehot(y_t) - softmax_t
+        g.scatter_add_(-1, y[scored][:, None], torch.ones_like(g[:, :1]))
+        return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass and named presets; configurator.py parses and checks the
@@ -41,21 +157,21 @@ class Config:
     dataset: str = "synthetic"     # synthetic, hh-rlhf, ultrafeedback, or a name for data_file
     data_file: str = ""            # a local .jsonl(.gz)/.json/.parquet of pairs to prepare
     data_dir: str = ""             # the prepared files; default: data/<dataset>
-    out_dir: str = "out"
+    out_dir: str = "out"           # the checkpoint, log.jsonl and summary.json
     # model
     init_from: str = "scratch"     # scratch, resume, gpt2[-medium|-large|-xl], or a GPT-2 path
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4               # transformer blocks
+    n_head: int = 4                # attention heads per block
+    n_embd: int = 128              # the width of the residual stream
+    block_size: int = 64           # the longest prompt + response, in tokens
+    dropout: float = 0.0           # the share of activations dropped in training
+    bias: bool = True              # biases in Linears and LayerNorms, as GPT-2 has
     vocab_size: int = 0            # 0: the tokenizer's, rounded up to a multiple of 64
     # loss
     lam: float = 1.0               # weight of L_OR; 0 gives plain SFT through the same loop
     sft_on_prompt: bool = False    # paper: L_SFT on response tokens only; TRL/official code: True
     hand_grad: bool = False        # backward through the hand-derived gradient (orpo_grad)
-    ratio: str = "odds"            # odds: ORPO (Eq. 5); prob: the probability ratio of Sec. 7.1
+    ratio: str = "odds"            # odds: ORPO (Eq. 5); prob: P_w/P_l (Sec. 7.1); simpo: SimPO
     logp: str = "mean"             # mean: Eq. 3's length-normalised log P(y|x); sum: summed
     loss: str = "orpo"             # dpo: Rafailov et al. (2023), against the frozen model --ref
     ref: str = ""                  # dpo: the reference checkpoint, usually the SFT run's ckpt.pt
@@ -63,28 +179,28 @@ class Config:
     # optimisation
     batch_size: int = 32           # pairs per micro-step (each pair is 2 sequences)
     grad_accum: int = 1            # micro-steps per optimizer step (summed over DDP ranks)
-    max_iters: int = 600
+    max_iters: int = 600           # optimizer steps
     lr_decay_iters: int = 0        # where the cosine ends; 0: max_iters
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    lr: float = 1e-3               # the peak learning rate
+    min_lr: float = 1e-4           # the learning rate at the end of the cosine
+    warmup_iters: int = 30         # steps of linear warmup to lr
+    weight_decay: float = 0.1      # AdamW's, on matrices only
+    beta1: float = 0.9             # AdamW's first-moment decay
+    beta2: float = 0.95            # AdamW's second-moment decay
     grad_clip: float = 1.0         # 0: no clipping
     # eval and sampling
-    eval_interval: int = 100
+    eval_interval: int = 100       # steps between held-out evals (each saves the checkpoint)
     eval_pairs: int = 500          # held-out pairs per eval
-    log_interval: int = 20
+    log_interval: int = 20         # steps between printed loss lines
     n_samples: int = 1000          # held-out prompts answered and judged before and after training
-    temperature: float = 1.0
+    temperature: float = 1.0       # sampling temperature; 0: greedy
     top_k: int = 0                 # 0: no top-k
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32       # the longest sampled answer
     # system
     device: str = "auto"           # auto: cuda, then mps, then cpu
     dtype: str = "auto"            # auto: bf16 on GPU (fp16 if old) or bf16-native CPU; else fp32
-    compile: bool = False
-    seed: int = 1337
+    compile: bool = False          # torch.compile the model
+    seed: int = 1337               # the weights, the data order and the samples
 
 PRESETS = {
     # seconds, for tests
@@ -164,139 +280,52 @@ def batch_order(index, batch_size, seed, epoch):
     batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
-# ----------------------------------------------------------------------------------------
-# The loss (Eqs. 1-7), in fp32 whatever the autocast dtype. Notation, the paper's: for a
-# response y of m tokens to a prompt x, ℓ = log P(y|x) (code: ell) is the mean token
-# log-prob of Eq. 3, and P = e^ℓ. Subscript w marks the chosen (winning) response, subscript
-# l the rejected (losing) one.
-
-def log1mexp(x):
-    """log(1 - e^x) for x < 0, stable: log(-expm1 x) near 0, log1p(-e^x) far from it
-    (Maechler 2012). The naive log(1 - exp(x)) gives -inf, then NaN, as P -> 1. Each branch
-    gets a clamped input so that the branch torch.where discards has no inf gradient."""
-    a = -math.log(2)
-    return torch.where(x > a, torch.log(-torch.expm1(x.clamp(min=a))),
-                       torch.log1p(-torch.exp(x.clamp(max=a))))
-
-def logps_from_logits(logits, targets):
-    """log P(target) from logits (N, V), in fp32 (fp64 in tests); the model's fused
-    token_logps computes the same without materialising the logits."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return -F.cross_entropy(logits, targets, reduction="none")
-
-def response_logps(tok, resp_mask, scored, mean=True):
-    """The token log-probs tok (N,) at the positions `scored` marks, placed in (2B, T) (zero
-    elsewhere), and ℓ for each response (2B,): Eq. 3, (1/m) sum_t log P(y_t | x, y_<t).
-    With mean=False, the sum (no 1/m)."""
-    logp = torch.zeros_like(resp_mask).masked_scatter(scored, tok.to(resp_mask.dtype))
-    ell = (logp * resp_mask).sum(1) / (resp_mask.sum(1) if mean else 1)
-    # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
-    return logp, ell.clamp(max=-torch.finfo(torch.float32).tiny)
-
-def odds_ratio_loss(ell_w, ell_l):
-    """L_OR per pair, and the log odds ratio, from ℓ_w and ℓ_l (B,)."""
-    log_odds_w = ell_w - log1mexp(ell_w)  # Eq. 4: log odds = log P - log(1 - P)
-    log_odds_l = ell_l - log1mexp(ell_l)
-    log_or = log_odds_w - log_odds_l      # Eq. 5: the log of the odds ratio
-    return -F.logsigmoid(log_or), log_or  # Eq. 7: L_OR = -log sigma(log OR)
-
-def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False, ratio="odds"):
-    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts).
-    ratio="prob" swaps the odds ratio for the probability ratio P_w/P_l (Sec. 7.1)."""
-    B = ell.size(0) // 2
-    ell_w, ell_l = ell[:B], ell[B:]
-    if sft_on_prompt:  # the official code and TRL: NLL over prompt and chosen response
-        l_sft = -((logp * seq_mask)[:B].sum(1) / seq_mask[:B].sum(1))
-    else:              # Eq. 1: the NLL of the chosen response, per token
-        l_sft = -ell_w
-    if ratio == "odds":
-        l_or, log_or = odds_ratio_loss(ell_w, ell_l)
-    else:              # Sec. 7.1: log P_w/P_l, for comparison
-        log_or = ell_w - ell_l
-        l_or = -F.logsigmoid(log_or)
-    loss = (l_sft + lam * l_or).mean()    # Eq. 6
-    return loss, dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(),
-                      ell_l=ell_l.mean(), log_or=log_or.mean(), acc=(log_or > 0).float().mean())
-
-def dpo_loss(pi, ref, *, beta):
-    """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
-    pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
-    reference, chosen rows first. L = -log sigma(beta * (log-ratio_w - log-ratio_l))."""
-    B = pi.size(0) // 2
-    z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
-    return -F.logsigmoid(z).mean()
 
 # ----------------------------------------------------------------------------------------
-# The gradient by hand (see README, "Deriving the gradient"). With d = log OR,
-#   dL_OR/dd = -sigma(-d) = -delta                 (delta: the paper's Eq. 9)
-#   d log odds / dℓ = 1 + P/(1-P) = 1/(1-P)
-# so dL_OR/dℓ_w = -delta/(1-P_w) and dL_OR/dℓ_l = +delta/(1-P_l): the paper's h(d) (Eq. 10)
-# with the minus sign that its Eqs. 8 and 20 drop. Then dℓ/dlogits_t = (onehot(y_t) -
-# softmax_t)/m on the m response positions, zero elsewhere.
+# One training step. The model is a model.Scorer: given inputs, the positions to score and
+# their targets, it returns the token log-probs there, fused and chunked (no (2B, T, V)
+# logits). Each objective is one function: (model, batch, ctx) -> (loss, parts).
 
-def orpo_grad(ell_w, ell_l, lam):
-    """dL/dℓ_w, dL/dℓ_l for L = mean_b[-ℓ_w + lam * L_OR] (response-only L_SFT)."""
-    B = ell_w.size(0)
-    log_or = (ell_w - log1mexp(ell_w)) - (ell_l - log1mexp(ell_l))
-    delta = torch.sigmoid(-log_or)                # Eq. 9: delta(d) = 1 / (1 + OR)
-    inv_w = -1 / torch.expm1(ell_w)               # 1/(1 - P_w): grows as P_w -> 1
-    inv_l = -1 / torch.expm1(ell_l)               # 1/(1 - P_l): the sure-of-rejected weight
-    g_w = (-1 - lam * delta * inv_w) / B          # SFT pulls ℓ_w up; L_OR pulls harder
-    g_l = (lam * delta * inv_l) / B               # L_OR pushes ℓ_l down
-    return g_w, g_l
-
-class HandORPO(torch.autograd.Function):
-    """The ORPO loss with a backward written by hand: the flag --hand_grad trains on it."""
-
-    @staticmethod
-    def forward(ctx, logits, y, resp_mask, seq_mask, scored, lam, sft_on_prompt):
-        logp, ell = response_logps(logps_from_logits(logits, y[scored]), resp_mask, scored)
-        loss, parts = orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)
-        ctx.save_for_backward(logits, y, resp_mask, seq_mask, scored, ell)
-        ctx.lam, ctx.sft_on_prompt = lam, sft_on_prompt
-        ctx.mark_non_differentiable(parts["l_sft"], parts["l_or"])  # for logging only
-        return loss, parts["l_sft"], parts["l_or"]
-
-    @staticmethod
-    def backward(ctx, g_loss, _, __):
-        logits, y, resp_mask, seq_mask, scored, ell = ctx.saved_tensors
-        B = ell.size(0) // 2
-        g_w, g_l = orpo_grad(ell[:B], ell[B:], ctx.lam)
-        if ctx.sft_on_prompt:
-            g_w = g_w + 1 / B  # take out the response-only L_SFT; the prompt-wide one is below
-        tok = torch.cat([g_w, g_l])[:, None] * resp_mask / resp_mask.sum(1, keepdim=True)
-        if ctx.sft_on_prompt:
-            tok[:B] -= seq_mask[:B] / seq_mask[:B].sum(1, keepdim=True) / B
-        g = -torch.softmax(logits.to(ell.dtype), -1)  # dlogp_t/dlogits_t = onehot(y_t) - softmax_t
-        g.scatter_add_(-1, y[scored][:, None], torch.ones_like(g[:, :1]))
-        return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
-
-# ----------------------------------------------------------------------------------------
-# One step's loss (model.Scorer: the GPT as the loss reads it), and the learning rate
-
-def forward_loss(scorer, batch, cfg, ctx, ref=None):
-    """The loss of one batch and its parts, through autograd or the hand-derived backward.
-    With --loss=dpo the loss is DPO's; the parts are still ORPO's terms, to compare."""
+def orpo_forward(model, batch, ctx, *, lam, sft_on_prompt=False, ratio="odds", logp="mean",
+                 hand_grad=False):
+    """ORPO's loss of one batch (Eq. 6) and its parts. The ablations --ratio and --logp=sum
+    change the loss; hand_grad backpropagates through orpo_grad instead of autograd."""
     x, y, resp_mask, seq_mask = batch
-    scored = (seq_mask if cfg.sft_on_prompt else resp_mask).bool()  # where the loss reads
-    if cfg.hand_grad:  # the hand-derived backward starts from the logits
+    scored = (seq_mask if sft_on_prompt else resp_mask).bool()  # where the loss reads
+    if hand_grad:  # the hand-derived backward starts from the logits
         with ctx:
-            logits = scorer(x, scored)
-        loss, l_sft, l_or = HandORPO.apply(logits, y, resp_mask, seq_mask, scored, cfg.lam,
-                                           cfg.sft_on_prompt)
+            logits = model(x, scored)
+        loss, l_sft, l_or = HandORPO.apply(logits, y, resp_mask, seq_mask, scored, lam,
+                                           sft_on_prompt)
         return loss, dict(l_sft=l_sft, l_or=l_or)
     with ctx:
-        tok = scorer(x, scored, y[scored])  # log P(y_t) at those positions, fused and chunked
-    logp, ell = response_logps(tok, resp_mask, scored, cfg.logp == "mean")
-    loss, parts = orpo_loss(logp, ell, seq_mask, lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt,
-                            ratio=cfg.ratio)
-    if cfg.loss == "dpo":  # the reference: a forward pass without gradients, every batch
-        with torch.no_grad(), ctx:
-            ref_tok = ref(x, scored, y[scored])
-        pi_sum = response_logps(tok, resp_mask, scored, mean=False)[1]  # DPO sums, no 1/m
-        ref_sum = response_logps(ref_tok, resp_mask, scored, mean=False)[1]
-        loss = dpo_loss(pi_sum, ref_sum, beta=cfg.beta)
-    return loss, parts
+        tok = model(x, scored, y[scored])  # log P(y_t) where the loss reads
+    logp, ell = response_logps(tok, resp_mask, scored, mean=logp == "mean")
+    return orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt, ratio=ratio)
+
+def dpo_forward(model, batch, ctx, *, ref, beta, lam, sft_on_prompt=False):
+    """DPO's loss of one batch against the frozen reference model; its parts are ORPO's
+    terms, measured (not trained on) so that the two methods' logs compare."""
+    x, y, resp_mask, seq_mask = batch
+    scored = (seq_mask if sft_on_prompt else resp_mask).bool()
+    with ctx:
+        tok = model(x, scored, y[scored])
+    with torch.no_grad(), ctx:  # the reference: a forward pass without gradients, every batch
+        ref_tok = ref(x, scored, y[scored])
+    pi_sum = response_logps(tok, resp_mask, scored, mean=False)[1]  # DPO sums, no 1/m
+    ref_sum = response_logps(ref_tok, resp_mask, scored, mean=False)[1]
+    with torch.no_grad():
+        logp, ell = response_logps(tok, resp_mask, scored)
+        parts = orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)[1]
+    return dpo_loss(pi_sum, ref_sum, beta=beta), parts
+
+def objective(cfg, ref=None):
+    """The loss that cfg trains on, as loss_fn(model, batch, ctx) -> (loss, parts)."""
+    if cfg.loss == "dpo":
+        return functools.partial(dpo_forward, ref=ref, beta=cfg.beta, lam=cfg.lam,
+                                 sft_on_prompt=cfg.sft_on_prompt)
+    return functools.partial(orpo_forward, lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt,
+                             ratio=cfg.ratio, logp=cfg.logp, hand_grad=cfg.hand_grad)
 
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
@@ -306,63 +335,122 @@ def lr_at(it, cfg):
     frac = min(1.0, (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
+def train_step(model, opt, scaler, batches, loss_fn, ctx, grad_clip):
+    """One optimizer step over this process's micro-batches: each one's backward, the
+    gradients averaged (over the processes too, by DDP), clipped, and the step. Returns
+    [loss, L_SFT, L_OR] averaged over every process's micro-batches, as floats (one device
+    sync); raises FloatingPointError, before the step, if one is not finite."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    tot = torch.zeros(3, device=batches[0][0].device)  # loss, L_SFT, L_OR
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1  # DDP averages the gradients on a process's last
+        with (model.no_sync() if ddp and not last else contextlib.nullcontext()):
+            loss, parts = loss_fn(model, batch, ctx)
+            scaler.scale(loss / len(batches)).backward()
+        tot += torch.stack([loss.detach(), parts["l_sft"].detach(), parts["l_or"].detach()])
+    if ddp:
+        tot /= len(batches) * torch.distributed.get_world_size()
+        torch.distributed.all_reduce(tot)
+    else:
+        tot /= len(batches)
+    vals = tot.tolist()
+    bad = [f"{n}={v}" for n, v in zip(("loss", "L_SFT", "L_OR"), vals) if not math.isfinite(v)]
+    if bad:  # stop, not skip: a NaN means a bug or a diverged run, never noise to step over
+        raise FloatingPointError(f"non-finite {', '.join(bad)}")
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return vals
+
 # ----------------------------------------------------------------------------------------
 # Eval: the held-out loss terms (report.sample_and_judge samples answers for the judge)
 
 @torch.no_grad()
-def evaluate(scorer, split, cfg, device, ctx):
-    """Held-out metrics, averaged over the first eval_pairs pairs of the split. Always ORPO's
-    terms, with Eq. 3's mean and the odds ratio, through autograd's path, so that runs with
-    --logp, --ratio, --hand_grad or --loss compare."""
-    scorer.eval()
+def evaluate(model, split, cfg, device, ctx):
+    """Held-out metrics, averaged over the first eval_pairs pairs of the split: always ORPO's
+    terms, through autograd's path, so that runs of every objective and ablation compare."""
+    model.eval()
     n, sums = min(cfg.eval_pairs, len(split[1])), {}
-    same = dataclasses.replace(cfg, hand_grad=False, logp="mean", ratio="odds", loss="orpo")
     for i in range(0, n, cfg.batch_size):
         rows = range(i, min(i + cfg.batch_size, n))
-        _, parts = forward_loss(scorer, make_batch(split, rows, device), same, ctx)
+        _, parts = orpo_forward(model, make_batch(split, rows, device), ctx, lam=cfg.lam,
+                                sft_on_prompt=cfg.sft_on_prompt)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(rows)
-    scorer.train()
+    model.train()
     m = {k: v / n for k, v in sums.items()}
     return dict(m, margin=m["ell_w"] - m["ell_l"])
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: written atomically; loaded with every mismatch named
+# Checkpoints: what resume needs to go on exactly as the uninterrupted run would. Written
+# atomically; loaded with every mismatch named.
+
+CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what they are
+             "optimizer", "scaler", "rng",               # the training state, rng per process
+             "iter", "epoch", "pos",                     # where the loop and the data are
+             "history", "seconds", "cost")               # what was measured so far
+# what a resumed run must share with the run it continues: the shape, and the data
+RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
+               "data_file")
 
 def save_checkpoint(path, **state):
-    """Write path.tmp, then rename it: a crash or a full disk mid-save leaves the last good
-    checkpoint intact, and the partial file is removed."""
+    """Write path.tmp, then rename it: a crash, Ctrl-C or a full disk mid-save leaves the
+    last good checkpoint intact, and the partial file is removed."""
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         # torch.save reports a full disk as a stream error, in words that vary by version;
         # the partial file is gone by now, so the free space alone can miss it
         full = getattr(e, "errno", None) == errno.ENOSPC or any(
             w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
             shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
-        why = "the disk is full" if full else str(e).splitlines()[0]
+        why = "the disk is full" if full else one_line(e)
         die(f"could not write {path}: {why}; the last good checkpoint is unchanged")
 
-def load_checkpoint(path, cfg=None, meta=None):
-    """Load a checkpoint; an error names the file, and the key that does not match."""
+def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
+    """A checkpoint that has `keys` and, given the data's meta, its vocabulary; an error
+    names the file and the key."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         die(f"no checkpoint at {path}")
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})")
-    check_checkpoint(ck, path, cfg, meta)  # its keys; its shape against the run and the data
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {one_line(e, 100)})")
+    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
+    if missing:
+        die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")
+    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
+        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
+            f"but the data has {meta['vocab_size']}")
     return ck
+
+def check_same(path, have, want, who):
+    """A checkpoint's values `have` against `want` ({key: value} of the run or the policy)."""
+    for k, v in want.items():
+        if have.get(k) != v:
+            die(f"checkpoint {path} has {k}={have.get(k)}, but {who} {k}={v}")
+
+def on_disk(path):
+    """What the checkpoint file says of itself, for a message: its iteration, read from disk."""
+    try:
+        return f"{path} holds iteration {torch.load(path, mmap=True, weights_only=False)['iter']}"
+    except Exception:  # none, or unreadable: either way there is nothing to resume from
+        return "no checkpoint was written yet"
 
 def model_from_checkpoint(ck, path):
     model = GPT(GPTConfig(**ck["model_args"]))
     try:
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError) as e:
-        die(f"{path}: the weights do not fit the model: {str(e).strip().splitlines()[-1].strip()[:200]}")
+        die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
     return model
 
 # ========================================================================================
@@ -376,7 +464,7 @@ def batch_tokens(index, rows, sft_on_prompt):
     return real, real if sft_on_prompt else int(lens[:, CHOSEN:].sum())
 
 # ========================================================================================
-# Training: the setup, then the loop
+# Training: the model, then the loop
 
 def model_config(cfg, meta):
     n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
@@ -388,12 +476,14 @@ def build_model(cfg, meta, path):
     """The model to train: from scratch, resumed from path, the weights of another run's
     checkpoint (.pt), or a pretrained GPT-2; and the checkpoint when resuming."""
     if cfg.init_from == "resume":
-        ck = load_checkpoint(path, cfg, meta)
+        ck = load_checkpoint(path, CKPT_KEYS, meta)
+        check_same(path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
         return model_from_checkpoint(ck, path), ck
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg, meta)), None
     if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
-        return model_from_checkpoint(load_checkpoint(cfg.init_from, None, meta), cfg.init_from), None
+        ck = load_checkpoint(cfg.init_from, meta=meta)
+        return model_from_checkpoint(ck, cfg.init_from), None
     if meta["tokenizer"] != "gpt2":
         die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
             f"{cfg.dataset} uses {meta['tokenizer']!r}")
@@ -405,16 +495,14 @@ def build_model(cfg, meta, path):
 def load_reference(cfg, meta, policy):
     """DPO's frozen reference: the checkpoint --ref, of the policy's shape, in eval mode (no
     dropout), its weights never given a gradient."""
-    ref = model_from_checkpoint(load_checkpoint(cfg.ref, None, meta), cfg.ref)
-    for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab"):
-        if getattr(ref.cfg, k) != getattr(policy.cfg, k):
-            die(f"--ref={cfg.ref} has {k}={getattr(ref.cfg, k)}, but the policy has "
-                f"{k}={getattr(policy.cfg, k)}: DPO's reference must be of the policy's shape")
+    ck = load_checkpoint(cfg.ref, meta=meta)
+    shape = ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab")
+    check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
+    ref = model_from_checkpoint(ck, cfg.ref)
     return Scorer(ref.requires_grad_(False).eval())
 
-def setup(cfg):
-    """Processes (torchrun sets RANK and WORLD_SIZE), device, data, model, optimizer and
-    GradScaler; on resume also the iteration, data position, RNG, history and elapsed time."""
+def start_processes(cfg):
+    """(rank, world size, device): one process, or torchrun's (it sets RANK, WORLD_SIZE)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = cfg.device
     if world > 1:
@@ -425,146 +513,142 @@ def setup(cfg):
         if nccl:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)
+    return rank, world, device
+
+def rng_states(world, dev_type):
+    """Every process's RNG state (dropout draws from it), gathered for the checkpoint."""
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if dev_type == "cuda" else None)
+    if world == 1:
+        return [mine]
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+@dataclass
+class Run:
+    """What train returns: the trained model, the held-out split, and what was measured."""
+    model: GPT
+    val: tuple
+    meta: dict
+    dev: str
+    ctx: object
+    history: list
+    summary: dict
+    samples: list
+
+def train(cfg, preset="custom"):
+    """Train. The loop's state lives in this function's variables, in plain sight: the model,
+    the optimizer and scaler, the iteration, where the data is, and the cost so far. (It is
+    longer than a screen: one loop reads better whole.)"""
+    t_begin = time.time()
+    rank, world, device = start_processes(cfg)
+    master = rank == 0
     torch.manual_seed(cfg.seed + rank)
     dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
     meta, data = load_data(cfg)
-    if len(data["train"][1]) < cfg.batch_size:
-        die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
+    tr, val = data["train"], data["val"]
+    if len(tr[1]) < cfg.batch_size:
+        die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     raw, ck = build_model(cfg, meta, path)
     raw.to(dev)
     ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
     opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-    state = dict(it=0, epoch=0, pos=0, history=[], seconds=0.0,
-                 cost=dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0))
-    if ck:  # resume: the optimizer, the scaler, the RNG, and where the data and clock were
+    it, epoch, pos, history, seconds = 0, 0, 0, [], 0.0
+    cost = dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0)
+    if ck:  # resume: the optimizer, the scaler, this process's RNG, the data and the clock
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"])
-        state = {k: ck[k] for k in ("epoch", "pos", "history", "seconds", "cost")}
-        state["it"] = ck["iter"]
-        print(f"resumed from {path} at iteration {state['it']}")
-    scorer = Scorer(raw)
+        cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None and dev_type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng)
+        it, epoch, pos, history, seconds, cost = (ck[k] for k in ("iter", "epoch", "pos",
+                                                                  "history", "seconds", "cost"))
+        print(f"resumed from {path} at iteration {it}")
+    scorer = Scorer(raw)  # eval reads it as it is: one process, never compiled
     model = torch.compile(scorer) if cfg.compile else scorer
-    order = batch_order(data["train"][1], cfg.batch_size, cfg.seed, state["epoch"])
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev] if dev_type == "cuda" else None)
-    return SimpleNamespace(rank=rank, world=world, master=rank == 0, dev=dev, dev_type=dev_type,
-                           dtype=dtype, ctx=ctx, meta=meta, train=data["train"], val=data["val"],
-                           raw=raw, scorer=scorer, model=model, ref=ref, opt=opt, scaler=scaler,
-                           path=path, order=order, **state)
-
-def train_step(r, cfg):
-    """One optimizer step: grad_accum micro-steps (this process's share of them), a check
-    that the losses are finite, clipping, the step. Returns [loss, L_SFT, L_OR] as floats
-    (one device sync), and the tokens and FLOPs this process ran; adds to the run's cost."""
-    tot, toks, flops, t0 = torch.zeros(3, device=r.dev), 0, 0, time.time()  # tot: loss, L_SFT, L_OR
-    for micro in range(cfg.grad_accum):
-        if r.pos == len(r.order):  # the next epoch: a new order, a function of its number
-            r.epoch, r.pos = r.epoch + 1, 0
-            r.order = batch_order(r.train[1], cfg.batch_size, cfg.seed, r.epoch)
-        rows, r.pos = r.order[r.pos], r.pos + 1  # every process walks the whole order ...
-        if micro % r.world != r.rank:            # ... and keeps its share
-            continue
-        batch = make_batch(r.train, rows, r.dev)
-        real, n_scored = batch_tokens(r.train[1], rows, cfg.sft_on_prompt)
-        f = r.raw.flops(real, n_scored, batch[0].size(1))
-        toks, flops = toks + real, flops + f
-        if r.ref:  # a forward pass alone: a third of forward and backward
-            flops += f / 3
-            r.cost["ref_passes"] += len(batch[0])
-        r.cost["policy_passes"] += len(batch[0])
-        last = micro + r.world >= cfg.grad_accum  # DDP syncs gradients on a process's last
-        with (r.model.no_sync() if r.world > 1 and not last else contextlib.nullcontext()):
-            loss, parts = forward_loss(r.model, batch, cfg, r.ctx, r.ref)
-            r.scaler.scale(loss / (cfg.grad_accum // r.world)).backward()
-        tot += torch.stack([loss.detach(), parts["l_sft"].detach(), parts["l_or"].detach()])
-    tot /= cfg.grad_accum
-    if r.world > 1:
-        torch.distributed.all_reduce(tot)
-    vals = tot.tolist()
-    bad = [f"{n}={v}" for n, v in zip(("loss", "L_SFT", "L_OR"), vals) if not math.isfinite(v)]
-    if bad:  # stop, not skip: a NaN means a bug or a diverged run, never noise to step over
-        last = f"last good checkpoint: {r.path}" if os.path.exists(r.path) else "no checkpoint yet"
-        die(f"iteration {r.it + 1}: non-finite {', '.join(bad)}; stopped before the step, "
-            f"nothing saved ({last})")
-    if cfg.grad_clip > 0:
-        r.scaler.unscale_(r.opt)
-        torch.nn.utils.clip_grad_norm_(r.raw.parameters(), cfg.grad_clip)
-    r.scaler.step(r.opt)
-    r.scaler.update()
-    r.opt.zero_grad(set_to_none=True)
-    r.cost["steps"] += 1
-    r.cost["flops"] += flops
-    r.cost["train_seconds"] += time.time() - t0
-    return vals, toks, flops
-
-def eval_and_save(r, cfg, seconds):
-    m = evaluate(r.scorer, r.val, cfg, r.dev, r.ctx)
-    r.history.append(dict(iter=r.it, **m))
-    report.write(r.log, dict(kind="eval", iter=r.it, **m))
-    report.print_eval(r.it, m)
-    if r.it > 0:
-        save_checkpoint(r.path, model=r.raw.state_dict(), model_args=dataclasses.asdict(r.raw.cfg),
-                        optimizer=r.opt.state_dict(), scaler=r.scaler.state_dict(),
-                        config=dataclasses.asdict(cfg), meta=r.meta, iter=r.it, epoch=r.epoch,
-                        pos=r.pos, history=r.history, rng=torch.get_rng_state(), seconds=seconds,
-                        cost=r.cost)
-
-def train(cfg, preset="custom"):
-    """Train; returns the run (model, data, device, eval history, samples) and its summary."""
-    r = setup(cfg)
-    resume_at = r.it if cfg.init_from == "resume" else None
-    r.log = report.open_log(cfg.out_dir, resume_at) if r.master else None
-    if r.master:
-        print(f"{preset}: {r.raw.num_params() / 1e6:.2f}M parameters, {r.dev} {r.dtype}, "
-              f"lam={cfg.lam}, {len(r.train[1])} train pairs, {r.world} process(es) x "
-              f"{cfg.grad_accum // r.world} micro-steps x {cfg.batch_size} pairs")
-    if r.it == 0 and r.master:
-        eval_and_save(r, cfg, 0.0)
-        s0 = report.sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
-        report.write(r.log, dict(kind="samples", iter=0, samples=s0))
-        report.print_samples("before training", s0)
-    t0, t_start, toks, flops = time.time(), time.time() - r.seconds, 0, 0
+    loss_fn, order = objective(cfg, ref), batch_order(tr[1], cfg.batch_size, cfg.seed, epoch)
+    # the log: a new run starts one; a resumed run keeps it up to the checkpoint, and the
+    # samples taken before training (s0) come back from it
+    log, s0 = report.open_log(cfg.out_dir, it if ck else None) if master else (None, None)
+    if master:
+        print(f"{preset}: {raw.num_params() / 1e6:.2f}M parameters, {dev} {dtype}, lam={cfg.lam}, "
+              f"{len(tr[1])} train pairs, {world} process(es) x {cfg.grad_accum // world} "
+              f"micro-steps x {cfg.batch_size} pairs")
     try:
-        while r.it < cfg.max_iters:
-            lr = lr_at(r.it, cfg)
-            for g in r.opt.param_groups:
+        if it == 0 and master:
+            report.record_eval(log, history, it, evaluate(scorer, val, cfg, dev, ctx))
+            s0 = report.sample_and_judge(raw, val, meta, cfg, dev, ctx)
+            report.record_samples(log, it, "before training", s0)
+        t_start, t_log, toks, flops = time.time() - seconds, time.time(), 0, 0
+        while it < cfg.max_iters:
+            lr = lr_at(it, cfg)
+            for g in opt.param_groups:
                 g["lr"] = lr
-            vals, n, f = train_step(r, cfg)
-            r.it, toks, flops = r.it + 1, toks + n, flops + f
-            report.write(r.log, dict(kind="train", iter=r.it, loss=vals[0], l_sft=vals[1],
-                                     l_or=vals[2], lr=lr))
-            if r.master and (r.it % cfg.log_interval == 0 or r.it == cfg.max_iters):
-                dt = time.time() - t0
-                print(f"iter {r.it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR "
-                      f"{vals[2]:.4f} | lr {lr:.2e} | {toks * r.world / dt:,.0f} tok/s | "
-                      f"{flops * r.world / dt / 1e9:,.1f} GFLOP/s")
-                t0, toks, flops = time.time(), 0, 0
-            if r.master and (r.it % cfg.eval_interval == 0 or r.it == cfg.max_iters):
-                eval_and_save(r, cfg, time.time() - t_start)
+            t0, rows = time.time(), []
+            for micro in range(cfg.grad_accum):  # every process walks the whole order ...
+                if pos == len(order):            # the next epoch: an order of its own
+                    epoch, pos, order = epoch + 1, 0, batch_order(tr[1], cfg.batch_size, cfg.seed, epoch + 1)
+                if micro % world == rank:        # ... and keeps its share
+                    rows.append(order[pos])
+                pos += 1
+            batches = [make_batch(tr, r, dev) for r in rows]
+            try:
+                vals = train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)
+            except FloatingPointError as e:
+                die(f"iteration {it + 1}: {e}; stopped before the step, nothing saved "
+                    f"({'last good checkpoint: ' + path if os.path.exists(path) else 'no checkpoint yet'})")
+            n, f = 0, 0  # this step's tokens and FLOPs, on this process
+            for r, b in zip(rows, batches):
+                real, n_scored = batch_tokens(tr[1], r, cfg.sft_on_prompt)
+                fb = raw.flops(real, n_scored, b[0].size(1))
+                n, f = n + real, f + fb + (fb / 3 if ref else 0)  # ref: a forward pass alone
+                cost["policy_passes"] += len(b[0])
+                cost["ref_passes"] += len(b[0]) if ref else 0
+            it, toks, flops = it + 1, toks + n, flops + f
+            cost["steps"], cost["flops"] = cost["steps"] + 1, cost["flops"] + f
+            cost["train_seconds"] += time.time() - t0
+            report.write(log, dict(kind="train", iter=it, loss=vals[0], l_sft=vals[1],
+                                   l_or=vals[2], lr=lr))
+            if master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
+                report.print_step(it, vals, lr, toks * world, flops * world, time.time() - t_log)
+                t_log, toks, flops = time.time(), 0, 0
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                rng = rng_states(world, dev_type)  # every process takes part
+                if master:
+                    report.record_eval(log, history, it, evaluate(scorer, val, cfg, dev, ctx))
+                    save_checkpoint(path, model=raw.state_dict(), model_args=dataclasses.asdict(raw.cfg),
+                                    config=dataclasses.asdict(cfg), meta=meta,
+                                    optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng,
+                                    iter=it, epoch=epoch, pos=pos, history=history,
+                                    seconds=time.time() - t_start, cost=cost)
+        summary = samples = None
+        if master:  # sample after training; print and write the summary
+            seconds = time.time() - t_start
+            samples = report.sample_and_judge(raw, val, meta, cfg, dev, ctx)
+            report.record_samples(log, it, "after training", samples)
+            cost = dict(cost, processes=world, peak_mem_mb=round(report.peak_mem_mb(dev_type)))
+            summary = report.finish(log, cfg, preset, history=history, s0=s0,
+                                    s1=samples, seconds=seconds, wall=time.time() - t_begin,
+                                    pairs=min(cfg.eval_pairs, len(val[1])), cost=cost)
     except KeyboardInterrupt:
-        saved = f"{r.path} holds iteration {r.history[-1]['iter']}" if os.path.exists(r.path) \
-            else "no checkpoint was written yet"
-        die(f"interrupted at iteration {r.it}; {saved}", 130)
-    summary = samples = None
-    if r.master:  # sample after training; print and write the summary
-        seconds = time.time() - t_start
-        samples = report.sample_and_judge(r.raw, r.val, r.meta, cfg, r.dev, r.ctx)
-        cost = dict(r.cost, processes=r.world, peak_mem_mb=round(report.peak_mem_mb(r.dev_type)))
-        summary = report.finish(r.log, cfg, preset, it=r.it, history=r.history, samples=samples,
-                                seconds=seconds, pairs=min(cfg.eval_pairs, len(r.val[1])), cost=cost)
-    if r.world > 1:
+        die(f"interrupted at iteration {it}; {on_disk(path)}", 130)
+    if world > 1:
         torch.distributed.destroy_process_group()
-    return SimpleNamespace(model=r.raw, val=r.val, meta=r.meta, dev=r.dev, ctx=r.ctx,
-                           history=r.history, summary=summary, samples=samples)
+    return Run(raw, val, meta, dev, ctx, history, summary, samples)
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
     preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS)
-    train(cfg, preset)
+    try:
+        train(cfg, preset)
+    except KeyboardInterrupt:  # before the loop began: preparing data, loading a model
+        die(f"interrupted before training began; {on_disk(os.path.join(cfg.out_dir, 'ckpt.pt'))}", 130)
 
 if __name__ == "__main__":
     main()

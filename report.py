@@ -14,6 +14,7 @@ import torch
 
 import prepare_data
 from prepare_data import CHOSEN, OFF, PROMPT
+from safe import die, one_line
 
 
 @torch.no_grad()
@@ -50,32 +51,57 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
 
 
 def open_log(out_dir, resume_at=None):
-    """out_dir/log.jsonl, open to append. A new run starts an empty one; a resumed run keeps
-    the records up to its checkpoint's iteration (those after it are about to run again)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """out_dir/log.jsonl, open to append, and the samples taken before training. A new run
+    starts an empty log (s0: None, not taken yet); a resumed run keeps the records up to its
+    checkpoint's iteration (those after it are about to run again), s0 among them."""
     name, kept = os.path.join(out_dir, "log.jsonl"), []
-    if resume_at is not None and os.path.exists(name):
-        with open(name) as f:
-            kept = [line for line in f if json.loads(line)["iter"] <= resume_at]
-    with open(name + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(name + ".tmp", name)
-    return open(name, "a")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_at is not None and os.path.exists(name):
+            with open(name) as f:  # a line cut short (a full disk, a kill) is one not yet run
+                lines = [line for line in f if line.endswith("\n")]
+            for n, line in enumerate(lines, 1):
+                try:
+                    if json.loads(line)["iter"] <= resume_at:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    die(f"{name}, line {n}: not a record of orpo.py's log")
+        with open(name + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(name + ".tmp", name)
+        log = open(name, "a")
+    except OSError as e:
+        die(f"could not write {name}: {one_line(e)}")
+    s0 = next((r["samples"] for r in map(json.loads, kept) if r["kind"] == "samples"), None)
+    return log, s0
 
 
 def write(log, rec):
     if log:  # None on every process but the first
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        except OSError as e:
+            die(f"could not write {log.name}: {one_line(e)}; the checkpoint is unchanged")
 
 
-def print_eval(it, m):
+def print_step(it, vals, lr, toks, flops, dt):
+    print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
+          f"lr {lr:.2e} | {toks / dt:,.0f} tok/s | {flops / dt / 1e9:,.1f} GFLOP/s")
+
+
+def record_eval(log, history, it, m):
+    """An eval's held-out means: into the run's history, the log, and one printed line."""
+    history.append(dict(iter=it, **m))
+    write(log, dict(kind="eval", iter=it, **m))
     print(f"eval {it:5d} | L_SFT {m['l_sft']:.4f} | L_OR {m['l_or']:.4f} | log P chosen "
           f"{m['ell_w']:.3f} | log P rejected {m['ell_l']:.3f} | log OR {m['log_or']:.3f} | "
           f"acc {m['acc']:.3f} | margin {m['margin']:.3f}")
 
 
-def print_samples(title, samples, k=3):
+def record_samples(log, it, title, samples, k=3):
+    """Sampled answers: into the log, and the first k printed."""
+    write(log, dict(kind="samples", iter=it, samples=samples))
     print(f"samples {title}:")
     for s in samples[:k]:
         judged = f"   judge {s['score']:.2f}" if "score" in s else ""
@@ -91,31 +117,38 @@ def peak_mem_mb(dev_type):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def summarize(cfg, preset, history, s0, s1, seconds, pairs):
+def summarize(cfg, preset, history, s0, s1, seconds, wall, pairs):
     """Print the held-out terms at the start and the end, and the judge's verdicts on the
     samples before (s0) and after (s1) training, each ± 1 standard error; return them as
-    the dict that summary.json holds."""
+    the dict that summary.json holds. A note says what this run's numbers show, or nothing."""
     a, b = history[0], history[-1]
-    what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SFT baseline (lam=0)"
-            if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
+    what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SimPO" if cfg.ratio == "simpo"
+            else "SFT baseline (lam=0)" if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
+    moved = lambda k: "rose" if b[k] > a[k] else "fell" if b[k] < a[k] else ""
+    sft_lifts = cfg.lam == 0 and cfg.loss == "orpo" and moved("ell_w") == moved("ell_l") == "rose"
+    pushed = cfg.lam > 0 and moved("ell_l") == "fell"
+    note_l = moved("ell_l") + (" with the chosen, as in the paper's Fig. 3" if sft_lifts else
+                               f": {what.split()[0]} pushed it down" if pushed else "")
     row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
-    lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations, {seconds:.0f} s ==",
+    lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations: {seconds:.0f} s in "
+             f"the training loop, {wall:.0f} s in all ==",
              f"{f'held-out pairs ({pairs}):':31s}start      end",
-             row("mean log P(chosen)    (Eq. 3)", "ell_w", "rises under SFT and ORPO"),
-             row("mean log P(rejected)  (Eq. 3)", "ell_l", "SFT lifts it too (Fig. 3); ORPO lowers it"),
+             row("mean log P(chosen)    (Eq. 3)", "ell_w", moved("ell_w")),
+             row("mean log P(rejected)  (Eq. 3)", "ell_l", note_l),
              row("log odds ratio        (Eq. 5)", "log_or"),
-             row("preference accuracy", "acc", "log odds chosen > rejected"),
+             row("preference accuracy", "acc", "share of pairs with log odds chosen > rejected"),
              row("L_SFT                 (Eq. 1)", "l_sft"), row("L_OR                  (Eq. 7)", "l_or")]
     out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
-               start=a, end=b)
+               wall_seconds=wall, start=a, end=b)
     if s0 and s1 and "win" in s1[0]:  # the synthetic task: its judge scored the samples
         j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
         lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",
+                  f"  {'':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
                   *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
                     (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
-                  f"  {'flaw rates':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
-                  *(f"  {f.replace('_', ' '):29s} " + " ".join(f"{pm(j['flaw_rates'][k][f]):>15s}"
-                    for k in ("before", "after", "chosen")) for f in prepare_data.FLAWS)]
+                  *(f"  {f.replace('_', ' ') + ' rate':29s} " + " ".join(
+                    f"{pm(j['flaw_rates'][k][f]):>15s}" for k in ("before", "after", "chosen"))
+                    for f in prepare_data.FLAWS)]
         rates = lambda i: {k: {f: v[f][i] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()}
         out.update(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
                    judge_score=[m for m, _ in j["judge_score"]],
@@ -124,17 +157,10 @@ def summarize(cfg, preset, history, s0, s1, seconds, pairs):
     return out
 
 
-def finish(log, cfg, preset, *, it, history, samples, seconds, pairs, cost):
-    """Record and print the samples taken after training (at iteration it), close the log,
-    and print and write the summary, beside the samples taken before training (read back
-    from the log)."""
-    write(log, dict(kind="samples", iter=it, samples=samples))
-    print_samples("after training", samples)
+def finish(log, cfg, preset, *, history, s0, s1, seconds, wall, pairs, cost):
+    """Close the log; print the summary and write it to out_dir/summary.json."""
     log.close()
-    with open(log.name) as f:
-        s0 = next((rec["samples"] for rec in map(json.loads, f)
-                   if rec["kind"] == "samples" and rec["iter"] == 0), None)
-    summary = dict(summarize(cfg, preset, history, s0, samples, seconds, pairs), cost=cost)
+    summary = dict(summarize(cfg, preset, history, s0, s1, seconds, wall, pairs), cost=cost)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

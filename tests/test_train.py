@@ -15,6 +15,7 @@ import torch
 import configurator
 import orpo
 import prepare_data
+import report
 from conftest import ROOT, assert_same_losses, cli, losses, run
 
 
@@ -291,3 +292,22 @@ def test_summary_counts_the_pairs_it_evaluated(tmp_path, data_dir, capsys):
     run(tmp_path, data_dir, max_iters=2, eval_interval=2, eval_pairs=10**6, n_samples=2)
     n_val = len(np.load(os.path.join(data_dir, "val.index.npy")))
     assert f"held-out pairs ({n_val}):" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lam, rejected, note", [
+    (1.0, -7.0, "ORPO pushed it down"),                    # ORPO, and the rejected fell
+    (0.0, -5.0, "with the chosen, as in the paper's Fig. 3"),  # SFT, and the rejected rose
+])
+def test_a_note_is_printed_only_where_the_numbers_bear_it_out(capsys, lam, rejected, note):
+    start = dict(iter=0, ell_w=-6.0, ell_l=-6.0, log_or=0.0, acc=0.5, l_sft=6.0, l_or=0.7)
+    cfg = orpo.Config(lam=lam)
+    for end_l, printed in ((rejected, True), (-12.0 - rejected, False)):  # as said, then against
+        end = dict(start, iter=10, ell_w=-2.0, ell_l=end_l)
+        report.summarize(cfg, "tiny", [start, end], None, None, 1.0, 2.0, 10)
+        out = capsys.readouterr().out
+        assert (note in out) == printed, out
+        assert ("rose" if end_l > -6.0 else "fell") in out.splitlines()[3]
+    end = dict(start, iter=10, ell_w=-9.0, ell_l=-9.0)  # everything fell: no claim of a rise
+    report.summarize(orpo.Config(ratio="simpo"), "tiny", [start, end], None, None, 1.0, 2.0, 10)
+    out = capsys.readouterr().out
+    assert "SimPO" in out and "ORPO" not in out and "rose" not in out and "Fig. 3" not in out
