@@ -20,13 +20,18 @@ FLOPs (model.flops) done at that peak, and `mfu` = tokens_per_s / limit_tokens_p
 shapes, the output layer's recomputed logits included: no step can be faster than that.
 `other_ms` is the rest of the step, the work outside its matmuls: ms_per_step - matmul_ms.
 """
-import collections
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
+
+from safe import die
+
+# Ctrl-C is one line and exit status 130 at any point, importing torch (seconds) included;
+# a --sweep point's process is killed with it (subprocess.run kills its child on any exit)
+signal.signal(signal.SIGINT, lambda *_: die("interrupted", 130))
 
 import numpy as np
 import torch
@@ -34,7 +39,7 @@ import torch
 import model
 import orpo
 import report
-from configurator import die, parse_args, setup_device
+from configurator import parse_args, setup_device
 from model import GPT, Scorer
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -120,21 +125,20 @@ def run_steps(cfg, steps):
     torch.manual_seed(cfg.seed)
     B, V = cfg.batch_size, cfg.vocab_size or 50304
     raw = GPT(orpo.model_config(cfg, dict(vocab_size=V))).to(dev)
+    model = torch.compile(Scorer(raw)) if cfg.compile else Scorer(raw)
+    opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
+    scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     tokens, index = random_pairs(B, cfg.block_size, V, cfg.seed)
-    scorer = Scorer(raw)
-    r = SimpleNamespace(dev=dev, ctx=ctx, rank=0, world=1, raw=raw, train=(tokens, index), ref=None,
-                        model=torch.compile(scorer) if cfg.compile else scorer, it=0, epoch=0,
-                        pos=0, order=[np.arange(B)] * (steps + 2), path="(none)",
-                        cost=collections.Counter(),
-                        opt=raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
-                                                    dev_type, dtype),
-                        scaler=torch.amp.GradScaler(dev_type, enabled=dtype == "float16"))
+    rows = np.arange(B)
+    batches = [orpo.make_batch((tokens, index), rows, dev)] * cfg.grad_accum  # the micro-steps
+    loss_fn = orpo.objective(cfg)
     times = []
     for _ in range(steps + 2):
         t = time.perf_counter()
-        _, toks, flops = orpo.train_step(r, cfg)  # its .tolist() waits for the device
+        orpo.train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)  # .tolist(): synced
         times.append(time.perf_counter() - t)
-    n_scored = orpo.batch_tokens(index, np.arange(B), cfg.sft_on_prompt)[1]
+    real, n_scored = orpo.batch_tokens(index, rows, cfg.sft_on_prompt)
+    toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, cfg.block_size) * cfg.grad_accum
     return float(np.median(times[2:])), raw, toks, flops, n_scored, dev_type, dtype
 
 
@@ -204,13 +208,10 @@ def main():
     if opts["attn"] not in ("auto", "sdpa", "plain"):
         die(f"--attn must be auto, sdpa or plain, got {opts['attn']!r}")
     model.ATTN = opts["attn"]
-    try:
-        if opts["sweep"]:
-            sweep(sys.argv[1:], opts["steps"])  # an interrupted point's process is killed
-        else:
-            bench(cfg, opts["steps"], opts["gemms"])
-    except KeyboardInterrupt:
-        die("interrupted", 130)
+    if opts["sweep"]:
+        sweep(sys.argv[1:], opts["steps"])
+    else:
+        bench(cfg, opts["steps"], opts["gemms"])
 
 
 if __name__ == "__main__":
