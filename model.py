@@ -118,12 +118,15 @@ class TokenLogProbs(torch.autograd.Function):
 
 
 # Attention runs one of two ways. SDPA's fused kernel never holds the (T, T) scores: it is
-# the one for fp32 (the reference numbers were made with it), for long blocks, for dropout
-# and on GPUs. On a CPU under 16-bit autocast, at blocks up to PLAIN_MAX_T tokens, the CPU's
+# the one for fp32 (the reference numbers were made with it), for long blocks, for dropout,
+# on GPUs, and on CPUs that emulate bf16. On a CPU that multiplies bf16 in hardware (AMX
+# tiles or AVX-512 BF16), under 16-bit autocast, at blocks up to PLAIN_MAX_T tokens, the
 # flash kernel spends several times its matmuls' time outside them, so there attention is
 # the textbook two batched matmuls around an fp32 softmax, whose (T, T) probabilities
 # autograd keeps (6 bytes per score: fp32 and bf16 copies, B nh T^2 of them a layer).
 # BENCHMARKS.md has the measurements; bench.py --attn=sdpa|plain overrides the choice.
+NATIVE_BF16 = any(getattr(torch.cpu, f, lambda: False)()
+                  for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 PLAIN_MAX_T = 256
 ATTN = "auto"  # "auto", "sdpa" or "plain"
 
@@ -151,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, nh, T, hs): each head attends over its own hs = C / nh channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         cpu16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")  # bf16 or fp16
-        plain = ATTN == "plain" or (ATTN == "auto" and cpu16 and T <= PLAIN_MAX_T)
+        plain = ATTN == "plain" or (ATTN == "auto" and cpu16 and NATIVE_BF16 and T <= PLAIN_MAX_T)
         if plain and not (self.training and self.dropout):  # (no dropout in this path)
             y = plain_attention(q, k, v)  # (B, nh, T, hs)
         else:
