@@ -7,6 +7,7 @@ matmuls set, the fraction of that limit reached (`mfu`), and peak memory.
     python bench.py --gemms=true ...   # also print the rate of each matmul shape of the step
     python bench.py --sweep=true ...   # block_size 256, 512, 1024 x batch_size 4, 8, fp32 and
                                        # bf16, each point in its own process (for its memory)
+    python bench.py --attn=plain ...   # or sdpa: attention one way, not model.py's choice
 
 The limit: on a CUDA GPU, the vendor's dense bf16 peak (GPU_PEAK). On a CPU, measured here
 and now, in the run's dtype, at every matmul shape and layout the step runs (step_gemms):
@@ -17,21 +18,28 @@ neighbours move the rate); the JSON names its shape. `limit_tokens_per_s` is the
 FLOPs (model.flops) done at that peak, and `mfu` = tokens_per_s / limit_tokens_per_s.
 `matmul_ms` is the time the step's matmuls alone take at the rates measured for their own
 shapes, the output layer's recomputed logits included: no step can be faster than that.
+`other_ms` is the rest of the step, the work outside its matmuls: ms_per_step - matmul_ms.
 """
-import collections
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
+
+from safe import die
+
+# Ctrl-C is one line and exit status 130 at any point, importing torch (seconds) included;
+# a --sweep point's process is killed with it (subprocess.run kills its child on any exit)
+signal.signal(signal.SIGINT, lambda *_: die("interrupted", 130))
 
 import numpy as np
 import torch
 
+import model
 import orpo
 import report
-from configurator import die, parse_args, setup_device
+from configurator import parse_args, setup_device
 from model import GPT, Scorer
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -117,21 +125,20 @@ def run_steps(cfg, steps):
     torch.manual_seed(cfg.seed)
     B, V = cfg.batch_size, cfg.vocab_size or 50304
     raw = GPT(orpo.model_config(cfg, dict(vocab_size=V))).to(dev)
+    model = torch.compile(Scorer(raw)) if cfg.compile else Scorer(raw)
+    opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
+    scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     tokens, index = random_pairs(B, cfg.block_size, V, cfg.seed)
-    scorer = Scorer(raw)
-    r = SimpleNamespace(dev=dev, ctx=ctx, rank=0, world=1, raw=raw, train=(tokens, index), ref=None,
-                        model=torch.compile(scorer) if cfg.compile else scorer, it=0, epoch=0,
-                        pos=0, order=[np.arange(B)] * (steps + 2), path="(none)",
-                        cost=collections.Counter(),
-                        opt=raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
-                                                    dev_type, dtype),
-                        scaler=torch.amp.GradScaler(dev_type, enabled=dtype == "float16"))
+    rows = np.arange(B)
+    batches = [orpo.make_batch((tokens, index), rows, dev)] * cfg.grad_accum  # the micro-steps
+    loss_fn = orpo.objective(cfg)
     times = []
     for _ in range(steps + 2):
         t = time.perf_counter()
-        _, toks, flops = orpo.train_step(r, cfg)  # its .tolist() waits for the device
+        orpo.train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)  # .tolist(): synced
         times.append(time.perf_counter() - t)
-    n_scored = orpo.batch_tokens(index, np.arange(B), cfg.sft_on_prompt)[1]
+    real, n_scored = orpo.batch_tokens(index, rows, cfg.sft_on_prompt)
+    toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, cfg.block_size) * cfg.grad_accum
     return float(np.median(times[2:])), raw, toks, flops, n_scored, dev_type, dtype
 
 
@@ -171,6 +178,8 @@ def bench(cfg, steps, show_gemms=False):
                peak_gflops=round(peak / 1e9, 1), peak_shape=shape,
                limit_tokens_per_s=round(toks * peak / flops, 1),
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
+               other_ms=None if matmul_ms is None else round(s * 1e3 - matmul_ms, 1),
+               attn=model.ATTN,
                peak_mem_mb=round(report.peak_mem_mb(dev_type)))
     print(json.dumps(out))
     return out
@@ -179,7 +188,7 @@ def bench(cfg, steps, show_gemms=False):
 def sweep(argv, steps):
     """Each point in its own process, so that peak memory is that point's alone."""
     keep = [a for a in argv if not a.startswith(("--sweep", "--block_size", "--batch_size",
-                                                 "--dtype", "--gemms"))]
+                                                 "--dtype", "--gemms", "--steps"))]
     for dtype in ("float32", "bfloat16"):
         for T in (256, 512, 1024):
             for B in (4, 8):
@@ -193,9 +202,12 @@ def sweep(argv, steps):
 
 def main():
     preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS,
-                                   dict(steps=10, sweep=False, gemms=False))
+                                   dict(steps=10, sweep=False, gemms=False, attn="auto"))
     if opts["steps"] < 1:
         die(f"--steps must be an integer >= 1, got {opts['steps']}")
+    if opts["attn"] not in ("auto", "sdpa", "plain"):
+        die(f"--attn must be auto, sdpa or plain, got {opts['attn']!r}")
+    model.ATTN = opts["attn"]
     if opts["sweep"]:
         sweep(sys.argv[1:], opts["steps"])
     else:

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safe import one_line
+
 try:  # optional: Hugging Face's model.safetensors files, read and written when it is there
     import safetensors.torch as safetensors_torch
 except ImportError:
@@ -62,7 +64,8 @@ def _logits(h, w, buf):
 def _logsumexp(z, buf):
     """torch.logsumexp(z, 1), in buf's dtype (fp32) and its memory, with the same arithmetic."""
     m = z.amax(1, keepdim=True).to(buf.dtype)  # (N, 1): the max of bf16 values is exact
-    return _like(buf, z).copy_(z).sub_(m).exp_().sum(1).log_().add_(m[:, 0])  # (N,)
+    e = torch.sub(z, m, out=_like(buf, z)).exp_()  # z - m: bf16 z is exact in fp32
+    return e.sum(1).log_().add_(m[:, 0])  # (N,)
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -76,8 +79,9 @@ class TokenLogProbs(torch.autograd.Function):
 
     Under autocast the matmuls run in its dtype (bf16) and the softmax in fp32. The slices'
     temporaries live in buffers allocated once per call, not in fresh 4-16 MB tensors for
-    each of the 50 slices (memory the system must map and zero each time): on a 2-core CPU
-    that made the output layer 7% faster at 4,128 positions, the same at 2,064."""
+    each slice (memory the system must map and zero each time), and each elementwise step
+    writes its result where the next one reads it: z - max is one pass from the logits into
+    the fp32 buffer, not a copy and then a subtraction (BENCHMARKS.md has the timings)."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk, n_vocab=None):
@@ -104,13 +108,36 @@ class TokenLogProbs(torch.autograd.Function):
         for j in range(0, wd.size(0), ctx.chunk):
             s = slice(j, min(j + ctx.chunk, wd.size(0)))
             z = _logits(hd, wd[s], zbuf)  # (N, chunk)
-            p = _like(sbuf, z).copy_(z).sub_(lse[:, None]).exp_()  # the softmax slice, fp32
+            p = torch.sub(z, lse[:, None], out=_like(sbuf, z)).exp_()  # the softmax slice, fp32
             p = torch.mul(p, -g[:, None], out=_like(pbuf, z))  # to the matmul dtype as it stores
             dh += p @ wd[s]  # (N, chunk) @ (chunk, C) -> (N, C)
             dw[s] = p.t() @ hd  # (chunk, N) @ (N, C) -> (chunk, C)
         dh += g[:, None] * w[y]
         dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))
         return dh, dw, None, None, None
+
+
+# Attention runs one of two ways. SDPA's fused kernel never holds the (T, T) scores: it is
+# the one for fp32 (the reference numbers were made with it), for long blocks, for dropout,
+# on GPUs, and on CPUs that emulate bf16. On a CPU that multiplies bf16 in hardware (AMX
+# tiles or AVX-512 BF16), under 16-bit autocast, at blocks up to PLAIN_MAX_T tokens, the
+# flash kernel spends several times its matmuls' time outside them, so there attention is
+# the textbook two batched matmuls around an fp32 softmax, whose (T, T) probabilities
+# autograd keeps (6 bytes per score: fp32 and bf16 copies, B nh T^2 of them a layer).
+# BENCHMARKS.md has the measurements; bench.py --attn=sdpa|plain overrides the choice.
+NATIVE_BF16 = any(getattr(torch.cpu, f, lambda: False)()
+                  for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+PLAIN_MAX_T = 256
+ATTN = "auto"  # "auto", "sdpa" or "plain"
+
+
+def plain_attention(q, k, v):
+    """softmax(q k^T / sqrt(hs), causal) v for q, k, v (B, nh, T, hs): two batched matmuls."""
+    T = q.size(-2)
+    att = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, T); q: fewer to scale
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # key after query
+    att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32)
+    return att.to(v.dtype) @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -126,8 +153,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs): each head attends over its own hs = C / nh channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,  # (B, nh, T, hs)
-                                           dropout_p=self.dropout if self.training else 0.0)
+        cpu16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")  # bf16 or fp16
+        plain = ATTN == "plain" or (ATTN == "auto" and cpu16 and NATIVE_BF16 and T <= PLAIN_MAX_T)
+        if plain and not (self.training and self.dropout):  # (no dropout in this path)
+            y = plain_attention(q, k, v)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,  # (B, nh, T, hs)
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.drop(self.c_proj(y))
 
@@ -168,17 +200,13 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _read_json(path):
     """The object in a JSON file (config.json, an index.json)."""
     try:
         with open(path) as f:
             obj = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not readable JSON ({_first_line(e)})") from e
+        raise ValueError(f"{path}: not readable JSON ({one_line(e)})") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a JSON object")
     return obj
@@ -195,7 +223,7 @@ def _read_tensors(path):
         sd = (safetensors_torch.load_file(path) if st
               else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # a missing, truncated or foreign file: any error its reader raises
-        raise ValueError(f"{path}: not a readable weights file ({_first_line(e)})") from e
+        raise ValueError(f"{path}: not a readable weights file ({one_line(e)})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return sd
@@ -233,7 +261,8 @@ def _fetch_gpt2(name):
 
 
 def _read_gpt2(name_or_path):
-    """(config.json's dict or None, state dict) of a GPT-2 named or kept at name_or_path."""
+    """(config.json's dict or None, state dict without the `transformer.` prefix) of a GPT-2
+    named or kept at name_or_path."""
     path = name_or_path
     if not os.path.exists(path):
         if name_or_path not in GPT2_NAMES:
@@ -246,7 +275,7 @@ def _read_gpt2(name_or_path):
     sd = {}
     for f in files:
         sd.update(_read_tensors(f))
-    return hf, sd
+    return hf, {k.removeprefix("transformer."): v for k, v in sd.items()}  # as GPT2Model names them
 
 
 def _gpt2_shape(hf, sd, where):
@@ -260,8 +289,7 @@ def _gpt2_shape(hf, sd, where):
         try:
             return tuple(int(hf[k]) for k in keys)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: config.json lacks a GPT-2 size ({_first_line(e)})") from e
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+            raise ValueError(f"{where}: config.json lacks a GPT-2 size ({one_line(e)})") from e
     if "wte.weight" not in sd or "wpe.weight" not in sd:
         raise ValueError(f"{where}: no wte.weight and wpe.weight: not a GPT-2 state dict")
     n_vocab, n_embd = sd["wte.weight"].shape
@@ -370,8 +398,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # The fused kernel updates each tensor in one pass (on 2 CPU cores, 11 ms a step for
-        # a 30M model against the for-each version's 94). Its rounding differs in the last
+        # The fused kernel updates each tensor in one pass, several times faster on a CPU
+        # than the for-each version (BENCHMARKS.md). Its rounding differs in the last
         # bit, which moves fp32 results after hundreds of steps; so fp32 training on the CPU
         # keeps the for-each version, whose numbers are the reference ones. CUDA, and bf16
         # or fp16 training (the training dtype, `dtype`) anywhere, fuse.
@@ -381,10 +409,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def load_gpt2_state_dict(self, sd):
-        """Copy a GPT-2 state dict (Hugging Face names, with or without the `transformer.`
-        prefix, Conv1D weights stored (in, out)) into this model, checking that every tensor
-        is used and every shape fits; ValueError names the first that does not."""
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
+        """Copy a GPT-2 state dict (Hugging Face names less the `transformer.` prefix, as
+        _read_gpt2 gives them; Conv1D weights stored (in, out)) into this model, checking
+        that every tensor is used and every shape fits; ValueError names the first that does
+        not."""
+        sd = {k: v for k, v in sd.items()
               if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # the causal mask buffers
         head = sd.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, sd.get("wte.weight", head)):
