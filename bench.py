@@ -201,8 +201,16 @@ def sweep(argv, steps):
 
 
 def main():
-    preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS,
-                                   dict(steps=10, sweep=False, gemms=False, attn="auto"))
+    preset, cfg, opts = parse_args(
+        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10, sweep=False, gemms=False, attn="auto"),
+        usage="bench.py [--config NAME] [--key=value ...]",
+        keys=("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size", "lam",
+              "sft_on_prompt", "hand_grad", "ratio", "logp", "batch_size", "grad_accum", "lr",
+              "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "compile", "seed"),
+        notes=dict(steps="timed optimizer steps (after two warm-up steps); the median is printed",
+                   sweep="time block_size 256-1024 x batch_size 4, 8 in fp32 and bf16",
+                   gemms="also print the rate of each matmul shape of the step",
+                   attn="auto, sdpa or plain: how attention is computed"))
     if opts["steps"] < 1:
         die(f"--steps must be an integer >= 1, got {opts['steps']}")
     if opts["attn"] not in ("auto", "sdpa", "plain"):

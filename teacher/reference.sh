@@ -24,7 +24,7 @@ t ex6 python figures.py lambda --config small $F --out_dir="$OUT/ex6"
 t ex7 python orpo.py --config small --sft_on_prompt=true $F --out_dir="$OUT/ex7-prompt"
 t ex8 python figures.py ratio --config small $F --out_dir="$OUT/ex8"
 t ex9 python figures.py length --config small $F --out_dir="$OUT/ex9"
-t ex11-methods python figures.py methods --config small $F --out_dir="$OUT/ex11"
+t ex11-methods python figures.py methods --config small --tune_samples=0 $F --out_dir="$OUT/ex11"
 t ex11-sft python orpo.py --config small --lam=0 $F --out_dir="$OUT/ex11-sft"
 for b in 0.01 0.1 1.0; do
     t ex11-dpo-$b python orpo.py --config small --loss=dpo --init_from="$OUT/ex11-sft/ckpt.pt" \
