@@ -239,6 +239,8 @@ def load_data(cfg):
                                    (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
     except ValueError as e:
         die(str(e))
+    except KeyboardInterrupt:
+        die(f"interrupted while reading the data; {prepare_data.holds(d)}", 130)
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask
@@ -405,7 +407,8 @@ def save_checkpoint(path, **state):
             w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
             shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
         why = "the disk is full" if full else one_line(e)
-        die(f"could not write {path}: {why}; the last good checkpoint is unchanged")
+        kept = "the last good checkpoint is unchanged" if os.path.exists(path) else "no checkpoint was written yet"
+        die(f"could not write {path}: {why}; {kept}")
 
 def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
     """A checkpoint that has `keys` and, given the data's meta, its vocabulary; an error
@@ -464,27 +467,24 @@ def model_config(cfg, meta):
                      n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
 
-def build_model(cfg, meta, path):
-    """The model to train: from scratch, resumed from path, the weights of another run's
-    checkpoint (.pt), or a pretrained GPT-2; and the checkpoint when resuming."""
-    if cfg.init_from == "resume":
-        ck = load_checkpoint(path, CKPT_KEYS, meta)
-        check_same(path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
+def build_model(cfg, meta, path, ck=None):
+    """The model to train: from scratch, resumed from the checkpoint ck (read from path),
+    the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
+    if ck is not None:  # resume: its config was checked against the run's; now its data
         if ck["meta"].get("id") != meta["id"]:  # the same names, but other tokens
             die(f"checkpoint {path} was trained on other data than {cfg.data_dir or cfg.dataset} "
                 f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
                 f"data, or start a new --out_dir")
-        return model_from_checkpoint(ck, path), ck
+        return model_from_checkpoint(ck, path)
     if cfg.init_from == "scratch":
-        return GPT(model_config(cfg, meta)), None
+        return GPT(model_config(cfg, meta))
     if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
-        ck = load_checkpoint(cfg.init_from, meta=meta)
-        return model_from_checkpoint(ck, cfg.init_from), None
+        return model_from_checkpoint(load_checkpoint(cfg.init_from, meta=meta), cfg.init_from)
     if meta["tokenizer"] != "gpt2":
         die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
             f"{cfg.dataset} uses {meta['tokenizer']!r}")
     try:
-        return GPT.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout), None
+        return GPT.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout)
     except ValueError as e:
         die(str(e))
 
@@ -547,11 +547,14 @@ def train(cfg, preset="custom"):
     try:
         torch.manual_seed(cfg.seed + rank)
         dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
+        ck = load_checkpoint(path, CKPT_KEYS) if cfg.init_from == "resume" else None
+        if ck:  # before the data is read: resuming on other data or another shape is an error
+            check_same(path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
         meta, data = load_data(cfg)
         tr, val = data["train"], data["val"]
         if len(tr[1]) < cfg.batch_size:
             die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")
-        raw, ck = build_model(cfg, meta, path)
+        raw = build_model(cfg, meta, path, ck)
         raw.to(dev)
         ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
         if master:  # one run per out_dir: a second one is told which process holds it
@@ -559,8 +562,9 @@ def train(cfg, preset="custom"):
                 held = lock(cfg.out_dir)
             except ValueError as e:
                 die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
-            if cfg.init_from != "resume" and any(os.path.exists(os.path.join(cfg.out_dir, f))
-                                                 for f in ("ckpt.pt", "log.jsonl")):
+            # a new run never writes over another's checkpoint (a log with none is of a run
+            # that saved nothing, and is started anew)
+            if cfg.init_from != "resume" and os.path.exists(path):
                 die(f"{cfg.out_dir} holds another run ({on_disk(path)}): continue it with "
                     f"--init_from=resume, or give a new --out_dir")
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
