@@ -85,7 +85,7 @@ def test_two_runs_on_one_out_dir_the_second_is_refused_naming_the_first(tmp_path
         first.kill()
         first.wait()
     r = cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
-            "--max_iters=2", "--n_samples=2", "--init_from=resume")
+            "--max_iters=2", "--n_samples=2")
     assert f"took over the lock of pid {first.pid}" in r.stderr  # the lock of a killed run
 
 
