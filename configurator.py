@@ -48,6 +48,8 @@ def check(cfg):
         die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
     if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
         die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean --loss=orpo")
+    if cfg.loss == "dpo" and (cfg.ratio, cfg.logp) != ("odds", "mean"):
+        die("--loss=dpo is DPO's own loss: --ratio and --logp are ORPO's; leave them at odds and mean")
     if cfg.loss == "dpo" and not cfg.ref:
         die("--loss=dpo needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
     if cfg.ref and not os.path.isfile(cfg.ref):

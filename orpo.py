@@ -436,7 +436,8 @@ def check_same(path, have, want, who):
 def on_disk(path):
     """What the checkpoint file says of itself, for a message: its iteration, read from disk."""
     try:
-        return f"{path} holds iteration {torch.load(path, mmap=True, weights_only=False)['iter']}"
+        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return f"{path} holds iteration {ck['iter']}"
     except Exception:  # none, or unreadable: either way there is nothing to resume from
         return "no checkpoint was written yet"
 
@@ -549,8 +550,14 @@ def train(cfg, preset="custom"):
         dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
         ck = load_checkpoint(path, CKPT_KEYS) if cfg.init_from == "resume" else None
         if ck:  # before the data is read: resuming on other data or another shape is an error
+            if "id" not in ck["meta"] or not isinstance(ck["rng"], list):
+                die(f"{path} was written by an older version of orpo.py; start a new --out_dir")
             check_same(path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
+        if world > 1 and not master:  # the first process prepares the data, the others wait
+            torch.distributed.barrier()
         meta, data = load_data(cfg)
+        if world > 1 and master:
+            torch.distributed.barrier()
         tr, val = data["train"], data["val"]
         if len(tr[1]) < cfg.batch_size:
             die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")

@@ -71,13 +71,12 @@ def open_log(out_dir, resume_at=None):
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     die(f"{name}, line {n}: not a record of orpo.py's log")
-        with open(name + ".tmp", "w") as f:
+        with atomic_write(name) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
-        os.replace(name + ".tmp", name)
         log = open(name, "a")
     except OSError as e:
         die(f"could not write {name}: {one_line(e)}")
-    s0 = next((r["samples"] for r in map(json.loads, kept) if r["kind"] == "samples"), None)
+    s0 = next((r["samples"] for r in map(json.loads, kept) if r.get("kind") == "samples"), None)
     return log, s0
 
 
@@ -87,7 +86,7 @@ def write(log, rec):
             log.write(json.dumps(rec) + "\n")
             log.flush()
         except OSError as e:
-            die(f"could not write {log.name}: {one_line(e)}; the checkpoint is unchanged")
+            die(f"could not write {log.name}: {one_line(e)}")
 
 
 def print_step(it, vals, lr, toks, flops, dt):

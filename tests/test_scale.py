@@ -52,6 +52,19 @@ def test_ddp_resume_with_dropout_is_bit_exact(tmp_path, data_dir):
     assert_same_losses(losses(read("whole")), losses(read("cut")))  # bit for bit
 
 
+
+def test_ddp_on_data_not_yet_prepared_prepares_it_once(tmp_path):
+    """The first process prepares data/synthetic while the others wait for it (each taking
+    the data folder's lock at once would stop the second)."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", os.path.join(ROOT, "orpo.py"), "--config=tiny",
+                        "--grad_accum=2", "--max_iters=2", "--n_samples=2", "--eval_pairs=8"],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("preparing") == 1 and "2 process(es)" in r.stdout
+
+
 def test_gpt2_125m_preset_runs_two_iterations_on_cpu(tmp_path, data_dir):
     recs = run(tmp_path, data_dir, preset="gpt2-125m", batch_size=1, block_size=128, max_iters=2,
                grad_accum=2, eval_interval=2, eval_pairs=2, n_samples=1, max_new_tokens=2,
