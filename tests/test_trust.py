@@ -25,7 +25,9 @@ SMALL = dict(n_train=200, n_val=20)
 def driver(code, *args, timeout=120, wait=True):
     """Python code in a subprocess that imports the project, e.g. to patch a function so that
     the process kills itself at a chosen point."""
-    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n{code}", *args]
+    # Ctrl-C as a terminal delivers it: a background job's children start with SIGINT ignored
+    argv = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, "
+            f"signal.default_int_handler); sys.path.insert(0, {ROOT!r})\n{code}", *args]
     if not wait:
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
