@@ -543,7 +543,7 @@ def methods(args, cfg, preset, opts, grid):
 
 # figures.py's own options: sft-vs-orpo's seeds; methods' DPO iterations, its grid of (beta,
 # lr), the held-out prompts each grid point answers (0: no tuning, one run at --beta, --dpo_lr)
-OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.1,0.5",
+OPTIONS = dict(seeds=1, dpo_iters=0, dpo_lr=1e-4, dpo_betas="0.01,0.03,0.1",
                dpo_lrs="3e-5,1e-4,3e-4", tune_samples=200)
 
 
