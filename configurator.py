@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from model import GPT2_NAMES
+from model import GPT2_NAMES, native_bf16_cpu
 from safe import die
 
 
@@ -67,13 +67,6 @@ def check(cfg):
         die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
     if dev == "mps" and not torch.backends.mps.is_available():
         die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
-
-
-def native_bf16_cpu():
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
-    emulated, and slower than fp32."""
-    return any(getattr(torch.cpu, f, lambda: False)()
-               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def setup_device(device, dtype):

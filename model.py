@@ -125,8 +125,14 @@ class TokenLogProbs(torch.autograd.Function):
 # the textbook two batched matmuls around an fp32 softmax, whose (T, T) probabilities
 # autograd keeps (6 bytes per score: fp32 and bf16 copies, B nh T^2 of them a layer).
 # BENCHMARKS.md has the measurements; bench.py --attn=sdpa|plain overrides the choice.
-NATIVE_BF16 = any(getattr(torch.cpu, f, lambda: False)()
-                  for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+def native_bf16_cpu():
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
+    emulated, and slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+NATIVE_BF16 = native_bf16_cpu()
 PLAIN_MAX_T = 256
 ATTN = "auto"  # "auto", "sdpa" or "plain"
 
