@@ -111,7 +111,10 @@ class TokenLogProbs(torch.autograd.Function):
             p = torch.sub(z, lse[:, None], out=_like(sbuf, z)).exp_()  # the softmax slice, fp32
             p = torch.mul(p, -g[:, None], out=_like(pbuf, z))  # to the matmul dtype as it stores
             dh += p @ wd[s]  # (N, chunk) @ (chunk, C) -> (N, C)
-            dw[s] = p.t() @ hd  # (chunk, N) @ (N, C) -> (chunk, C)
+            if dw.dtype == p.dtype:  # (chunk, N) @ (N, C) -> (chunk, C), straight into dw
+                torch.mm(p.t(), hd, out=dw[s])
+            else:  # a bf16 product, stored into the fp32 gradient
+                dw[s] = p.t() @ hd
         dh += g[:, None] * w[y]
         dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))
         return dh, dw, None, None, None
