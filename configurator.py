@@ -15,7 +15,7 @@ import sys
 import torch
 
 from model import GPT2_NAMES, native_bf16_cpu
-from safe import die
+from safe import die, one_line
 
 
 at_least = lambda lo: (lambda v: v >= lo, f"a number >= {lo}")
@@ -67,6 +67,17 @@ def check(cfg):
         die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
     if dev == "mps" and not torch.backends.mps.is_available():
         die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
+    on_cpu = dev == "cpu" or dev == "auto" and not (torch.cuda.is_available()
+                                                    or torch.backends.mps.is_available())
+    if cfg.compile and on_cpu:  # inductor writes C++ for the CPU: without a compiler it fails mid-run
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except ImportError:  # another torch lays it out otherwise: let torch.compile say
+            pass
+        except Exception as e:
+            die(f"--compile=true needs a working C++ compiler on the CPU ({one_line(e)}); "
+                "install one (gcc), or leave --compile off")
 
 
 def setup_device(device, dtype):

@@ -136,6 +136,14 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, args, msg):
     assert os.listdir(tmp_path) == []  # no data prepared, no out_dir made
 
 
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(tmp_path):
+    env = dict(os.environ, CXX=os.path.join(str(tmp_path), "no-such-g++"))  # inductor reads CXX
+    r = cli("orpo.py", "--config", "tiny", "--device=cpu", "--compile=true", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "--compile=true needs a working C++ compiler on the CPU" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_grad_accum_that_the_processes_cannot_share_is_refused_before_any_work(tmp_path):
     env = dict(os.environ, WORLD_SIZE="2")  # as torchrun --nproc_per_node=2 sets it
     r = cli("orpo.py", "--config", "tiny", "--grad_accum=3", cwd=tmp_path, env=env)
