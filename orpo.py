@@ -158,7 +158,7 @@ class Config:
     # data
     dataset: str = "synthetic"     # synthetic, hh-rlhf, ultrafeedback, or a name for data_file
     data_file: str = ""            # a local .jsonl(.gz)/.json/.parquet of pairs to prepare
-    data_dir: str = ""             # the prepared files; default: data/<dataset>
+    data_dir: str = ""             # the prepared files; default: data/<dataset or data_file's name>
     out_dir: str = "out"           # the checkpoint, log.jsonl and summary.json
     # model
     init_from: str = "scratch"     # scratch, resume, gpt2[-medium|-large|-xl], or a GPT-2 path
@@ -227,15 +227,16 @@ PRESETS = {
 # padded together into one (2B, T) tensor, chosen rows first, so one forward pass serves both.
 
 def load_data(cfg):
-    """meta and {split: (tokens, index)}. data/<dataset> is prepared on first use, and again
+    """meta and {split: (tokens, index)}. data/<name> is prepared on first use, and again
     when it was made from anything else; a --data_dir of other data is refused."""
-    d = cfg.data_dir or os.path.join("data", cfg.dataset)
-    tok = "synthetic" if cfg.dataset == "synthetic" and not cfg.data_file else "gpt2"
+    name = prepare_data.named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
+    d = cfg.data_dir or os.path.join("data", name)
+    tok = "synthetic" if name == "synthetic" else "gpt2"
     try:
         n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
         if cfg.vocab_size < n_vocab:
             die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
-        return prepare_data.ensure(d, cfg.dataset, cfg.data_file or None, cfg.block_size + 1,
+        return prepare_data.ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
                                    (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
     except ValueError as e:
         die(str(e))
@@ -473,7 +474,7 @@ def build_model(cfg, meta, path, ck=None):
     the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
     if ck is not None:  # resume: its config was checked against the run's; now its data
         if ck["meta"].get("id") != meta["id"]:  # the same names, but other tokens
-            die(f"checkpoint {path} was trained on other data than {cfg.data_dir or cfg.dataset} "
+            die(f"checkpoint {path} was trained on other data than {cfg.data_dir or 'data/' + meta['source']} "
                 f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
                 f"data, or start a new --out_dir")
         return model_from_checkpoint(ck, path)

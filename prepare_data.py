@@ -508,6 +508,15 @@ SEED, N_TRAIN, N_VAL = 1337, 20000, 1000  # the synthetic task's defaults
 FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("tokens", "index")]
 
 
+def named(source, file):
+    """The name data goes by, in its folder's name and meta.json: the source, or for a file
+    given with the default source, the file's own name (pairs for pairs.jsonl.gz), so that a
+    file's rows are never kept, or judged, as the synthetic task's."""
+    if file and source == "synthetic":
+        return os.path.basename(file).split(".")[0] or "file"
+    return source
+
+
 def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len):
     """What prepared data is made from, as meta.json records it: data made from the same
     recipe, and the same file contents (fingerprint), is the same data. The seed and the
@@ -674,6 +683,7 @@ if __name__ == "__main__":
     ap.add_argument("--max_len", type=int, default=1024, help="prompt + response tokens")
     ap.add_argument("--max_prompt_len", type=int, default=512, help="below --max_len")
     a = ap.parse_args()
+    a.source = named(a.source, a.file)
     out = a.out or os.path.join("data", a.source)
     try:
         prepare(a.source, out, a.seed, a.n_train, a.n_val, a.max_len, a.max_prompt_len,

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+import orpo
 import prepare_data
 import safe
 from conftest import ROOT, run
@@ -220,6 +221,16 @@ def test_a_data_file_edited_in_place_is_noticed(tmp_path, capsys, offline):
     enc = prepare_data.synthetic_encoding()
     tokens, index = splits["train"]
     assert " ant " in enc.decode(tokens.tolist())
+
+
+def test_a_data_file_without_a_dataset_name_is_named_for_itself_not_the_synthetic_task(
+        tmp_path, monkeypatch, offline):
+    f = pairs_file(tmp_path / "pairs.jsonl", ["dog", "owl", "hen", "fox", "elk"] * 4)
+    monkeypatch.chdir(tmp_path)  # data/<name> is relative to where the run starts
+    cfg = orpo.Config(**orpo.PRESETS["tiny"], data_file=f)
+    meta, _ = orpo.load_data(cfg)
+    assert meta["source"] == "pairs"  # not "synthetic": the synthetic judge never scores it
+    assert sorted(os.listdir(tmp_path / "data")) == ["pairs"]  # data/synthetic left alone
 
 
 def test_data_for_other_limits_is_prepared_again_in_the_default_folder(tmp_path, capsys,
