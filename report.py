@@ -58,7 +58,8 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
 def open_log(out_dir, resume_at=None):
     """out_dir/log.jsonl, open to append, and the samples taken before training. A new run
     starts an empty log (s0: None, not taken yet); a resumed run keeps the records up to its
-    checkpoint's iteration (those after it are about to run again), s0 among them."""
+    checkpoint's iteration, s0 among them, as the uninterrupted run's log has them: those
+    after it are about to run again, and so are the samples taken at it after training."""
     name, kept = os.path.join(out_dir, "log.jsonl"), []
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -67,7 +68,8 @@ def open_log(out_dir, resume_at=None):
                 lines = [line for line in f if line.endswith("\n")]
             for n, line in enumerate(lines, 1):
                 try:
-                    if json.loads(line)["iter"] <= resume_at:
+                    r = json.loads(line)
+                    if r["iter"] < resume_at or r["iter"] == resume_at and r["kind"] != "samples":
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     die(f"{name}, line {n}: not a record of orpo.py's log")

@@ -54,6 +54,10 @@ def test_resume_logs_each_iteration_once_and_counts_the_whole_time(tmp_path, dat
     recs = run(tmp_path, data_dir, max_iters=20, **kw, init_from="resume")
     assert [r[0] for r in losses(recs)] == list(range(1, 21))
     assert [r["iter"] for r in recs if r["kind"] == "eval"] == [0, 10, 20]
+    # as the uninterrupted run: the first run's samples after training, at 10, are gone
+    assert [r["iter"] for r in recs if r["kind"] == "samples"] == [0, 20]
+    recs = run(tmp_path, data_dir, max_iters=20, **kw, init_from="resume")  # nothing to run
+    assert [r["iter"] for r in recs if r["kind"] == "samples"] == [0, 20]  # sampled once
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert first > 0 and ck["seconds"] > first  # the clock carried over
 
