@@ -19,6 +19,7 @@ FLOPs (model.flops) done at that peak, and `mfu` = tokens_per_s / limit_tokens_p
 `matmul_ms` is the time the step's matmuls alone take at the rates measured for their own
 shapes, the output layer's recomputed logits included: no step can be faster than that.
 `other_ms` is the rest of the step, the work outside its matmuls: ms_per_step - matmul_ms.
+`first_step_s` is the first warm-up step's time: with --compile=true, what compiling costs.
 """
 import json
 import math
@@ -119,8 +120,9 @@ def random_pairs(B, T, V, seed):
 
 
 def run_steps(cfg, steps):
-    """Median seconds of `steps` optimizer steps through orpo.train_step, after two warm-up
-    steps (a compiled model compiles in them); the model, tokens, FLOPs and scored positions."""
+    """The seconds of each optimizer step through orpo.train_step: two warm-up steps (a
+    compiled model compiles in the first), then `steps` timed ones; the model, tokens, FLOPs
+    and scored positions."""
     dev, dev_type, dtype, ctx = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, V = cfg.batch_size, cfg.vocab_size or 50304
@@ -139,7 +141,7 @@ def run_steps(cfg, steps):
         times.append(time.perf_counter() - t)
     real, n_scored = orpo.batch_tokens(index, rows, cfg.sft_on_prompt)
     toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, cfg.block_size) * cfg.grad_accum
-    return float(np.median(times[2:])), raw, toks, flops, n_scored, dev_type, dtype
+    return times, raw, toks, flops, n_scored, dev_type, dtype
 
 
 def cpu_name():
@@ -154,7 +156,8 @@ def cpu_name():
 def bench(cfg, steps, show_gemms=False):
     """Time the step, measure the limit, print one JSON line (after the per-shape rates
     when show_gemms)."""
-    s, raw, toks, flops, n_scored, dev_type, dtype = run_steps(cfg, steps)
+    times, raw, toks, flops, n_scored, dev_type, dtype = run_steps(cfg, steps)
+    s = float(np.median(times[2:]))
     matmul_ms = None
     if dev_type == "cuda":
         name = torch.cuda.get_device_name()
@@ -179,6 +182,7 @@ def bench(cfg, steps, show_gemms=False):
                limit_tokens_per_s=round(toks * peak / flops, 1),
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
                other_ms=None if matmul_ms is None else round(s * 1e3 - matmul_ms, 1),
+               first_step_s=round(times[0], 1),  # with --compile=true, the compile's cost
                attn=model.ATTN,
                peak_mem_mb=round(report.peak_mem_mb(dev_type)))
     print(json.dumps(out))
