@@ -19,7 +19,8 @@ FLOPs (model.flops) done at that peak, and `mfu` = tokens_per_s / limit_tokens_p
 `matmul_ms` is the time the step's matmuls alone take at the rates measured for their own
 shapes, the output layer's recomputed logits included: no step can be faster than that.
 `other_ms` is the rest of the step, the work outside its matmuls: ms_per_step - matmul_ms.
-`first_step_s` is the first warm-up step's time: with --compile=true, what compiling costs.
+`first_step_s` is the first warm-up step's time; with --compile=true, less ms_per_step, what
+compiling costs.
 """
 import json
 import math
@@ -182,7 +183,7 @@ def bench(cfg, steps, show_gemms=False):
                limit_tokens_per_s=round(toks * peak / flops, 1),
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
                other_ms=None if matmul_ms is None else round(s * 1e3 - matmul_ms, 1),
-               first_step_s=round(times[0], 1),  # with --compile=true, the compile's cost
+               first_step_s=round(times[0], 1),  # compiled: the compile's cost and a step
                attn=model.ATTN,
                peak_mem_mb=round(report.peak_mem_mb(dev_type)))
     print(json.dumps(out))

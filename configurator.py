@@ -67,16 +67,18 @@ def check(cfg):
         die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
     if dev == "mps" and not torch.backends.mps.is_available():
         die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
-    on_cpu = dev == "cpu" or dev == "auto" and not (torch.cuda.is_available()
-                                                    or torch.backends.mps.is_available())
-    if cfg.compile and on_cpu:  # inductor writes C++ for the CPU: without a compiler it fails mid-run
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    on_cpu = dev == "cpu" or (dev == "auto" and not gpu)
+    # inductor writes C++ for the CPU: with no compiler it fails at the first step. (This finds
+    # the compiler, $CXX or g++; one that is there but cannot build fails there still.)
+    if cfg.compile and on_cpu:
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
             get_cpp_compiler()
         except ImportError:  # another torch lays it out otherwise: let torch.compile say
             pass
         except Exception as e:
-            die(f"--compile=true needs a working C++ compiler on the CPU ({one_line(e)}); "
+            die(f"--compile=true needs a C++ compiler on the CPU ({one_line(e)}); "
                 "install one (gcc), or leave --compile off")
 
 

@@ -113,7 +113,7 @@ class TokenLogProbs(torch.autograd.Function):
             dh += p @ wd[s]  # (N, chunk) @ (chunk, C) -> (N, C)
             if dw.dtype == p.dtype:  # (chunk, N) @ (N, C) -> (chunk, C), straight into dw
                 torch.mm(p.t(), hd, out=dw[s])
-            else:  # a bf16 product, stored into the fp32 gradient
+            else:  # a 16-bit product (autocast), stored into the fp32 gradient
                 dw[s] = p.t() @ hd
         dh += g[:, None] * w[y]
         dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))

@@ -510,11 +510,15 @@ FILES = [f"{split}.{kind}.npy" for split in ("train", "val") for kind in ("token
 
 def named(source, file):
     """The name data goes by, in its folder's name and meta.json: the source, or for a file
-    given with the default source, the file's own name (pairs for pairs.jsonl.gz), so that a
-    file's rows are never kept, or judged, as the synthetic task's."""
-    if file and source == "synthetic":
-        return os.path.basename(file).split(".")[0] or "file"
-    return source
+    given with the default source, the file's own name less its format (pairs for
+    pairs.jsonl.gz; hh-rlhf-file for hh-rlhf.jsonl, as the hub's names are taken)."""
+    if not (file and source == "synthetic"):
+        return source
+    name = os.path.basename(file.rstrip("/"))
+    for ext in sorted(FORMATS, key=len, reverse=True):  # .jsonl.gz before .gz-less .jsonl
+        name = name.removesuffix(ext) if name.endswith(ext) else name
+    name = name.lstrip(".") or "file"
+    return name + "-file" if name in ("synthetic", "hh-rlhf", "ultrafeedback") else name
 
 
 def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len):
@@ -583,6 +587,19 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
     return meta
 
 
+def other_data(meta, source, file):
+    """Why the data that meta.json's dict meta describes is not the data asked for (source,
+    or the file at the absolute path file), or None. A file's rows are the same data under
+    any name; without a file, the name is what is asked for."""
+    if file and meta.get("file") != file:
+        return f"was prepared from {meta.get('file') or meta.get('source')}, not {file}"
+    if not file and meta.get("source") != source:
+        made = f" (from {meta['file']})" if meta.get("file") else ""
+        return (f"holds the data named {meta.get('source')}{made}, not {source} "
+                f"(--dataset={meta.get('source')} reads it)")
+    return None
+
+
 def load(data_dir, source, file=None, max_len=None):
     """meta and {split: (tokens, index)} of data prepared in data_dir, checked against what
     the caller asks for: the same source (and file, when given), and pairs of at most max_len
@@ -605,9 +622,9 @@ def load(data_dir, source, file=None, max_len=None):
         raise ValueError(f"{data_dir}: " + (f"{', '.join(cut)} differ from what meta.json says"
                          if cut else "meta.json, from an older prepare_data.py, names no "
                          "files to check") + f"; {redo}")
-    file = file and os.path.abspath(file)
-    if was[0] != source or (file and was[1] != file):
-        raise ValueError(f"{data_dir} was prepared from {was[1] or was[0]}, not {file or source}; {redo}")
+    why = other_data(meta, source, file and os.path.abspath(file))
+    if why:
+        raise ValueError(f"{data_dir} {why}; {redo}")
     if get_encoding(was[2]).n_vocab != was[3]:
         raise ValueError(f"{meta_path} says vocab_size {was[3]}, but tokenizer {was[2]!r} has "
                          f"{get_encoding(was[2]).n_vocab}: the data is stale; {redo}")
@@ -632,9 +649,9 @@ def stale(data_dir, want, explicit):
         return f"holds no readable meta.json ({type(e).__name__}: {one_line(e)})"
     if not isinstance(meta, dict) or "files" not in meta:
         return "holds data from an older prepare_data.py, which did not record its files"
-    if meta.get("source") != want["source"] or (want["file"] and meta.get("file") != want["file"]):
-        return f"was prepared from {meta.get('file') or meta.get('source')}, not " \
-               f"{want['file'] or want['source']}"
+    why = other_data(meta, want["source"], want["file"])
+    if why:
+        return why
     fp = meta.get("file_id") or {}
     if want["file"] and os.path.isfile(want["file"]) and \
             fingerprint(want["file"], fp)["sha256"] != fp.get("sha256"):
@@ -671,12 +688,13 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="synthetic",
-                    help="synthetic (offline), hh-rlhf, ultrafeedback; with --file: a name")
+                    help="synthetic (offline), hh-rlhf, ultrafeedback; with --file: a name "
+                         "(default: the file's)")
     ap.add_argument("--file", default=None, help="a local .jsonl(.gz), .json or .parquet file")
     ap.add_argument("--val_file", default=None,
                     help="held-out rows (default: --file's top tenth of usable rows)")
     ap.add_argument("--subset", default=None, help="hh-rlhf data_dir, e.g. harmless-base")
-    ap.add_argument("--out", default=None, help="output folder (default data/SOURCE)")
+    ap.add_argument("--out", default=None, help="output folder (default data/SOURCE, or data/<file name>)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--n_train", type=int, default=N_TRAIN, help="synthetic rows")
     ap.add_argument("--n_val", type=int, default=N_VAL, help="synthetic rows")

@@ -44,7 +44,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
                                 chosen=text(chosen)))
     model.train()
     out.sort(key=lambda s: s["row"])
-    if meta["source"] == "synthetic":  # the judge's score, its four checks, and the win
+    if meta["tokenizer"] == "synthetic":  # the synthetic task (not a file): its judge and the win
         try:
             verdicts = [prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]) for s in out]
         except ValueError as e:  # prompts cut short (a small block_size) cannot be judged
@@ -68,8 +68,8 @@ def open_log(out_dir, resume_at=None):
                 lines = [line for line in f if line.endswith("\n")]
             for n, line in enumerate(lines, 1):
                 try:
-                    r = json.loads(line)
-                    if r["iter"] < resume_at or r["iter"] == resume_at and r["kind"] != "samples":
+                    r = json.loads(line)  # (a checkpoint is never at iteration 0: s0 stays)
+                    if r["iter"] < resume_at or (r["iter"] == resume_at and r["kind"] != "samples"):
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     die(f"{name}, line {n}: not a record of orpo.py's log")

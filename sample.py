@@ -93,7 +93,7 @@ def main():
     for row in out[:, ids.size(1):].tolist():
         answer = prepare_data.decode(enc, row, meta["eot"])
         line = f"{text!r} ->{answer!r}"
-        if meta["source"] == "synthetic":
+        if meta["tokenizer"] == "synthetic":  # the synthetic task, not a file of pairs
             try:
                 line += f"   judge {prepare_data.judge(text, answer):.2f}"
             except (ValueError, KeyError, IndexError):

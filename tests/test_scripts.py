@@ -64,7 +64,8 @@ def test_bench_prints_one_json_line(dtype):
     assert out["logit_positions"] == 4 * 17  # half prompt: response targets from T/2 - 1
     assert out["tokens_per_s"] > 0 and out["peak_mem_mb"] > 0 and out["peak_shape"]
     assert 0 < out["mfu"] < 1 and out["first_step_s"] >= 0
-    assert abs(out["other_ms"] - (out["ms_per_step"] - out["matmul_ms"])) < 0.11  # rounded to 0.1
+    if out["matmul_ms"] is not None:  # measured on a CPU; a GPU's limit is its spec sheet's
+        assert abs(out["other_ms"] - (out["ms_per_step"] - out["matmul_ms"])) < 0.11  # to 0.1
     ratio = out["tokens_per_s"] / out["limit_tokens_per_s"]
     assert abs(out["mfu"] - ratio) <= 1e-3 * ratio
 

@@ -231,6 +231,17 @@ def test_a_data_file_without_a_dataset_name_is_named_for_itself_not_the_syntheti
     meta, _ = orpo.load_data(cfg)
     assert meta["source"] == "pairs"  # not "synthetic": the synthetic judge never scores it
     assert sorted(os.listdir(tmp_path / "data")) == ["pairs"]  # data/synthetic left alone
+    assert [prepare_data.named("synthetic", f) for f in
+            ("synthetic.jsonl", "hh-rlhf.jsonl.gz", "a.b.jsonl.gz", ".hidden.json", "d/x.parquet")] \
+        == ["synthetic-file", "hh-rlhf-file", "a.b", "hidden", "x"]  # never a task's or hub's name
+    assert prepare_data.named("mine", f) == "mine" and prepare_data.named("synthetic", "") == "synthetic"
+    # a folder the user names: the same file under another name is the same data; without
+    # the file, the name asked for must be the folder's, and the error says which it is
+    d = str(tmp_path / "data" / "pairs")
+    assert prepare_data.ensure(d, "other", f, 65, 32, explicit=True)[0]["source"] == "pairs"
+    with pytest.raises(ValueError, match=re.escape(f"{d} holds the data named pairs (from {f}), "
+                                                   "not synthetic (--dataset=pairs reads it)")):
+        prepare_data.ensure(d, "synthetic", None, 65, 32, explicit=True)
 
 
 def test_data_for_other_limits_is_prepared_again_in_the_default_folder(tmp_path, capsys,
