@@ -187,7 +187,8 @@ def test_stale_data_is_never_reused(tmp_path, data_dir):
     that says how to prepare again."""
     r = cli("orpo.py", "--config", "tiny", f"--data_dir={data_dir}", "--dataset=hh-rlhf",
             f"--out_dir={tmp_path / 'o'}")
-    assert r.returncode == 2 and f"{data_dir} was prepared from synthetic, not hh-rlhf" in r.stderr
+    assert r.returncode == 2 and f"{data_dir} holds the data named synthetic, not hh-rlhf " \
+        "(--dataset=synthetic reads it); prepare it again" in r.stderr
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
     r = cli("orpo.py", "--config", "tiny", f"--data_dir={data_dir}", f"--data_file={f}",
