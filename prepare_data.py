@@ -515,9 +515,8 @@ def named(source, file):
     if not (file and source == "synthetic"):
         return source
     name = os.path.basename(file.rstrip("/"))
-    for ext in sorted(FORMATS, key=len, reverse=True):  # .jsonl.gz before .gz-less .jsonl
-        name = name.removesuffix(ext) if name.endswith(ext) else name
-    name = name.lstrip(".") or "file"
+    ext = next((e for e in FORMATS if name.endswith(e)), "")  # at most one fits
+    name = name[:len(name) - len(ext)].lstrip(".") or "file"
     return name + "-file" if name in ("synthetic", "hh-rlhf", "ultrafeedback") else name
 
 
