@@ -37,6 +37,12 @@ RULES = {  # key: (test, what it accepts)
 }
 
 
+def auto_device():
+    """What --device=auto picks: cuda, then mps, then cpu."""
+    return "cuda" if torch.cuda.is_available() else (
+        "mps" if torch.backends.mps.is_available() else "cpu")
+
+
 def check(cfg):
     """Values that make no sense, alone or together: one line naming the key."""
     for key, (ok, what) in RULES.items():
@@ -67,11 +73,9 @@ def check(cfg):
         die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
     if dev == "mps" and not torch.backends.mps.is_available():
         die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
-    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
-    on_cpu = dev == "cpu" or (dev == "auto" and not gpu)
     # inductor writes C++ for the CPU: with no compiler it fails at the first step. (This finds
     # the compiler, $CXX or g++; one that is there but cannot build fails there still.)
-    if cfg.compile and on_cpu:
+    if cfg.compile and (auto_device() if dev == "auto" else dev) == "cpu":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
             get_cpp_compiler()
@@ -85,8 +89,7 @@ def check(cfg):
 def setup_device(device, dtype):
     """(device, device type, dtype name, autocast context) for --device and --dtype."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
+        device = auto_device()
     dev_type = device.split(":")[0]
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev_type == "cuda" \
