@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from safe import die, one_line
+from safe import atomic_write, die, one_line
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(ROOT, "tests", "assignment_ref.json")
@@ -537,9 +537,8 @@ def report(d, got, seconds):
     print(f"total {total}/{full} ({seconds:.1f} s)")
     res = dict(score=total, tests=tests, execution_time=round(seconds, 1))
     path = os.path.join(d, "results.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
     print(f"wrote {path}")
     return res
 
@@ -725,10 +724,9 @@ def compute_refs():
 
 def freeze():
     refs = compute_refs()
-    with open(REF + ".tmp", "w") as f:
+    with atomic_write(REF) as tmp, open(tmp, "w") as f:
         json.dump(refs, f, separators=(",", ":"))
         f.write("\n")
-    os.replace(REF + ".tmp", REF)
     print(f"wrote {REF} ({os.path.getsize(REF) // 1024} KiB)")
 
 

@@ -31,6 +31,7 @@ import prepare_data
 import report
 from configurator import die, parse_args, setup_device
 from model import GPT
+from safe import atomic_write
 
 FIGURES = {
     "sft-vs-orpo": {"SFT (lam=0)": dict(lam=0.0), "ORPO (lam=1)": dict(lam=1.0)},  # Figs. 3, 7
@@ -42,12 +43,11 @@ FIGURES = {
 
 
 def write_csv(path, rows):
-    """Written to path.tmp, then renamed: an interrupted write leaves no half a table."""
-    with open(path + ".tmp", "w", newline="") as f:
+    """Whole or not at all (safe.atomic_write): an interrupted write leaves no half a table."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)  # quotes a value that holds a comma
         w.writerow(rows[0])
         w.writerows(r.values() for r in rows)
-    os.replace(path + ".tmp", path)
     print(f"wrote {path}")
 
 
@@ -82,8 +82,8 @@ def panels(plt, n, title):
 def save(fig, d, name):
     path = os.path.join(d, f"{name}.png")
     fig.tight_layout()
-    fig.savefig(path + ".tmp", dpi=100, format="png")
-    os.replace(path + ".tmp", path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     print(f"wrote {path}")
 
 
