@@ -60,7 +60,7 @@ def open_log(out_dir, resume_at=None):
     starts an empty log (s0: None, not taken yet); a resumed run keeps the records up to its
     checkpoint's iteration, s0 among them, as the uninterrupted run's log has them: those
     after it are about to run again, and so are the samples taken at it after training."""
-    name, kept = os.path.join(out_dir, "log.jsonl"), []
+    name, kept, s0 = os.path.join(out_dir, "log.jsonl"), [], None
     try:
         os.makedirs(out_dir, exist_ok=True)
         if resume_at is not None and os.path.exists(name):
@@ -71,6 +71,8 @@ def open_log(out_dir, resume_at=None):
                     r = json.loads(line)  # (a checkpoint is never at iteration 0: s0 stays)
                     if r["iter"] < resume_at or (r["iter"] == resume_at and r["kind"] != "samples"):
                         kept.append(line)
+                        if r["kind"] == "samples" and s0 is None:  # the first: before training
+                            s0 = r["samples"]
                 except (ValueError, KeyError, TypeError):
                     die(f"{name}, line {n}: not a record of orpo.py's log")
         with atomic_write(name) as tmp, open(tmp, "w") as f:
@@ -78,7 +80,6 @@ def open_log(out_dir, resume_at=None):
         log = open(name, "a")
     except OSError as e:
         die(f"could not write {name}: {one_line(e)}")
-    s0 = next((r["samples"] for r in map(json.loads, kept) if r.get("kind") == "samples"), None)
     return log, s0
 
 
