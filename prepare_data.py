@@ -671,11 +671,12 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
     absent one is prepared only from a file. Bad data is a ValueError, one line."""
     want = recipe(source, file, None, None, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len)
     why = stale(data_dir, want, explicit)
-    if why == "holds no prepared data" and explicit and not file:  # a typo gets no new data
+    absent = not os.path.isfile(os.path.join(data_dir, "meta.json"))
+    if why and explicit and absent and not file:  # a typo gets no new data
         raise ValueError(f"no prepared data in {data_dir} (no meta.json); prepare it with "
                          f"`python prepare_data.py --out {data_dir} ...`, or give --data_file "
                          f"to prepare it")
-    if why and explicit and why != "holds no prepared data":
+    if why and explicit and not absent:
         raise ValueError(f"{data_dir} {why}; prepare it again into a new --data_dir (or "
                          f"delete {data_dir})")
     if why:
