@@ -231,7 +231,7 @@ def load_data(cfg):
     when it was made from anything else; a --data_dir of other data is refused."""
     name = prepare_data.named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
     d = cfg.data_dir or os.path.join("data", name)
-    tok = "synthetic" if name == "synthetic" else "gpt2"
+    tok = prepare_data.tokenizer(name, cfg.data_file)
     try:
         n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
         if cfg.vocab_size < n_vocab:

@@ -520,14 +520,19 @@ def named(source, file):
     return name + "-file" if name in ("synthetic", "hh-rlhf", "ultrafeedback") else name
 
 
+def tokenizer(source, file):
+    """The synthetic task's own rows are in its one-word-a-token vocabulary; all else is GPT-2's."""
+    return "synthetic" if source == "synthetic" and not file else "gpt2"
+
+
 def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len):
     """What prepared data is made from, as meta.json records it: data made from the same
     recipe, and the same file contents (fingerprint), is the same data. The seed and the
     row counts only make synthetic rows; files are kept as absolute paths."""
-    synth = source == "synthetic" and not file
+    synth = tokenizer(source, file) == "synthetic"
     return dict(source=source, file=file and os.path.abspath(file),
                 val_file=val_file and os.path.abspath(val_file), subset=subset,
-                tokenizer="synthetic" if synth else "gpt2", seed=seed if synth else None,
+                tokenizer=tokenizer(source, file), seed=seed if synth else None,
                 n_train=n_train if synth else None, n_val=n_val if synth else None,
                 max_len=max_len, max_prompt_len=max_prompt_len)
 
@@ -550,7 +555,7 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
         raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 0 and below max_len "
                          f"{max_len}, to leave room for the responses")
     out = out or os.path.join("data", source)
-    if source == "synthetic" and not file:
+    if tokenizer(source, file) == "synthetic":
         splits = {k: (v, source, 1) for k, v in make_synthetic(n_train, n_val, seed).items()}
         shape = "triple"
     else:
