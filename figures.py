@@ -424,8 +424,8 @@ def grid_point(args, cfg, sft, beta, lr, M, tune):
              f"--eval_interval={M}", "--n_samples=0"]
     summary, _, _ = run_phase(args, extra, d)
     dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
-    model = load_run(d, dev)
-    point = dict(beta=beta, lr=lr, summary=summary, model=model)
+    model = load_run(d, dev)  # judged, then let go: the best is read again from d
+    point = dict(beta=beta, lr=lr, summary=summary, dir=d)
     if len(tune[1]):
         meta = orpo.load_data(cfg)[0]
         s = report.sample_and_judge(model, tune, meta, dataclasses.replace(cfg, n_samples=len(tune[1])),
@@ -442,7 +442,7 @@ def tune_dpo(args, cfg, sft, M, grid, n_report, n_tune):
     tune = (val[0], val[1][n_report:n_report + n_tune])
     points = [grid_point(args, cfg, sft, b, lr, M, tune) for b, lr in grid]
     if not n_tune:
-        return points[0], []
+        return points[0]
     best = max(points, key=lambda p: p["win_vs_chosen"])
     rows = [dict(beta=p["beta"], lr=p["lr"], chosen=p is best, **{k: round(p[k], 4) for k in (
         "win_vs_chosen", "win_se", *prepare_data.FLAWS, "p_eot", "words", "at_limit")})
@@ -456,7 +456,7 @@ def tune_dpo(args, cfg, sft, M, grid, n_report, n_tune):
         print(f"  {r['beta']:5g} {r['lr']:7.0e} {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} "
               + " ".join(f"{r[f]:11.3f}" for f in prepare_data.FLAWS)
               + f"  {r['p_eot']:6.3f} {r['words']:5.1f} {r['at_limit']:8.3f}" + ("  <- chosen" if r["chosen"] else ""))
-    return best, rows
+    return best
 
 
 def print_methods(rows, why):
@@ -522,9 +522,10 @@ def methods(args, cfg, preset, opts, grid):
     for phase, lam in (("SFT", 0), ("ORPO", 1)):
         res[phase] = run_phase(args, [f"--eval_interval={dense(cfg)}", f"--lam={lam}",
                                       f"--n_samples={n_report}"], os.path.join(d, phase))
-    best, _ = tune_dpo(args, cfg, sft, M, grid, n_report, n_tune)
+    best = tune_dpo(args, cfg, sft, M, grid, n_report, n_tune)
     dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
-    s = report.sample_and_judge(best["model"], data["val"], meta,
+    dpo = load_run(best["dir"], dev)
+    s = report.sample_and_judge(dpo, data["val"], meta,
                                 dataclasses.replace(cfg, n_samples=n_report), dev, ctx)
     res["DPO"] = best["summary"], res["SFT"][2], s
     print(f"== methods: SFT then DPO at beta {best['beta']:g}, lr {best['lr']:g}, on the "
@@ -533,7 +534,7 @@ def methods(args, cfg, preset, opts, grid):
     why = [dict(model=name, **stopping(m, smp, cfg, data["val"], dev, ctx)) for name, m, smp in (
         ("untrained (ORPO's start)", fresh(cfg)[0], res["ORPO"][1]), ("ORPO", models["ORPO"], res["ORPO"][2]),
         ("SFT (DPO's start)", models["SFT"], res["SFT"][2]),
-        (f"SFT then DPO (b={best['beta']:g}, lr={best['lr']:g})", best["model"], s))]
+        (f"SFT then DPO (b={best['beta']:g}, lr={best['lr']:g})", dpo, s))]
     rows = cost_and_outcome(res, best)
     write_csv(os.path.join(d, "methods.csv"), rows)
     write_csv(os.path.join(d, "why.csv"), why)
