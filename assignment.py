@@ -474,7 +474,7 @@ def grade_rows(d, ids, refs):
         load = loader(os.path.join(d, "orpo.py"), refs)
     except (OSError, SyntaxError, ValueError) as e:
         load = None
-        why = f"orpo.py cannot be read: {type(e).__name__}: {one_line(e)}"
+        why = f"orpo.py cannot be read: {one_line(e, typed=True)}"
     for i in ids:
         if load is None and i not in ("1a", "3a"):
             yield i, 0, why
@@ -490,7 +490,7 @@ def grade_rows(d, ids, refs):
             import traceback
             tb = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith("orpo.py")]
             where = f" (orpo.py line {tb[-1].lineno}: {tb[-1].line})" if tb else ""
-            yield i, 0, f"{type(e).__name__}: {one_line(e, 300)}{where}"
+            yield i, 0, f"{one_line(e, 300, typed=True)}{where}"
 
 # ----------------------------------------------------------------------------------------
 # Grading, from the outside: workers that a crash or an endless loop cannot take down with

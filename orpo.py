@@ -419,7 +419,7 @@ def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
     except FileNotFoundError:
         die(f"no checkpoint at {path}")
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {one_line(e, 100)})")
+        die(f"{path} is not a readable checkpoint ({one_line(e, 100, typed=True)})")
     missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
     if missing:
         die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")

@@ -318,7 +318,7 @@ def read_jsonl(path):
                 except json.JSONDecodeError as e:
                     rows.append(BrokenLine(f"broken JSON ({e.msg})"))
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt or cut-off .gz
-        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {one_line(e)})") from e
+        raise ValueError(f"{path}: cannot read it ({one_line(e, typed=True)})") from e
     return rows
 
 
@@ -379,7 +379,7 @@ def load_source(source, path=None, subset=None, val_path=None):
             return {"train": (ds["train_prefs"], source, 1), "val": (ds["test_prefs"], source, 1)}
     except Exception as e:  # no network, or the hub refused: say so, and what works instead
         raise ValueError(f"could not load {source!r} from the Hugging Face hub "
-                         f"({type(e).__name__}: {one_line(e)}); download it and pass --file "
+                         f"({one_line(e, typed=True)}); download it and pass --file "
                          f"PATH instead") from e
     raise ValueError(f"unknown source {source!r}; known: synthetic, hh-rlhf, ultrafeedback "
                      f"(or --file PATH)")
@@ -399,7 +399,7 @@ def get_encoding(tok):
     try:
         return tiktoken.get_encoding(tok)
     except Exception as e:  # requests' ConnectionError, an HTTP error, a bad cached file
-        raise ValueError(f"cannot load the {tok} tokenizer ({type(e).__name__}: {one_line(e)}"
+        raise ValueError(f"cannot load the {tok} tokenizer ({one_line(e, typed=True)}"
                          f"); run once with network access, or set TIKTOKEN_CACHE_DIR to a "
                          f"folder holding tiktoken's cached {tok} files") from e
 
@@ -583,7 +583,7 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
                 with open(os.path.join(tmp, "meta.json"), "w") as f:
                     json.dump(meta, f, indent=1)
         except OSError as e:  # a full disk, above all
-            raise ValueError(f"cannot write in {out} ({type(e).__name__}: {one_line(e)}); "
+            raise ValueError(f"cannot write in {out} ({one_line(e, typed=True)}); "
                              f"{holds(out)}") from e
     for split, c in meta["splits"].items():
         print(f"{out}/{split}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
@@ -620,8 +620,8 @@ def load(data_dir, source, file=None, max_len=None):
         splits = {s: (np.load(os.path.join(data_dir, f"{s}.tokens.npy"), mmap_mode="r"),
                       np.load(os.path.join(data_dir, f"{s}.index.npy"))) for s in ("train", "val")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{data_dir} holds no readable prepared data ({type(e).__name__}: "
-                         f"{one_line(e)}); {redo}") from e
+        raise ValueError(f"{data_dir} holds no readable prepared data "
+                         f"({one_line(e, typed=True)}); {redo}") from e
     if "files" not in meta or cut:
         raise ValueError(f"{data_dir}: " + (f"{', '.join(cut)} differ from what meta.json says"
                          if cut else "meta.json, from an older prepare_data.py, names no "
@@ -650,7 +650,7 @@ def stale(data_dir, want, explicit):
     except FileNotFoundError:
         return "holds no prepared data"
     except (OSError, ValueError) as e:
-        return f"holds no readable meta.json ({type(e).__name__}: {one_line(e)})"
+        return f"holds no readable meta.json ({one_line(e, typed=True)})"
     if not isinstance(meta, dict) or "files" not in meta:
         return "holds data from an older prepare_data.py, which did not record its files"
     why = other_data(meta, want["source"], want["file"])

@@ -21,9 +21,11 @@ def die(msg, status=2):
     sys.exit(status)
 
 
-def one_line(e, limit=200):
-    """An exception's message on one line (its type's name when it has none), cut to limit."""
-    return (" ".join(str(e).split()) or type(e).__name__)[:limit]
+def one_line(e, limit=200, typed=False):
+    """An exception's message on one line (its type's name when it has none), cut to limit;
+    typed: after its type's name, as `OSError: ...`, where the type says what went wrong."""
+    msg = (" ".join(str(e).split()) or type(e).__name__)[:limit]
+    return f"{type(e).__name__}: {msg}" if typed else msg
 
 
 @contextlib.contextmanager

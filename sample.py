@@ -49,7 +49,7 @@ def export(model, meta, ck_path, d):
             d, "config.json")) else "holds no export"
         if isinstance(e, KeyboardInterrupt):
             die(f"interrupted; {d} {state}", status=130)
-        die(f"could not export to {d} ({type(e).__name__}: {one_line(e)}); {d} {state}")
+        die(f"could not export to {d} ({one_line(e, typed=True)}); {d} {state}")
     print(f"wrote {', '.join(n for n in sorted(os.listdir(d)) if n[0] != '.')} in {d}")
 
 
