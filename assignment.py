@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from safe import atomic_write, die, one_line
+from machinery.safe import atomic_write, die, one_line
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(ROOT, "tests", "assignment_ref.json")
@@ -256,7 +256,7 @@ def loader(path, refs):
     tree = ast.parse(src)
     top = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     graded = {q.split(".")[0] for q in HOLES} | {"make_batch"}
-    project = {"model", "prepare_data", "report", "configurator", "safe", "orpo"}
+    project = {"model", "prepare_data", "machinery", "orpo"}
 
     def load(qualname):
         ns = dict(torch=torch, F=F, np=np, math=math, **refs["columns"])

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from safe import die
+from machinery.safe import die
 
 # Ctrl-C is one line and exit status 130 at any point, importing torch (seconds) included;
 # a --sweep point's process is killed with it (subprocess.run kills its child on any exit)
@@ -40,8 +40,8 @@ import torch
 
 import model
 import orpo
-import report
-from configurator import parse_args, setup_device
+from machinery import report
+from machinery.cli import parse_args, setup_device
 from model import GPT, Scorer
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,

@@ -28,10 +28,10 @@ import torch
 
 import orpo
 import prepare_data
-import report
-from configurator import die, parse_args, setup_device
+from machinery import report
+from machinery.cli import die, parse_args, setup_device
 from model import GPT
-from safe import atomic_write
+from machinery.safe import atomic_write
 
 FIGURES = {
     "sft-vs-orpo": {"SFT (lam=0)": dict(lam=0.0), "ORPO (lam=1)": dict(lam=1.0)},  # Figs. 3, 7

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safe import one_line
+from machinery.safe import one_line
 
 try:  # optional: Hugging Face's model.safetensors files, read and written when it is there
     import safetensors.torch as safetensors_torch

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-import report
-from configurator import parse_args, setup_device
+from machinery import report
+from machinery.cli import parse_args, setup_device
 from model import GPT, GPTConfig, Scorer, padded_vocab
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
-from safe import atomic_write, die, lock, one_line
+from machinery.safe import atomic_write, die, lock, one_line
 
 # ----------------------------------------------------------------------------------------
 # The loss (Eqs. 1-7), in fp32 whatever the autocast dtype. Notation, the paper's: for a

@@ -41,7 +41,7 @@ import sys
 import numpy as np
 import tiktoken
 
-from safe import lock, one_line, staged
+from machinery.safe import lock, one_line, staged
 
 OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: offset, lengths
 

@@ -20,8 +20,8 @@ import torch
 
 import orpo
 import prepare_data
-from configurator import parse_args, setup_device
-from safe import die, lock, one_line, staged
+from machinery.cli import parse_args, setup_device
+from machinery.safe import die, lock, one_line, staged
 
 MARK = "orpo_export.json"  # in an export: which checkpoint, and the files written
 

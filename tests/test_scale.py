@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import configurator
+from machinery import cli as configurator
 import orpo
 from conftest import ROOT, assert_same_losses, losses, run
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import configurator
+from machinery import cli as configurator
 import orpo
 import prepare_data
-import report
+from machinery import report
 from conftest import ROOT, assert_same_losses, cli, losses, run
 
 

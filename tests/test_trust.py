@@ -17,7 +17,7 @@ import pytest
 
 import orpo
 import prepare_data
-import safe
+from machinery import safe
 from conftest import ROOT, run
 
 SMALL = dict(n_train=200, n_val=20)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from model import GPT2_NAMES, native_bf16_cpu
-from safe import die, one_line
+from machinery.safe import die, one_line
 
 
 at_least = lambda lo: (lambda v: v >= lo, f"a number >= {lo}")

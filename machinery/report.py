@@ -14,7 +14,7 @@ import torch
 
 import prepare_data
 from prepare_data import CHOSEN, OFF, PROMPT
-from safe import atomic_write, die, one_line
+from machinery.safe import atomic_write, die, one_line
 
 
 @torch.no_grad()
