@@ -22,6 +22,7 @@ shapes, the output layer's recomputed logits included: no step can be faster tha
 `first_step_s` is the first warm-up step's time; with --compile=true, less ms_per_step, what
 compiling costs.
 """
+import dataclasses
 import json
 import math
 import signal
@@ -38,7 +39,6 @@ signal.signal(signal.SIGINT, lambda *_: die("interrupted", 130))
 import numpy as np
 import torch
 
-import model
 import orpo
 from machinery import report
 from machinery.cli import parse_args, setup_device
@@ -120,14 +120,14 @@ def random_pairs(B, T, V, seed):
     return tokens, index
 
 
-def run_steps(cfg, steps):
-    """The seconds of each optimizer step through orpo.train_step: two warm-up steps (a
-    compiled model compiles in the first), then `steps` timed ones; the model, tokens, FLOPs
-    and scored positions."""
+def run_steps(cfg, steps, attn):
+    """The seconds of each optimizer step through orpo.train_step, attention computed as attn
+    says (GPTConfig.attn): two warm-up steps (a compiled model compiles in the first), then
+    `steps` timed ones; the model, tokens, FLOPs and scored positions."""
     dev, dev_type, dtype, ctx = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, V = cfg.batch_size, cfg.vocab_size or 50304
-    raw = GPT(orpo.model_config(cfg, dict(vocab_size=V))).to(dev)
+    raw = GPT(dataclasses.replace(orpo.model_config(cfg, dict(vocab_size=V)), attn=attn)).to(dev)
     model = torch.compile(Scorer(raw)) if cfg.compile else Scorer(raw)
     opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
@@ -154,10 +154,10 @@ def cpu_name():
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
-def bench(cfg, steps, show_gemms=False):
+def bench(cfg, steps, show_gemms=False, attn="auto"):
     """Time the step, measure the limit, print one JSON line (after the per-shape rates
     when show_gemms)."""
-    times, raw, toks, flops, n_scored, dev_type, dtype = run_steps(cfg, steps)
+    times, raw, toks, flops, n_scored, dev_type, dtype = run_steps(cfg, steps, attn)
     s = float(np.median(times[2:]))
     matmul_ms = None
     if dev_type == "cuda":
@@ -184,7 +184,7 @@ def bench(cfg, steps, show_gemms=False):
                mfu=float(f"{flops / s / peak:.4g}"), matmul_ms=matmul_ms,
                other_ms=None if matmul_ms is None else round(s * 1e3 - matmul_ms, 1),
                first_step_s=round(times[0], 1),  # compiled: the compile's cost and a step
-               attn=model.ATTN,
+               attn=attn,
                peak_mem_mb=round(report.peak_mem_mb(dev_type)))
     print(json.dumps(out))
     return out
@@ -220,11 +220,10 @@ def main():
         die(f"--steps must be an integer >= 1, got {opts['steps']}")
     if opts["attn"] not in ("auto", "sdpa", "plain"):
         die(f"--attn must be auto, sdpa or plain, got {opts['attn']!r}")
-    model.ATTN = opts["attn"]
-    if opts["sweep"]:
+    if opts["sweep"]:  # --attn goes on to each point's process
         sweep(sys.argv[1:], opts["steps"])
     else:
-        bench(cfg, opts["steps"], opts["gemms"])
+        bench(cfg, opts["steps"], opts["gemms"], opts["attn"])
 
 
 if __name__ == "__main__":

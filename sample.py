@@ -20,6 +20,7 @@ import torch
 
 import orpo
 import prepare_data
+from machinery import gpt2
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die, lock, one_line, staged
 
@@ -40,7 +41,7 @@ def export(model, meta, ck_path, d):
             with open(os.path.join(d, MARK)) as f:
                 old = json.load(f)["files"]
         with lock(d), staged(d, "config.json", old, MARK) as tmp:
-            model.export_hf(tmp, eot=meta["eot"])
+            gpt2.export_hf(model, tmp, eot=meta["eot"])
             files = sorted(os.listdir(tmp) + [MARK])
             with open(os.path.join(tmp, MARK), "w") as f:
                 json.dump({"checkpoint": os.path.abspath(ck_path), "files": files}, f, indent=1)

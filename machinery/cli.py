@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from model import GPT2_NAMES, native_bf16_cpu
+from model import native_bf16_cpu
+from machinery.gpt2 import GPT2_NAMES
 from machinery.safe import die, one_line
 
 

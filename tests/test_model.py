@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+from machinery import gpt2
 from model import GPT, GPTConfig
 
 
@@ -113,15 +114,13 @@ def test_token_logps_are_forwards_log_softmax_over_the_real_ids():
     assert got.dtype == torch.float32 and (got < 0).all() and (got > -10).all()
 
 
-def test_plain_attention_is_sdpas_causal_attention(monkeypatch):
+def test_plain_attention_is_sdpas_causal_attention():
     """The two attention paths (model.py picks one) give the same fp32 logits and gradients,
     and each position still sees only itself and the past."""
-    model = tiny_model()
     x = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(3))
     out = {}
     for attn in ("sdpa", "plain"):
-        monkeypatch.setattr(model_module, "ATTN", attn)
-        model.zero_grad()
+        model = tiny_model(attn=attn)  # the same weights each time: tiny_model seeds
         logits = model(x)
         logits.square().mean().backward()
         out[attn] = [logits] + [p.grad.clone() for p in model.parameters()]
@@ -133,10 +132,32 @@ def test_plain_attention_is_sdpas_causal_attention(monkeypatch):
     assert torch.equal(p.triu(1), torch.zeros(4, 4)) and torch.allclose(p.sum(1), torch.ones(4))
 
 
-def train_losses(dtype, steps=6):
+def test_gpt_config_attn_picks_the_path(monkeypatch):
+    """attn forces a path; "auto" keeps SDPA for fp32 (the reference numbers' kernel) and
+    for long blocks, and takes the plain one only under a CPU's 16-bit autocast on bf16
+    hardware."""
+    calls = []
+    plain = model_module.plain_attention
+    monkeypatch.setattr(model_module, "plain_attention", lambda *a: calls.append(1) or plain(*a))
+    x = torch.zeros(1, 8, dtype=torch.long)
+    for attn, want in (("plain", 2), ("sdpa", 0), ("auto", 0)):  # fp32: 2 layers each
+        calls.clear()
+        tiny_model(attn=attn)(x)
+        assert len(calls) == want, attn
+    assert not model_module.use_plain("auto", 16, cpu16=False)
+    assert not model_module.use_plain("auto", model_module.PLAIN_MAX_T + 1, cpu16=True)
+    assert model_module.use_plain("auto", 16, cpu16=True) == model_module.NATIVE_BF16
+    assert model_module.use_plain("plain", 4096, cpu16=False)
+    assert not model_module.use_plain("sdpa", 16, cpu16=True)
+    with pytest.raises(AssertionError, match="attn"):
+        tiny_model(attn="flash")
+
+
+def train_losses(dtype, attn="auto", steps=6):
     """The losses of a few AdamW steps of a tiny GPT's mean token log-prob on fixed random
-    tokens, in fp32 or under the CPU's 16-bit autocast, as orpo.py trains."""
-    model = tiny_model(block_size=64, vocab_size=64, n_embd=32)
+    tokens, in fp32 or under the CPU's 16-bit autocast, as orpo.py trains, attention
+    computed as attn (GPTConfig.attn) says."""
+    model = tiny_model(block_size=64, vocab_size=64, n_embd=32, attn=attn)
     opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), "cpu", dtype)
     g = torch.Generator().manual_seed(4)
     x, need = torch.randint(0, 64, (4, 64), generator=g), torch.rand(4, 64, generator=g) > 0.5
@@ -154,12 +175,11 @@ def train_losses(dtype, steps=6):
 
 
 @pytest.mark.parametrize("attn", ["plain", "sdpa"])
-def test_bf16_steps_stay_within_bf16_rounding_of_fp32(monkeypatch, attn):
+def test_bf16_steps_stay_within_bf16_rounding_of_fp32(attn):
     """bf16 rounds each matmul's inputs to 8 significant bits, a relative error of up to
     2^-9; averaged over many products the losses of six steps stay within 2^-9 (0.2%) of
     fp32's (measured: within 0.02%), and they learn as fp32 does."""
-    monkeypatch.setattr(model_module, "ATTN", attn)
-    fp32, bf16 = train_losses("float32"), train_losses("bfloat16")
+    fp32, bf16 = train_losses("float32", attn), train_losses("bfloat16", attn)
     assert fp32[-1] < fp32[0] - 0.05  # the steps do learn: a drift would show
     assert bf16 != fp32  # bf16 did run: its rounding differs
     for a, b in zip(fp32, bf16):
@@ -264,7 +284,7 @@ def test_from_pretrained_maps_every_gpt2_tensor(tmp_path, prefix, n_layer):
     sd = gpt2_state_dict(prefix, n_layer)
     path = str(tmp_path / "pytorch_model.bin")
     torch.save(sd, path)
-    model = GPT.from_pretrained(path).eval()  # no config.json: the shape from the tensors
+    model = gpt2.from_pretrained(path).eval()  # no config.json: the shape from the tensors
     if n_layer == 12:
         assert sum(p.numel() for p in model.parameters()) == 124_475_904  # 50304-row wte, tied
     assert (model.cfg.n_head, model.cfg.vocab_size, model.n_vocab) == (12, 50304, 50257)
@@ -287,7 +307,7 @@ def test_padding_ids_take_no_probability_from_gpt2(tmp_path):
     sd["wte.weight"][:, 0] = 1.0
     sd["ln_f.weight"][0], sd["ln_f.bias"][0] = 0.0, -60.0
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    model = GPT.from_pretrained(str(tmp_path / "pytorch_model.bin")).eval()
+    model = gpt2.from_pretrained(str(tmp_path / "pytorch_model.bin")).eval()
     idx, need, y = ids_and_targets(50257, 2, 12)
     # float64 shows the normalisation exact; in fp32 a logit near -60 is only good to its
     # ulp, 4e-6, and a 768-term dot product with a -60 term in it to about 4e-5
@@ -331,7 +351,7 @@ HF_KEYS = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"] + [
 @pytest.mark.parametrize("n_vocab,vocab_size", [(50257, 50304), (50, 50)])
 def test_export_hf_writes_what_gpt2_lm_head_model_loads(tmp_path, n_vocab, vocab_size):
     model = small_gpt(n_vocab, vocab_size)
-    model.export_hf(str(tmp_path), eot=n_vocab - 1)
+    gpt2.export_hf(model, str(tmp_path), eot=n_vocab - 1)
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
@@ -345,7 +365,7 @@ def test_export_hf_writes_what_gpt2_lm_head_model_loads(tmp_path, n_vocab, vocab
     assert sd["transformer.h.1.mlp.c_proj.weight"].shape == (256, 64)
     assert sd["transformer.wte.weight"].shape == (n_vocab, 64)  # the padding rows cut
     assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
-    back = GPT.from_pretrained(str(tmp_path), block_size=32).eval()
+    back = gpt2.from_pretrained(str(tmp_path), block_size=32).eval()
     assert (back.cfg.vocab_size, back.n_vocab, back.cfg.n_head) == (-(-n_vocab // 64) * 64, n_vocab, 4)
     same_logits(model, back, n_vocab)
 
@@ -354,13 +374,13 @@ def test_export_hf_writes_what_gpt2_lm_head_model_loads(tmp_path, n_vocab, vocab
 def test_export_hf_reads_back_from_each_file(tmp_path, name):
     if name == "model.safetensors":
         st = pytest.importorskip("safetensors")
-        model_module.safetensors_torch or pytest.skip("model.py did not import safetensors")
+        gpt2.safetensors_torch or pytest.skip("machinery/gpt2.py did not import safetensors")
     model = small_gpt(50, 50)
-    model.export_hf(str(tmp_path))
+    gpt2.export_hf(model, str(tmp_path))
     if name == "model.safetensors":
         with st.safe_open(str(tmp_path / name), "pt") as f:
             assert f.metadata() == {"format": "pt"}  # transformers refuses a file without it
-    same_logits(model, GPT.from_pretrained(str(tmp_path / name), block_size=32).eval(), 50)
+    same_logits(model, gpt2.from_pretrained(str(tmp_path / name), block_size=32).eval(), 50)
 
 
 def test_export_hf_gives_back_the_gpt2_it_loaded(tmp_path):
@@ -368,7 +388,7 @@ def test_export_hf_gives_back_the_gpt2_it_loaded(tmp_path):
     the same names, the Conv1D layout, the 50257 rows (the causal-mask buffers aside)."""
     sd = gpt2_state_dict("transformer.", n_layer=2)
     torch.save(sd, tmp_path / "in.bin")
-    GPT.from_pretrained(str(tmp_path / "in.bin")).export_hf(str(tmp_path / "out"))
+    gpt2.export_hf(gpt2.from_pretrained(str(tmp_path / "in.bin")), str(tmp_path / "out"))
     out = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
     sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}
     assert set(out) == set(sd) | {"lm_head.weight"}
@@ -378,9 +398,9 @@ def test_export_hf_gives_back_the_gpt2_it_loaded(tmp_path):
 
 def test_a_bare_pytorch_model_bin_loads_by_its_shapes(tmp_path):
     model = small_gpt(50, 50, n_embd=128, n_head=2)  # GPT-2's rule: 64 channels a head
-    model.export_hf(str(tmp_path / "hf"))
+    gpt2.export_hf(model, str(tmp_path / "hf"))
     os.rename(tmp_path / "hf" / "pytorch_model.bin", tmp_path / "pytorch_model.bin")
-    back = GPT.from_pretrained(str(tmp_path / "pytorch_model.bin"), block_size=32).eval()
+    back = gpt2.from_pretrained(str(tmp_path / "pytorch_model.bin"), block_size=32).eval()
     assert (back.cfg.n_layer, back.cfg.n_head, back.cfg.n_embd, back.n_vocab) == (2, 2, 128, 50)
     same_logits(model, back, 50)
 
@@ -389,7 +409,7 @@ def test_a_sharded_checkpoint_loads(tmp_path):
     """save_pretrained shards a checkpoint over its max_shard_size (gpt2-xl's 6 GB, say):
     pytorch_model.bin.index.json maps each tensor to its shard."""
     model = small_gpt(50, 50)
-    model.export_hf(str(tmp_path))
+    gpt2.export_hf(model, str(tmp_path))
     (tmp_path / "model.safetensors").unlink(missing_ok=True)
     sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     (tmp_path / "pytorch_model.bin").unlink()
@@ -397,24 +417,24 @@ def test_a_sharded_checkpoint_loads(tmp_path):
     for name in set(shard.values()):
         torch.save({k: v for k, v in sd.items() if shard[k] == name}, tmp_path / name)
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": shard}))
-    same_logits(model, GPT.from_pretrained(str(tmp_path), block_size=32).eval(), 50)
+    same_logits(model, gpt2.from_pretrained(str(tmp_path), block_size=32).eval(), 50)
 
 
 def test_without_safetensors_bin_serves_and_safetensors_asks_for_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_module, "safetensors_torch", None)
+    monkeypatch.setattr(gpt2, "safetensors_torch", None)
     model = small_gpt(50, 50)
     (tmp_path / "model.safetensors").write_bytes(b"stale")
-    model.export_hf(str(tmp_path))
+    gpt2.export_hf(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
-    same_logits(model, GPT.from_pretrained(str(tmp_path), block_size=32).eval(), 50)
+    same_logits(model, gpt2.from_pretrained(str(tmp_path), block_size=32).eval(), 50)
     os.rename(tmp_path / "pytorch_model.bin", tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="pip install safetensors"):
-        GPT.from_pretrained(str(tmp_path), block_size=32)
+        gpt2.from_pretrained(str(tmp_path), block_size=32)
 
 
 def test_export_hf_needs_biases(tmp_path):
     with pytest.raises(ValueError, match="bias=True"):
-        tiny_model(bias=False).export_hf(str(tmp_path))
+        gpt2.export_hf(tiny_model(bias=False), str(tmp_path))
 
 
 def test_from_pretrained_hub_names_read_their_own_config(tmp_path, monkeypatch):
@@ -422,7 +442,7 @@ def test_from_pretrained_hub_names_read_their_own_config(tmp_path, monkeypatch):
     config.json: 4 heads, where a guess from the tensors would say 1."""
     hub = pytest.importorskip("huggingface_hub")
     model = small_gpt(50257, 50304)
-    model.export_hf(str(tmp_path))
+    gpt2.export_hf(model, str(tmp_path))
     calls = []
 
     def download(repo, filename):
@@ -430,8 +450,8 @@ def test_from_pretrained_hub_names_read_their_own_config(tmp_path, monkeypatch):
         return str(tmp_path / filename)
 
     monkeypatch.setattr(hub, "hf_hub_download", download)
-    back = GPT.from_pretrained("gpt2-medium", block_size=32).eval()
-    weights = "model.safetensors" if model_module.safetensors_torch else "pytorch_model.bin"
+    back = gpt2.from_pretrained("gpt2-medium", block_size=32).eval()
+    weights = "model.safetensors" if gpt2.safetensors_torch else "pytorch_model.bin"
     assert calls == [("openai-community/gpt2-medium", "config.json"),
                      ("openai-community/gpt2-medium", weights)]
     assert back.cfg.n_head == 4
@@ -458,7 +478,7 @@ def broken(tmp_path, case):
     if case == "name":
         return "gpt3"
     d = tmp_path / "m"
-    small_gpt(50, 50).export_hf(str(d))
+    gpt2.export_hf(small_gpt(50, 50), str(d))
     (d / "model.safetensors").unlink(missing_ok=True)  # the .bin alone: edits to it are read
     b = d / "pytorch_model.bin"
     if case == "missing":
@@ -486,11 +506,11 @@ def broken(tmp_path, case):
 
 @pytest.mark.parametrize("case", list(WANT))
 def test_from_pretrained_fails_with_a_one_line_value_error_naming_the_path(tmp_path, case):
-    if case == "safetensors" and model_module.safetensors_torch is None:
+    if case == "safetensors" and gpt2.safetensors_torch is None:
         pytest.skip("safetensors is not installed")
     path = broken(tmp_path, case)
     with pytest.raises(ValueError, match=WANT[case]) as e:
-        GPT.from_pretrained(path, block_size=64 if case == "block" else 32)
+        gpt2.from_pretrained(path, block_size=64 if case == "block" else 32)
     assert str(e.value).startswith(path) and "\n" not in str(e.value)
 
 
@@ -502,4 +522,4 @@ def test_from_pretrained_hub_failure_is_a_value_error(monkeypatch):
 
     monkeypatch.setattr(hub, "hf_hub_download", offline)
     with pytest.raises(ValueError, match=r"^gpt2-xl: could not download it from the Hugging Face hub"):
-        GPT.from_pretrained("gpt2-xl")
+        gpt2.from_pretrained("gpt2-xl")

@@ -1,0 +1,220 @@
+"""GPT-2 checkpoints as Hugging Face keeps them, read into model.GPT and written back:
+on the hub, or on disk as transformers' save_pretrained writes them (config.json beside
+model.safetensors and/or pytorch_model.bin, or shards named by an index.json). The module
+names are model.py's already (GPT-2's, less the `transformer.` prefix); Conv1D stores its
+weights (in, out) where a Linear stores (out, in). Everything that cannot be read is a
+ValueError naming the path.
+
+    model = gpt2.from_pretrained("gpt2", block_size=1024, dropout=0.0)  # or a path
+    gpt2.export_hf(model, "hf-out", eot=50256)  # what GPT2LMHeadModel.from_pretrained reads
+"""
+import json
+import os
+
+import torch
+
+from model import GPT, GPTConfig, padded_vocab
+from machinery.safe import one_line
+
+try:  # optional: Hugging Face's model.safetensors files, read and written when it is there
+    import safetensors.torch as safetensors_torch
+except ImportError:
+    safetensors_torch = None
+
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, on the hub
+# the weights that GPT-2 keeps in Conv1D layout, (in, out)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _read_json(path):
+    """The object in a JSON file (config.json, an index.json)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({one_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return obj
+
+
+def _read_tensors(path):
+    """The {name: tensor} dict in one weights file: .safetensors through safetensors, any
+    other through torch.load with weights_only (a pickle cannot run code)."""
+    st = path.endswith(".safetensors")
+    if st and safetensors_torch is None:
+        raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
+                         "pip install safetensors")
+    try:
+        sd = (safetensors_torch.load_file(path) if st
+              else torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # a missing, truncated or foreign file: any error its reader raises
+        raise ValueError(f"{path}: not a readable weights file ({one_line(e)})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def _weight_files(d):
+    """The weight files of a save_pretrained directory: one file, or the shards its
+    index.json names. model.safetensors first, as transformers does, when it can be read."""
+    names = ("model.safetensors", "pytorch_model.bin")
+    if safetensors_torch is None:
+        names = names[::-1]  # a .bin beside it serves; a lone .safetensors asks for the package
+    for name in names:
+        if os.path.isfile(os.path.join(d, name)):
+            return [os.path.join(d, name)]
+        index = os.path.join(d, name + ".index.json")
+        if os.path.isfile(index):
+            shards = _read_json(index).get("weight_map", {}).values()
+            return [os.path.join(d, s) for s in sorted(set(shards))]
+    raise ValueError(f"{d}: no model.safetensors or pytorch_model.bin in this directory")
+
+
+def _fetch_gpt2(name):
+    """Download an OpenAI GPT-2's config.json and weights into huggingface_hub's cache;
+    the directory they are in."""
+    weights = "model.safetensors" if safetensors_torch is not None else "pytorch_model.bin"
+    repo = f"openai-community/{name}"
+    try:
+        from huggingface_hub import hf_hub_download  # `datasets` brings it
+        hf_hub_download(repo, "config.json")
+        return os.path.dirname(hf_hub_download(repo, weights))
+    except Exception as e:  # no package, no network, no such file: the user's fix is the same
+        raise ValueError(f"{name}: could not download it from the Hugging Face hub "
+                         f"({type(e).__name__}); download config.json and {weights} from "
+                         f"https://huggingface.co/{repo} into a directory and pass its path") from e
+
+
+def _read_gpt2(name_or_path):
+    """(config.json's dict or None, state dict without the `transformer.` prefix) of a GPT-2
+    named or kept at name_or_path."""
+    path = name_or_path
+    if not os.path.exists(path):
+        if name_or_path not in GPT2_NAMES:
+            raise ValueError(f"{path}: no such file or directory, and not one of "
+                             f"{', '.join(GPT2_NAMES)}")
+        path = _fetch_gpt2(name_or_path)
+    files = _weight_files(path) if os.path.isdir(path) else [path]
+    config = os.path.join(os.path.dirname(files[0]), "config.json")
+    hf = _read_json(config) if os.path.isfile(config) else None
+    sd = {}
+    for f in files:
+        sd.update(_read_tensors(f))
+    return hf, {k.removeprefix("transformer."): v for k, v in sd.items()}  # as GPT2Model names them
+
+
+def _gpt2_shape(hf, sd, where):
+    """(n_layer, n_head, n_embd, n_positions, n_vocab) from config.json's dict hf, or, with
+    none, from the tensors' shapes and GPT-2's rule of 64 channels a head."""
+    if hf is not None:
+        kind = hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new")
+        if kind[0] != "gpt2" or kind[1] not in ("gelu_new", "gelu_pytorch_tanh"):  # one tanh GELU
+            raise ValueError(f"{where}: config.json describes a {kind[0]} with {kind[1]}: no GPT-2")
+        keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+        try:
+            return tuple(int(hf[k]) for k in keys)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: config.json lacks a GPT-2 size ({one_line(e)})") from e
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise ValueError(f"{where}: no wte.weight and wpe.weight: not a GPT-2 state dict")
+    n_vocab, n_embd = sd["wte.weight"].shape
+    if n_embd % 64:
+        raise ValueError(f"{where}: no config.json beside it to give n_head, and {n_embd} "
+                         "channels are not GPT-2's 64 a head")
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})  # h.0. ... h.{L-1}.
+    return n_layer, n_embd // 64, n_embd, sd["wpe.weight"].size(0), n_vocab
+
+
+@torch.no_grad()
+def load_state_dict(model, sd):
+    """Copy a GPT-2 state dict (Hugging Face names less the `transformer.` prefix, as
+    _read_gpt2 gives them; Conv1D weights stored (in, out)) into model, checking that every
+    tensor is used and every shape fits; ValueError names the first that does not."""
+    sd = {k: v for k, v in sd.items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # the causal mask buffers
+    head = sd.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, sd.get("wte.weight", head)):
+        raise ValueError("lm_head.weight differs from wte.weight, and this GPT ties them")
+    own = model.state_dict()  # views of the parameters: copying into them loads the model
+    for k, v in sd.items():
+        if k not in own:
+            raise ValueError(f"GPT-2 tensor {k!r} has no place in this model")
+        dst = own[k]
+        if k.endswith(CONV1D):
+            v = v.t()  # Conv1D (in, out) -> Linear (out, in)
+        elif k == "wte.weight":  # the real ids' rows; the padding rows are zeroed
+            dst = own[k][:model.n_vocab]
+            own[k][model.n_vocab:] = 0
+        elif k == "wpe.weight":  # a shorter block keeps the first positions
+            v = v[:model.cfg.block_size]
+        if dst.shape != v.shape:
+            raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(dst.shape)}")
+        dst.copy_(v)
+    missing = set(own) - set(sd) - {"lm_head.weight"}  # lm_head is wte
+    if missing:
+        raise ValueError(f"GPT-2 state dict lacks {sorted(missing)}")
+
+
+def from_pretrained(name_or_path, block_size=1024, dropout=0.0):
+    """A GPT-2 from wherever it is kept: gpt2, gpt2-medium, gpt2-large or gpt2-xl from the
+    Hugging Face hub; a directory as transformers' save_pretrained writes it; or one
+    pytorch_model.bin or model.safetensors file. The shape comes from config.json, or from
+    the tensors where there is none. Anything that cannot be read, or does not fit, is a
+    ValueError naming the path."""
+    hf, sd = _read_gpt2(name_or_path)
+    n_layer, n_head, n_embd, n_positions, n_vocab = _gpt2_shape(hf, sd, name_or_path)
+    if n_embd % n_head or n_layer < 1:
+        raise ValueError(f"{name_or_path}: {n_layer} layers of {n_embd} channels in "
+                         f"{n_head} heads is no GPT-2")
+    if block_size > n_positions:
+        raise ValueError(f"{name_or_path}: block_size {block_size} exceeds the "
+                         f"checkpoint's {n_positions} positions")
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=padded_vocab(n_vocab),
+                          n_vocab=n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                          dropout=dropout, bias=True))
+    try:
+        load_state_dict(model, sd)
+    except ValueError as e:
+        raise ValueError(f"{name_or_path}: {e}") from e
+    return model
+
+
+@torch.no_grad()
+def export_hf(model, out_dir, eot=None):
+    """Write model as a Hugging Face GPT-2 directory that GPT2LMHeadModel.from_pretrained(
+    out_dir) loads: config.json, pytorch_model.bin, and model.safetensors too when
+    safetensors is installed. The vocabulary is cut back to n_vocab; eot, when given, is
+    written as the bos and eos id (GPT-2's convention: its last id)."""
+    c = model.cfg
+    if not c.bias:
+        raise ValueError("export_hf needs bias=True: GPT-2 has a bias in every Linear and LayerNorm")
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied: written below as wte's copy
+        if k.endswith(CONV1D):
+            v = v.t()  # Linear (out, in) -> Conv1D (in, out)
+        elif k == "wte.weight":
+            v = v[:model.n_vocab]
+        # a fresh contiguous CPU copy: no file then holds a whole storage for a slice
+        sd["transformer." + k] = v.to("cpu").clone(memory_format=torch.contiguous_format)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # safetensors refuses shared memory
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+              "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": model.n_vocab,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+              "tie_word_embeddings": True}
+    if eot is not None:
+        config["bos_token_id"] = config["eos_token_id"] = eot
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    torch.save(sd, os.path.join(out_dir, "pytorch_model.bin"))
+    st = os.path.join(out_dir, "model.safetensors")
+    if safetensors_torch is not None:  # transformers' "format" check wants "pt"
+        safetensors_torch.save_file(sd, st, metadata={"format": "pt"})
+    elif os.path.exists(st):
+        os.remove(st)  # an older export's: transformers would read it before the .bin
