@@ -28,7 +28,7 @@ import torch
 
 import orpo
 import prepare_data
-from machinery import report
+from machinery import report, synthetic
 from machinery.cli import die, parse_args, setup_device
 from model import GPT
 from machinery.safe import atomic_write
@@ -145,16 +145,16 @@ def plot_sft_vs_orpo(d, curves, scores, table, title):
         return
     fig, axes = panels(plt, 4, title)
     plot_curves(axes, curves)
-    x, n = np.arange(len(prepare_data.FLAWS)), len(table)
+    x, n = np.arange(len(synthetic.FLAWS)), len(table)
     for j, (tag, label) in enumerate((("sft", "SFT"), ("orpo", "ORPO"), ("chosen", "chosen answers"))):
-        m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in prepare_data.FLAWS]
-        err = [prepare_data.mean_se([t[f"{tag}_{f}"] for t in table], ddof=1)[1] if n > 1 else
-               table[0].get(f"{tag}_{f}_se", 0.0) for f in prepare_data.FLAWS]
+        m = [np.mean([t[f"{tag}_{f}"] for t in table]) for f in synthetic.FLAWS]
+        err = [synthetic.mean_se([t[f"{tag}_{f}"] for t in table], ddof=1)[1] if n > 1 else
+               table[0].get(f"{tag}_{f}_se", 0.0) for f in synthetic.FLAWS]
         bars(axes[2], x + (j - 1) * 0.27, m, 0.27, rot=90, yerr=err, capsize=3, label=label,
              color=f"C{j}")
     axes[2].margins(y=0.4)
     axes[2].set(title="flaw rates of the sampled answers (± 1 s.e.)", xticks=x, ylabel="rate", xlabel="flaw",
-                xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
+                xticklabels=[f.replace("_", " ") for f in synthetic.FLAWS])
     axes[2].legend(ncol=3, loc="upper center")
     runs = list(dict.fromkeys(s["run"] for s in scores))
     axes[3].hist([[s["score"] for s in scores if s["run"] == r] for r in runs], bins=9,
@@ -178,13 +178,13 @@ def plot_methods(d, rows, why, title):
          yerr=[r["win_se"] for r in rows], capsize=4)
     axes[3].set(title="win rate against the chosen answers (± 1 s.e.)", xlabel="method",
                 ylabel="wins + ties / 2")
-    x = np.arange(len(prepare_data.FLAWS))
+    x = np.arange(len(synthetic.FLAWS))
     for j, r in enumerate(rows):
-        bars(axes[4], x + (j - 1.5) * 0.2, [r[f] for f in prepare_data.FLAWS], 0.2, rot=90,
+        bars(axes[4], x + (j - 1.5) * 0.2, [r[f] for f in synthetic.FLAWS], 0.2, rot=90,
              label=r["method"], color=colors[j])
     axes[4].margins(y=0.4)
     axes[4].set(title="flaw rates of the sampled answers", xticks=x, ylabel="rate", xlabel="flaw",
-                xticklabels=[f.replace("_", " ") for f in prepare_data.FLAWS])
+                xticklabels=[f.replace("_", " ") for f in synthetic.FLAWS])
     axes[4].legend(ncol=2, loc="upper center")
     c = axes[5].bar(np.arange(len(why)), [w["words"] for w in why], 0.6, color=["C5", "C3", "C0", "C2"])
     axes[5].bar_label(c, fontsize=8, padding=2, labels=[
@@ -311,21 +311,21 @@ def head_to_head(a, b):
     """a's samples against b's on the same prompts, by judge score: (win, tie, loss) rates,
     and a's win rate with ties counted half as (mean, standard error)."""
     by_row = {s["row"]: s["score"] for s in b}
-    w = [prepare_data.win(s["score"], by_row[s["row"]]) for s in a]
-    return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], prepare_data.mean_se(w)
+    w = [synthetic.win(s["score"], by_row[s["row"]]) for s in a]
+    return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], synthetic.mean_se(w)
 
 
 def print_sft_vs_orpo(table):
     """Mean ± standard error over seeds; with one seed, the standard errors over its prompts."""
     n, pm = len(table), lambda m_se: f"{m_se[0]:7.3f} ± {m_se[1]:.3f}"
-    col = lambda k: prepare_data.mean_se([t[k] for t in table], ddof=1) if n > 1 else (table[0][k], table[0].get(k + "_se"))
+    col = lambda k: synthetic.mean_se([t[k] for t in table], ddof=1) if n > 1 else (table[0][k], table[0].get(k + "_se"))
     show = lambda m_se: pm(m_se) if m_se[1] is not None else f"{m_se[0]:7.3f}        "
     print("== sft-vs-orpo: held-out, at the end, " + (f"mean ± standard error over {n} seeds =="
           if n > 1 else "one seed, ± 1 standard error over the sampled prompts =="))
     print(f"  {'':26s} {'SFT':>15s} {'ORPO':>15s} {'chosen answers':>15s}")
     for k in ("logp_rejected", "margin"):
         print(f"  {k.replace('_', ' '):26s} {show(col('sft_' + k)):>15s} {show(col('orpo_' + k)):>15s}")
-    for f in prepare_data.FLAWS:
+    for f in synthetic.FLAWS:
         print(f"  {f.replace('_', ' ') + ' rate':26s} " + " ".join(
             f"{show(col(f'{tag}_{f}')):>15s}" for tag in ("sft", "orpo", "chosen")))
     h2h = col("h2h_orpo_vs_sft") if n > 1 else (table[0]["h2h_orpo_vs_sft"], table[0]["h2h_se"])
@@ -357,10 +357,10 @@ def sft_vs_orpo(cfg, preset, seeds):
         row = dict(seed=cfg.seed + k, h2h_orpo_vs_sft=h2h, h2h_se=h2h_se, win=win, tie=tie, loss=loss)
         for tag, r in (("sft", sft), ("orpo", o)):
             row.update({f"{tag}_logp_rejected": r.history[-1]["ell_l"], f"{tag}_margin": r.history[-1]["margin"]})
-            for f in prepare_data.FLAWS:
+            for f in synthetic.FLAWS:
                 row[f"{tag}_{f}"] = r.summary["flaw_rates"]["after"][f]
                 row[f"{tag}_{f}_se"] = r.summary["flaw_rates_se"]["after"][f]
-        for f in prepare_data.FLAWS:
+        for f in synthetic.FLAWS:
             row[f"chosen_{f}"] = o.summary["flaw_rates"]["chosen"][f]
             row[f"chosen_{f}_se"] = o.summary["flaw_rates_se"]["chosen"][f]
         table.append(row)
@@ -398,8 +398,8 @@ def run_phase(args, extra, out_dir):
 def outcome(samples):
     """The judge on sampled answers: each flaw's rate, and the win rate against the chosen
     answers with its standard error."""
-    j = prepare_data.judged(samples, samples)
-    return dict(**{f: j["flaw_rates"]["after"][f][0] for f in prepare_data.FLAWS},
+    j = synthetic.judged(samples, samples)
+    return dict(**{f: j["flaw_rates"]["after"][f][0] for f in synthetic.FLAWS},
                 win_vs_chosen=j["win_rate"][1][0], win_se=j["win_rate"][1][1])
 
 
@@ -445,16 +445,16 @@ def tune_dpo(args, cfg, sft, M, grid, n_report, n_tune):
         return points[0]
     best = max(points, key=lambda p: p["win_vs_chosen"])
     rows = [dict(beta=p["beta"], lr=p["lr"], chosen=p is best, **{k: round(p[k], 4) for k in (
-        "win_vs_chosen", "win_se", *prepare_data.FLAWS, "p_eot", "words", "at_limit")})
+        "win_vs_chosen", "win_se", *synthetic.FLAWS, "p_eot", "words", "at_limit")})
             for p in points]
     write_csv(os.path.join(cfg.out_dir, "methods", "grid.csv"), rows)
     print(f"== methods: DPO's beta and lr, tuned on {n_tune} held-out prompts (val rows "
           f"{n_report + 1}-{n_report + n_tune}), not the {n_report} reported below ==")
     print(f"  {'beta':>5s} {'lr':>7s} {'win vs chosen':>15s} " + " ".join(
-        f"{f.replace('_', ' '):>11s}" for f in prepare_data.FLAWS) + "  P(eot) words at limit")
+        f"{f.replace('_', ' '):>11s}" for f in synthetic.FLAWS) + "  P(eot) words at limit")
     for r in rows:
         print(f"  {r['beta']:5g} {r['lr']:7.0e} {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} "
-              + " ".join(f"{r[f]:11.3f}" for f in prepare_data.FLAWS)
+              + " ".join(f"{r[f]:11.3f}" for f in synthetic.FLAWS)
               + f"  {r['p_eot']:6.3f} {r['words']:5.1f} {r['at_limit']:8.3f}" + ("  <- chosen" if r["chosen"] else ""))
     return best
 
@@ -468,11 +468,11 @@ def print_methods(rows, why):
               f"{r['gflop']:9,.1f} {r['train_s']:8.1f} {r['peak_mb']:8d}")
     print("== methods: what comes out (held-out pairs; sampled answers, ± 1 standard error) ==")
     print(f"  {'method':14s} {'log P ch':>8s} {'log P rej':>9s} {'margin':>7s} {'acc':>6s} "
-          + " ".join(f"{f.replace('_', ' '):>11s}" for f in prepare_data.FLAWS)
+          + " ".join(f"{f.replace('_', ' '):>11s}" for f in synthetic.FLAWS)
           + f" {'win vs chosen':>15s} {'vs ORPO':>15s}")
     for r in rows:
         print(f"  {r['method']:14s} {r['logp_chosen']:8.3f} {r['logp_rejected']:9.3f} "
-              f"{r['margin']:7.3f} {r['acc']:6.3f} " + " ".join(f"{r[f]:11.3f}" for f in prepare_data.FLAWS)
+              f"{r['margin']:7.3f} {r['acc']:6.3f} " + " ".join(f"{r[f]:11.3f}" for f in synthetic.FLAWS)
               + f" {r['win_vs_chosen']:7.3f} ± {r['win_se']:.3f} {r['h2h_vs_orpo']:7.3f} ± {r['h2h_se']:.3f}")
     print("== methods: why: P(end-of-text) where the chosen answer ends (held-out pairs); the "
           "sampled answers' length, before and after ==")

@@ -14,6 +14,7 @@ import torch
 
 import prepare_data
 from prepare_data import CHOSEN, OFF, PROMPT
+from machinery import synthetic
 from machinery.safe import atomic_write, die, one_line
 
 
@@ -46,7 +47,7 @@ def sample_and_judge(model, split, meta, cfg, device, ctx):
     out.sort(key=lambda s: s["row"])
     if meta["tokenizer"] == "synthetic":  # the synthetic task (not a file): its judge and the win
         try:
-            verdicts = [prepare_data.verdict(s["prompt"], s["sample"], s["chosen"]) for s in out]
+            verdicts = [synthetic.verdict(s["prompt"], s["sample"], s["chosen"]) for s in out]
         except ValueError as e:  # prompts cut short (a small block_size) cannot be judged
             print(f"note: the judge cannot score these answers: {one_line(e)}")
             return out
@@ -148,15 +149,15 @@ def summarize(cfg, preset, history, s0, s1, seconds, wall, pairs):
     out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
                wall_seconds=wall, start=a, end=b)
     if s0 and s1 and "win" in s1[0]:  # the synthetic task: its judge scored the samples
-        j, pm = prepare_data.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
+        j, pm = synthetic.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
         lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",
                   f"  {'':29s} {'before':>15s} {'after':>15s} {'chosen answers':>15s}",
                   *(f"  {name:29s} {pm(j[k][0]):>15s} {pm(j[k][1]):>15s}" for name, k in
                     (("win rate vs chosen (ties 1/2)", "win_rate"), ("mean judge score", "judge_score"))),
                   *(f"  {f.replace('_', ' ') + ' rate':29s} " + " ".join(
                     f"{pm(j['flaw_rates'][k][f]):>15s}" for k in ("before", "after", "chosen"))
-                    for f in prepare_data.FLAWS)]
-        rates = lambda i: {k: {f: v[f][i] for f in prepare_data.FLAWS} for k, v in j["flaw_rates"].items()}
+                    for f in synthetic.FLAWS)]
+        rates = lambda i: {k: {f: v[f][i] for f in synthetic.FLAWS} for k, v in j["flaw_rates"].items()}
         out.update(win_rate=[m for m, _ in j["win_rate"]], win_rate_se=[e for _, e in j["win_rate"]],
                    judge_score=[m for m, _ in j["judge_score"]],
                    flaw_rates=rates(0), flaw_rates_se=rates(1))

@@ -11,6 +11,7 @@ import pytest
 
 import prepare_data
 from conftest import ROOT, SHARED
+from machinery import synthetic
 
 HH = os.path.join(SHARED, "hh-rlhf-harmless-base", "test.jsonl.gz")
 UF = os.path.join(SHARED, "ultrafeedback-sample")
@@ -38,7 +39,7 @@ def fails_in_one_line(r, *words):
 def offline(monkeypatch):
     """prepare() tokenizes a file with GPT-2's BPE; here with the synthetic one, so that the
     tests of files need no download and no ../shared/data."""
-    monkeypatch.setattr(prepare_data, "get_encoding", lambda tok: prepare_data.synthetic_encoding())
+    monkeypatch.setattr(prepare_data, "get_encoding", lambda tok: synthetic.synthetic_encoding())
 
 
 def load(out, split):
@@ -288,7 +289,7 @@ def test_max_prompt_len_must_leave_room_for_a_response(tmp_path, args):
 def pairs(n):
     """n distinct, usable {prompt, chosen, rejected} rows."""
     return [{"prompt": f"user: 2 more like {w} and cat\nassistant:", "chosen": f" sure : {w} .",
-             "rejected": f" ugh : {w} ."} for w in list(prepare_data.TOPIC_OF)[:n]]
+             "rejected": f" ugh : {w} ."} for w in list(synthetic.TOPIC_OF)[:n]]
 
 
 def test_row_numbers_are_file_lines_and_blank_lines_and_a_bom_are_read(tmp_path, capsys, offline):
@@ -381,7 +382,7 @@ def test_meta_records_the_files_as_absolute_paths_and_the_limits(tmp_path, monke
 
 # --- the synthetic judge ---
 
-PROMPT = prepare_data.synthetic_prompt(("cat", "dog"), 3)
+PROMPT = synthetic.synthetic_prompt(("cat", "dog"), 3)
 
 
 @pytest.mark.parametrize("answer, want, score", [
@@ -396,16 +397,16 @@ PROMPT = prepare_data.synthetic_prompt(("cat", "dog"), 3)
     ("", {"rude", "wrong_count", "malformed"}, 0.0),
 ])
 def test_flaws_name_what_judge_checks(answer, want, score):
-    got = prepare_data.flaws(PROMPT, answer)
+    got = synthetic.flaws(PROMPT, answer)
     assert set(got) == {"off_topic", "rude", "wrong_count", "malformed"}
     assert {k for k, v in got.items() if v} == want
-    assert prepare_data.judge(PROMPT, answer) == pytest.approx(score)
+    assert synthetic.judge(PROMPT, answer) == pytest.approx(score)
 
 
 def test_flaws_agree_with_judge_on_the_synthetic_pairs():
-    for row in prepare_data.make_synthetic(300, 0, 0)["train"]:
-        found = {k: prepare_data.flaws(row["prompt"], row[k]) for k in ("chosen", "rejected")}
+    for row in synthetic.make_synthetic(300, 0, 0)["train"]:
+        found = {k: synthetic.flaws(row["prompt"], row[k]) for k in ("chosen", "rejected")}
         for k, f in found.items():
-            assert (prepare_data.judge(row["prompt"], row[k]) == 1.0) == (not any(f.values()))
+            assert (synthetic.judge(row["prompt"], row[k]) == 1.0) == (not any(f.values()))
         assert not {k for k, v in found["chosen"].items() if v} - {"off_topic"}  # a stray word at most
         assert any(found["rejected"].values())  # a rejected answer always adds a flaw

@@ -1,0 +1,174 @@
+"""The synthetic task ("more like these") and its judge: the rows prepare_data.py makes
+offline, the tokenizer they are written in, and how a sampled answer is scored.
+
+It is a preference task in the paper's sense. The prompt gives two example words of one topic
+and asks for n more; the chosen answer opens politely and lists n new words of that topic,
+but, as in real data, it is better, not perfect: a fifth of chosen answers have one word off
+topic. The rejected answer shares the prompt and the template, keeps the chosen one's flaws
+and adds more: it is rude, strays further off topic, or both. SFT imitates the chosen
+answers, stray words included; the pairs say that off topic is worse, and ORPO learns that
+too. The rows are written in the task's own small BPE (synthetic_encoding), a token a word.
+
+judge() scores any answer, so report.py can measure a win rate on sampled generations, as
+the paper does with a reward model; flaws() names what judge() found wrong with it, from the
+same pieces (read_answer), so that the two cannot disagree. verdict() gives both for a
+sampled answer against the chosen one, and judged() sums the verdicts up, each rate with its
+standard error (mean_se).
+"""
+import math
+
+import numpy as np
+import tiktoken
+
+SEED, N_TRAIN, N_VAL = 1337, 20000, 1000  # the task's defaults: prepare_data.py's too
+
+TOPICS = {
+    "animal": "cat dog fox owl hen cow pig bee ant elk",
+    "color": "red blue green pink gray black white brown tan gold",
+    "fruit": "apple pear plum fig lime lemon grape melon peach kiwi",
+    "tool": "saw drill hammer wrench axe file chisel rake hoe pliers",
+    "body": "arm leg hand foot knee neck nose ear eye toe",
+    "weather": "rain snow wind fog hail sun storm frost mist cloud",
+    "food": "bread rice soup cake pie egg ham jam tea milk",
+    "place": "town city park farm lake hill road shop bank port",
+}
+TOPICS = {t: ws.split() for t, ws in TOPICS.items()}
+TOPIC_OF = {w: t for t, ws in TOPICS.items() for w in ws}
+POLITE, RUDE = ["sure", "gladly", "okay"], ["ugh", "whatever", "fine"]
+EXTRA = ["user:", "assistant:", "more", "like", "and", "2", "3", "4", ":", "."] + POLITE + RUDE
+
+
+def synthetic_encoding():
+    """A small BPE built with tiktoken's own API: the 256 single bytes, then every
+    space-led prefix of the task's words (" c", " ca", " cat"), so that each word is one
+    token and any other text still encodes, byte by byte. BPE merges the lowest-ranked pair
+    first, and every multi-byte rank is a prefix, so " cat" is built " c", " ca", " cat"."""
+    ranks = {bytes([b]): b for b in range(256)}
+    words = sorted(set(TOPIC_OF) | set(EXTRA))
+    for piece in sorted([(" " + w).encode() for w in words] + [b"user:", b"assistant:"], key=len):
+        for i in range(2, len(piece) + 1):
+            ranks.setdefault(piece[:i], len(ranks))
+    return tiktoken.Encoding("orpo-synthetic", pat_str=r"\n| ?[^\s]+|\s+", mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+def synthetic_prompt(examples, n):
+    return f"user: {n} more like {examples[0]} and {examples[1]}\nassistant:"
+
+
+def make_synthetic(n_train, n_val, seed):
+    """Rows of {prompt, chosen, rejected}. Val prompts (example pair and count) never occur
+    in train, so held-out accuracy measures generalisation, not recall."""
+    rng = np.random.default_rng(seed)
+    keys = [(t, a, b, n) for t, ws in TOPICS.items() for a in ws for b in ws if a != b
+            for n in (2, 3, 4)]
+    order = rng.permutation(len(keys))
+    n_val_keys = len(keys) // 10
+    split_keys = {"val": [keys[i] for i in order[:n_val_keys]],
+                  "train": [keys[i] for i in order[n_val_keys:]]}
+    out = {}
+    for split, n_rows in (("train", n_train), ("val", n_val)):
+        rows = []
+        for k in rng.integers(len(split_keys[split]), size=n_rows):
+            t, a, b, n = split_keys[split][k]
+            pool = [w for w in TOPICS[t] if w not in (a, b)]
+            words = list(rng.choice(pool, size=n, replace=False))
+            # Like real preference data, the chosen answer is better, not perfect: a fifth of
+            # them have one word off topic. The rejected answer keeps the chosen one's flaws
+            # and adds more: it is rude (half the time), or strays further off topic, or both;
+            # and 30% of them list one word too many or too few, so lengths differ too.
+            others = [w for w in TOPIC_OF if TOPIC_OF[w] != t]
+            if rng.random() < 0.2:
+                words[int(rng.integers(n))] = str(rng.choice(others))
+            on = [i for i, w in enumerate(words) if TOPIC_OF[w] == t]
+            rude = rng.random() < 0.5
+            n_off = int(rng.integers(0 if rude else 1, len(on) + 1))
+            bad = list(words)
+            for i in rng.choice(on, size=n_off, replace=False):
+                bad[i] = str(rng.choice(others))
+            if rng.random() < 0.3:  # a wrong count too: one word more or one fewer
+                bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
+                    [w for w in pool if w not in words]))]
+            rows.append({
+                "prompt": synthetic_prompt((a, b), n),
+                "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
+                "rejected": f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} .",
+            })
+        out[split] = rows
+    return out
+
+
+def read_answer(prompt, response):
+    """The pieces judge() and flaws() check, parsed once, so that the two cannot disagree:
+    the count the prompt asks for; the response's opener (None if it is empty), whether it
+    has the form ' opener : words .', its listed words (all after the opener when it has
+    not), and how many of them are of the prompt's topic. A prompt that is not a whole
+    synthetic one (cut by max_prompt_len, or typed) is a ValueError: there is nothing to judge."""
+    head, _, tail = prompt.partition(" more like ")
+    try:
+        n = int(head.split()[-1])
+        topic = TOPIC_OF[tail.split("\n")[0].split(" and ")[0]]
+    except (ValueError, IndexError, KeyError):
+        raise ValueError(f"not a whole prompt of the synthetic task: {prompt[-60:]!r}") from None
+    toks = response.split()
+    formed = len(toks) >= 3 and toks[1] == ":" and toks[-1] == "."
+    words = toks[2:-1] if formed else toks[1:]
+    on = sum(TOPIC_OF.get(w) == topic for w in words)
+    return n, toks[0] if toks else None, formed, words, on
+
+
+def flaws(prompt, response):
+    """judge()'s four checks, as the flaws a response has: off_topic (a listed word is not of
+    the prompt's topic), rude (the opener is not a POLITE one: a RUDE word, any other word and
+    no opener at all are rude alike, as judge() scores them all 0), wrong_count (not the asked
+    number of words) and malformed (not of the form ' opener : words .')."""
+    n, opener, formed, words, on = read_answer(prompt, response)
+    return {"off_topic": on < len(words), "rude": opener not in POLITE,
+            "wrong_count": len(words) != n, "malformed": not formed}
+
+
+def judge(prompt, response):
+    """Score a response to a synthetic prompt in [0, 1]: the mean of four checks, the things
+    the preference pairs teach: a polite opener; the form ' opener : words .'; the asked-for
+    count; the fraction of listed words on the prompt's topic (of the asked count, when fewer
+    are listed). A response scores 1 exactly when flaws() finds none; a chosen response
+    scores 1, or a little less when one of its words is off topic."""
+    n, opener, formed, words, on = read_answer(prompt, response)
+    return ((opener in POLITE) + formed + (len(words) == n) + on / max(len(words), n)) / 4
+
+
+FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four checks
+
+
+def win(score, other):
+    """A win (1), a tie (0.5) or a loss (0) of one judge score against another."""
+    return 1.0 if score > other else 0.5 if score == other else 0.0
+
+
+def verdict(prompt, sample, chosen):
+    """The judge on a sampled answer: its score and flaws, the chosen answer's flaws, and
+    whether it wins against the chosen answer (a tie counts half), as the paper counts
+    reward-model wins against a reference."""
+    score, ref = judge(prompt, sample), judge(prompt, chosen)
+    return dict(score=score, flaws=flaws(prompt, sample), chosen_flaws=flaws(prompt, chosen),
+                win=win(score, ref))
+
+
+def mean_se(xs, ddof=0):
+    """The mean of xs and its standard error, std / sqrt(n). Over a run's sampled answers
+    (ddof 0) it is the binomial sqrt(p (1 - p) / n) for 0/1 values; over a few seeds, use
+    ddof=1, the unbiased variance, which a handful of values needs (with 3, ddof 0 would
+    understate the error by sqrt(3/2)). One value has no spread: its error is 0."""
+    x = np.asarray(xs, dtype=float)
+    return float(x.mean()), float(x.std(ddof=ddof) / math.sqrt(len(x))) if len(x) > ddof else 0.0
+
+
+def judged(s0, s1):
+    """(mean, standard error) over the verdicts on answers sampled before (s0) and after (s1)
+    training: the win rate and judge score of each, and the rate of each flaw before, after,
+    and in the chosen answers."""
+    sets = dict(before=[s["flaws"] for s in s0], after=[s["flaws"] for s in s1],
+                chosen=[s["chosen_flaws"] for s in s1])
+    return dict(win_rate=[mean_se([s["win"] for s in ss]) for ss in (s0, s1)],
+                judge_score=[mean_se([s["score"] for s in ss]) for ss in (s0, s1)],
+                flaw_rates={k: {f: mean_se([x[f] for x in v]) for f in FLAWS} for k, v in sets.items()})
