@@ -35,7 +35,7 @@ REF = os.path.join(ROOT, "tests", "assignment_ref.json")
 ROWS = [
     ("1a", 1, "odds ratio by hand (answers.txt)", 5),
     ("1b", 1, "odds_ratio_loss: Eqs. 4, 5, 7", 10),
-    ("1c", 1, "orpo_loss: Eq. 6, ratio odds and prob", 10),
+    ("1c", 1, "orpo_loss and prob_ratio_loss: Eq. 6", 10),
     ("2", 2, "log1mexp: stable in float64 and float32", 10),
     ("3a", 3, "masks by hand (answers.txt)", 5),
     ("3b", 3, "make_batch: x, y and the masks", 10),
@@ -43,7 +43,7 @@ ROWS = [
     ("4a", 4, "orpo_grad: dL/dl_w, dL/dl_l", 10),
     ("4b", 4, "HandORPO.backward: down to the logits", 10),
     ("10a", 10, "simpo_loss", 5),
-    ("10b", 10, "orpo_loss(ratio='simpo')", 5),
+    ("10b", 10, "simpo_objective", 5),
     ("11", 11, "dpo_loss", 10),
 ]
 
@@ -52,9 +52,10 @@ HOLES = {
     "log1mexp": "exercise 2: log(1 - e^x) for x < 0, stable near 0 and far from it",
     "response_logps": "exercise 3: place tok at `scored`, then Eq. 3's mean (or sum) over resp_mask",
     "odds_ratio_loss": "exercise 1: L_OR per pair and log OR, from the log odds (Eqs. 4, 5, 7)",
-    "orpo_loss": "exercise 1: Eq. 6, parts l_sft, l_or, ell_w, ell_l, log_or, acc (means over "
-                 "pairs); exercise 10: the ratio='simpo' branch",
+    "orpo_loss": "exercise 1: Eq. 6 and its parts (pair_means)",
+    "prob_ratio_loss": "exercise 1: Eq. 6 with the probability ratio for the odds ratio",
     "simpo_loss": "exercise 10: SimPO's loss per pair",
+    "simpo_objective": "exercise 10: SimPO's loss alone, averaged over the pairs, and its parts",
     "dpo_loss": "exercise 11: DPO's loss, averaged over the pairs",
     "orpo_grad": "exercise 4: dL/dl_w and dL/dl_l from your derivation",
     "HandORPO.backward": "exercise 4: the gradient of the loss with respect to the logits",
@@ -354,17 +355,21 @@ def check_odds(load, cases):
         compare("odds_ratio_loss: L_OR", l_or, c["l_or"], pairs(c))
 
 
+LOSS_OF = {"odds": "orpo_loss", "prob": "prob_ratio_loss", "simpo": "simpo_objective"}  # --ratio
+
+
 def check_orpo_loss(load, cases):
-    fn = load("orpo_loss")
+    """orpo_loss and its ablation prob_ratio_loss (row 1c), or simpo_objective (10b)."""
     for c in cases:
-        kw = {k: c[k] for k in ("lam", "sft_on_prompt", "ratio")}
-        loss, parts = fn(T(c["logp"]), T(c["ell"]), T(c["seq"]), **kw)
+        name = LOSS_OF[c["ratio"]]
+        kw = {k: c[k] for k in ("lam", "sft_on_prompt")}
+        loss, parts = load(name)(T(c["logp"]), T(c["ell"]), T(c["seq"]), **kw)
         at = f" with {', '.join(f'{k}={v!r}' for k, v in kw.items())}, B={len(c['ell']) // 2}"
-        compare("orpo_loss: the loss", loss, c["loss"], at)
+        compare(f"{name}: the loss", loss, c["loss"], at)
         for k, v in c["parts"].items():
             if k not in parts:
-                raise Fail(f"orpo_loss: parts has no {k!r}{at}")
-            compare(f"orpo_loss: parts[{k!r}]", parts[k], v, at)
+                raise Fail(f"{name}: parts has no {k!r}{at}")
+            compare(f"{name}: parts[{k!r}]", parts[k], v, at)
 
 
 def check_log1mexp(load, c):
@@ -598,7 +603,8 @@ def freeze_losses(orpo, torch, batches):
             kws += [dict(lam=0.3, sft_on_prompt=True, ratio="odds")]
         for kw in kws + [dict(lam=lam, sft_on_prompt=False, ratio="simpo") for lam in (0.0, 1.0, 5.0)]:
             lp, sq = (logp, seq) if len(w) == 2 else (None, None)
-            out, parts = orpo.orpo_loss(lp, t(w + l), sq, **kw)
+            fn = getattr(orpo, LOSS_OF[kw["ratio"]])
+            out, parts = fn(lp, t(w + l), sq, lam=kw["lam"], sft_on_prompt=kw["sft_on_prompt"])
             case = dict(ell=w + l, logp=None if lp is None else lp.tolist(),
                         seq=None if sq is None else sq.tolist(), **kw, loss=out.item(),
                         parts={k: v.item() for k, v in parts.items()})

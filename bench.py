@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import orpo
-from machinery import report
+from machinery import checkpoint, meter, report
 from machinery.cli import parse_args, setup_device
 from model import GPT, Scorer
 
@@ -127,7 +127,7 @@ def run_steps(cfg, steps, attn):
     dev, dev_type, dtype, ctx = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, V = cfg.batch_size, cfg.vocab_size or 50304
-    raw = GPT(dataclasses.replace(orpo.model_config(cfg, dict(vocab_size=V)), attn=attn)).to(dev)
+    raw = GPT(dataclasses.replace(checkpoint.model_config(cfg, dict(vocab_size=V)), attn=attn)).to(dev)
     model = torch.compile(Scorer(raw)) if cfg.compile else Scorer(raw)
     opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
@@ -140,7 +140,7 @@ def run_steps(cfg, steps, attn):
         t = time.perf_counter()
         orpo.train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)  # .tolist(): synced
         times.append(time.perf_counter() - t)
-    real, n_scored = orpo.batch_tokens(index, rows, cfg.sft_on_prompt)
+    real, n_scored = meter.batch_tokens(index, rows, cfg.sft_on_prompt)
     toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, cfg.block_size) * cfg.grad_accum
     return times, raw, toks, flops, n_scored, dev_type, dtype
 

@@ -28,7 +28,7 @@ import torch
 
 import orpo
 import prepare_data
-from machinery import report, synthetic
+from machinery import checkpoint, report, synthetic
 from machinery.cli import die, parse_args, setup_device
 from model import GPT
 from machinery.safe import atomic_write
@@ -207,7 +207,7 @@ def fresh(cfg):
     meta, data = orpo.load_data(cfg)
     torch.manual_seed(cfg.seed)
     dev, _, _, ctx = setup_device(cfg.device, cfg.dtype)
-    return GPT(orpo.model_config(cfg, meta)).to(dev), data["val"], dev, ctx
+    return GPT(checkpoint.model_config(cfg, meta)).to(dev), data["val"], dev, ctx
 
 
 def new_run(out_dir):
@@ -220,7 +220,7 @@ def new_run(out_dir):
 def load_run(out_dir, dev):
     """The trained model in a run's out_dir."""
     path = os.path.join(out_dir, "ckpt.pt")
-    return orpo.model_from_checkpoint(orpo.load_checkpoint(path), path).to(dev)
+    return checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path), path).to(dev)
 
 
 @torch.no_grad()

@@ -1,27 +1,23 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
 
-This file is the teaching core. It reads top to bottom in the order the paper teaches: the
-loss and its gradient first, then the config, the data, one training step, eval,
-checkpoints and the loop. model.py is the GPT; prepare_data.py the data and the synthetic
-task's judge; configurator.py the command line; report.py what a run prints and logs;
-safe.py the one-line errors and safe writes. sample.py, bench.py, figures.py and
-assignment.py import this file.
+This file is the paper and one training loop, top to bottom: the loss (Eqs. 1-7) and its
+gradient by hand, the ablations and the methods ORPO is compared with, the config, the data,
+one training step, eval, and train(). model.py is the GPT; prepare_data.py turns preference
+pairs into token files. What a student need not read (the command line, the run record,
+checkpoints and the run directory, process setup, GPT-2's files, the synthetic task's
+judge) is in machinery/, one call each from here.
 
     python orpo.py --config small                 # the CPU demo (prepares its data itself)
     python orpo.py --config small --lam=0         # the same loop as plain SFT
     python orpo.py --help                         # every key, what it does, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
+import collections
 import contextlib
-import ctypes
-import dataclasses
-import errno
 import functools
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,11 +27,13 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-from machinery import report
+from machinery import procs, report
+from machinery.checkpoint import RunDir, build_model, load_reference
 from machinery.cli import parse_args, setup_device
-from model import GPT, GPTConfig, Scorer, padded_vocab
+from machinery.meter import Meter, print_start
+from machinery.safe import die
+from model import Scorer
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
-from machinery.safe import atomic_write, die, lock, one_line
 
 # ----------------------------------------------------------------------------------------
 # The loss (Eqs. 1-7), in fp32 whatever the autocast dtype. Notation, the paper's: for a
@@ -60,6 +58,14 @@ def response_logps(tok, resp_mask, scored, mean=True):
     # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
     return logp, ell.clamp(max=-torch.finfo(torch.float32).tiny)
 
+def sft_loss(logp, ell, seq_mask, on_prompt=False):
+    """L_SFT per pair (B,), Eq. 1: the NLL of the chosen response, per token (-ℓ_w). With
+    on_prompt, over the prompt's tokens too, as the official code and TRL compute it."""
+    B = ell.size(0) // 2
+    if on_prompt:
+        return -((logp * seq_mask)[:B].sum(1) / seq_mask[:B].sum(1))
+    return -ell[:B]
+
 def odds_ratio_loss(ell_w, ell_l):
     """L_OR per pair, and the log odds ratio, from ℓ_w and ℓ_l (B,)."""
     log_odds_w = ell_w - log1mexp(ell_w)  # Eq. 4: log odds = log P - log(1 - P)
@@ -67,37 +73,19 @@ def odds_ratio_loss(ell_w, ell_l):
     log_or = log_odds_w - log_odds_l      # Eq. 5: the log of the odds ratio
     return -F.logsigmoid(log_or), log_or  # Eq. 7: L_OR = -log sigma(log OR)
 
-def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
-    """SimPO (Meng, Xia & Chen, 2024), reference-free too, per pair: -log sigma(beta (ℓ_w -
-    ℓ_l) - gamma), on Eq. 3's mean log-probs, with a target margin gamma and no SFT term."""
-    return -F.logsigmoid(beta * (ell_w - ell_l) - gamma)
+def pair_means(l_sft, l_or, ell_w, ell_l, log_or):
+    """What a loss reports of a batch: its terms' means over the pairs, and the preference
+    accuracy (the share of pairs whose chosen response has the higher log odds)."""
+    return dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(), ell_l=ell_l.mean(),
+                log_or=log_or.mean(), acc=(log_or > 0).float().mean())
 
-def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False, ratio="odds"):
-    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts).
-    Two ablations swap the odds ratio: ratio="prob", the probability ratio P_w/P_l (Sec. 7.1);
-    ratio="simpo", SimPO's loss alone (no L_SFT, lam unused; log_or logs ℓ_w - ℓ_l)."""
+def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
+    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts)."""
     B = ell.size(0) // 2
     ell_w, ell_l = ell[:B], ell[B:]
-    if sft_on_prompt:  # the official code and TRL: NLL over prompt and chosen response
-        l_sft = -((logp * seq_mask)[:B].sum(1) / seq_mask[:B].sum(1))
-    else:              # Eq. 1: the NLL of the chosen response, per token
-        l_sft = -ell_w
-    if ratio == "odds":
-        l_or, log_or = odds_ratio_loss(ell_w, ell_l)
-    else:              # the ablations: log P_w/P_l = ℓ_w - ℓ_l
-        log_or = ell_w - ell_l
-        l_or = -F.logsigmoid(log_or) if ratio == "prob" else simpo_loss(ell_w, ell_l)
-    loss = l_or.mean() if ratio == "simpo" else (l_sft + lam * l_or).mean()  # Eq. 6
-    return loss, dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(),
-                      ell_l=ell_l.mean(), log_or=log_or.mean(), acc=(log_or > 0).float().mean())
-
-def dpo_loss(pi, ref, *, beta):
-    """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
-    pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
-    reference, chosen rows first. L = -log sigma(beta * (log-ratio_w - log-ratio_l))."""
-    B = pi.size(0) // 2
-    z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
-    return -F.logsigmoid(z).mean()
+    l_sft = sft_loss(logp, ell, seq_mask, sft_on_prompt)  # Eq. 1
+    l_or, log_or = odds_ratio_loss(ell_w, ell_l)           # Eqs. 4, 5, 7
+    return (l_sft + lam * l_or).mean(), pair_means(l_sft, l_or, ell_w, ell_l, log_or)  # Eq. 6
 
 # ----------------------------------------------------------------------------------------
 # The gradient by hand (GRADIENT.md derives it). With d = log OR,
@@ -149,8 +137,46 @@ class HandORPO(torch.autograd.Function):
         g.scatter_add_(-1, y[scored][:, None], torch.ones_like(g[:, :1]))
         return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
+
 # ----------------------------------------------------------------------------------------
-# Config: one dataclass and named presets; configurator.py parses and checks the
+# The ablations and the methods ORPO is measured against, each a loss of its own: the
+# probability ratio for the odds ratio (Sec. 7.1; --ratio=prob), summed log-probs for
+# Eq. 3's mean (--logp=sum, in response_logps), SimPO (--ratio=simpo) and DPO (--loss=dpo).
+
+def prob_ratio_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
+    """Eq. 6 with the probability ratio P_w/P_l in place of the odds ratio (Sec. 7.1):
+    L_OR = -log sigma(ℓ_w - ℓ_l), since log P_w/P_l = ℓ_w - ℓ_l. Returns (loss, parts)."""
+    B = ell.size(0) // 2
+    ell_w, ell_l = ell[:B], ell[B:]
+    l_sft, log_ratio = sft_loss(logp, ell, seq_mask, sft_on_prompt), ell_w - ell_l
+    l_or = -F.logsigmoid(log_ratio)
+    return (l_sft + lam * l_or).mean(), pair_means(l_sft, l_or, ell_w, ell_l, log_ratio)
+
+def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
+    """SimPO (Meng, Xia & Chen, 2024), reference-free too, per pair: -log sigma(beta (ℓ_w -
+    ℓ_l) - gamma), on Eq. 3's mean log-probs, with a target margin gamma and no SFT term."""
+    return -F.logsigmoid(beta * (ell_w - ell_l) - gamma)
+
+def simpo_objective(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
+    """SimPO's loss alone, averaged over the pairs: no L_SFT, lam unused. Its parts log
+    L_SFT (measured, not trained on), SimPO's loss as l_or and ℓ_w - ℓ_l as log_or."""
+    B = ell.size(0) // 2
+    ell_w, ell_l = ell[:B], ell[B:]
+    l_sft, l_or = sft_loss(logp, ell, seq_mask, sft_on_prompt), simpo_loss(ell_w, ell_l)
+    return l_or.mean(), pair_means(l_sft, l_or, ell_w, ell_l, ell_w - ell_l)
+
+def dpo_loss(pi, ref, *, beta):
+    """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
+    pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
+    reference, chosen rows first. L = -log sigma(beta * (log-ratio_w - log-ratio_l))."""
+    B = pi.size(0) // 2
+    z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
+    return -F.logsigmoid(z).mean()
+
+LOSSES = {"odds": orpo_loss, "prob": prob_ratio_loss, "simpo": simpo_objective}  # --ratio
+
+# ----------------------------------------------------------------------------------------
+# Config: one dataclass and named presets; machinery/cli.py parses and checks the
 # --key=value overrides of the command line
 
 @dataclass
@@ -228,7 +254,8 @@ PRESETS = {
 
 def load_data(cfg):
     """meta and {split: (tokens, index)}. data/<name> is prepared on first use, and again
-    when it was made from anything else; a --data_dir of other data is refused."""
+    when it was made from anything else; a --data_dir of other data is refused, and so is
+    data with fewer training pairs than a batch."""
     name = prepare_data.named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
     d = cfg.data_dir or os.path.join("data", name)
     tok = prepare_data.tokenizer(name, cfg.data_file)
@@ -236,12 +263,15 @@ def load_data(cfg):
         n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
         if cfg.vocab_size < n_vocab:
             die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
-        return prepare_data.ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
-                                   (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
+        meta, data = prepare_data.ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
+                                         (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
     except ValueError as e:
         die(str(e))
     except KeyboardInterrupt:
         die(f"interrupted while reading the data; {prepare_data.holds(d)}", 130)
+    if len(data["train"][1]) < cfg.batch_size:
+        die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
+    return meta, data
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask
@@ -279,6 +309,21 @@ def batch_order(index, batch_size, seed, epoch):
     batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
+def step_rows(index, cfg, epoch, pos, rank, world):
+    """From (epoch, pos) of the batch order on: this process's rows of each optimizer step's
+    grad_accum micro-batches, and (epoch, pos) after it. Every process walks the whole
+    order and keeps its share."""
+    order = batch_order(index, cfg.batch_size, cfg.seed, epoch)
+    while True:
+        rows = []
+        for micro in range(cfg.grad_accum):
+            if pos == len(order):  # the next epoch: an order of its own
+                epoch, pos = epoch + 1, 0
+                order = batch_order(index, cfg.batch_size, cfg.seed, epoch)
+            if micro % world == rank:
+                rows.append(order[pos])
+            pos += 1
+        yield rows, epoch, pos
 
 # ----------------------------------------------------------------------------------------
 # One training step. The model is a model.Scorer: given inputs, the positions to score and
@@ -300,7 +345,7 @@ def orpo_forward(model, batch, ctx, *, lam, sft_on_prompt=False, ratio="odds", l
     with ctx:
         tok = model(x, scored, y[scored])  # log P(y_t) where the loss reads
     logp, ell = response_logps(tok, resp_mask, scored, mean=logp == "mean")
-    return orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt, ratio=ratio)
+    return LOSSES[ratio](logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)
 
 def dpo_forward(model, batch, ctx, *, ref, beta, lam, sft_on_prompt=False):
     """DPO's loss of one batch against the frozen reference model; its parts are ORPO's
@@ -364,6 +409,7 @@ def train_step(model, opt, scaler, batches, loss_fn, ctx, grad_clip):
     opt.zero_grad(set_to_none=True)
     return vals
 
+
 # ----------------------------------------------------------------------------------------
 # Eval: the held-out loss terms (report.sample_and_judge samples answers for the judge)
 
@@ -384,287 +430,71 @@ def evaluate(model, split, cfg, device, ctx):
     return dict(m, margin=m["ell_w"] - m["ell_l"])
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: what resume needs to go on exactly as the uninterrupted run would. Written
-# atomically; loaded with every mismatch named.
+# Training: set up, then the loop
 
-CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what they are
-             "optimizer", "scaler", "rng",               # the training state, rng per process
-             "iter", "epoch", "pos",                     # where the loop and the data are
-             "history", "seconds", "cost")               # what was measured so far
-# what a resumed run must share with the run it continues: the shape, and the data
-RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
-               "data_file", "batch_size", "seed")
-
-def save_checkpoint(path, **state):
-    """Whole or not at all (safe.atomic_write): a crash, Ctrl-C or a full disk mid-save
-    leaves the last good checkpoint intact, and the partial file is removed."""
-    try:
-        with atomic_write(path) as tmp:
-            torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:
-        # torch.save reports a full disk as a stream error, in words that vary by version;
-        # the partial file is gone by now, so the free space alone can miss it
-        full = getattr(e, "errno", None) == errno.ENOSPC or any(
-            w in str(e) for w in ("basic_ios", "unexpected pos", "No space left")) or \
-            shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
-        why = "the disk is full" if full else one_line(e)
-        kept = "the last good checkpoint is unchanged" if os.path.exists(path) else "no checkpoint was written yet"
-        die(f"could not write {path}: {why}; {kept}")
-
-def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
-    """A checkpoint that has `keys` and, given the data's meta, its vocabulary; an error
-    names the file and the key."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        die(f"no checkpoint at {path}")
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({one_line(e, 100, typed=True)})")
-    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
-    if missing:
-        die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")
-    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
-        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
-            f"but the data has {meta['vocab_size']}")
-    return ck
-
-def check_same(path, have, want, who):
-    """A checkpoint's values `have` against `want` ({key: value} of the run or the policy)."""
-    for k, v in want.items():
-        if have.get(k) != v:
-            die(f"checkpoint {path} has {k}={have.get(k)}, but {who} {k}={v}")
-
-def on_disk(path):
-    """What the checkpoint file says of itself, for a message: its iteration, read from disk."""
-    try:
-        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return f"{path} holds iteration {ck['iter']}"
-    except Exception:  # none, or unreadable: either way there is nothing to resume from
-        return "no checkpoint was written yet"
-
-def model_from_checkpoint(ck, path):
-    model = GPT(GPTConfig(**ck["model_args"]))
-    try:
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
-    return model
-
-# ========================================================================================
-# Diagnostics: the token counts behind the tok/s and FLOP/s of the log line; report.py keeps
-# the log file, the printed evals and samples, and the summary. Nothing above depends on them.
-
-def batch_tokens(index, rows, sft_on_prompt):
-    """(non-pad input tokens, positions the loss scores) of a batch, counted on the host."""
-    lens = index[rows].astype(np.int64)
-    real = int((2 * lens[:, PROMPT] + lens[:, CHOSEN] + lens[:, REJECTED] - 2).sum())
-    return real, real if sft_on_prompt else int(lens[:, CHOSEN:].sum())
-
-# ========================================================================================
-# Training: the model, then the loop
-
-def model_config(cfg, meta):
-    n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
-    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
-                     n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-
-def build_model(cfg, meta, path, ck=None):
-    """The model to train: from scratch, resumed from the checkpoint ck (read from path),
-    the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
-    if ck is not None:  # resume: its config was checked against the run's; now its data
-        if ck["meta"].get("id") != meta["id"]:  # the same names, but other tokens
-            die(f"checkpoint {path} was trained on other data than {cfg.data_dir or 'data/' + meta['source']} "
-                f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
-                f"data, or start a new --out_dir")
-        return model_from_checkpoint(ck, path)
-    if cfg.init_from == "scratch":
-        return GPT(model_config(cfg, meta))
-    if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
-        return model_from_checkpoint(load_checkpoint(cfg.init_from, meta=meta), cfg.init_from)
-    if meta["tokenizer"] != "gpt2":
-        die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
-            f"{cfg.dataset} uses {meta['tokenizer']!r}")
-    try:
-        return GPT.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout)
-    except ValueError as e:
-        die(str(e))
-
-def load_reference(cfg, meta, policy):
-    """DPO's frozen reference: the checkpoint --ref, of the policy's shape, in eval mode (no
-    dropout), its weights never given a gradient."""
-    ck = load_checkpoint(cfg.ref, meta=meta)
-    shape = ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab")
-    check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
-    ref = model_from_checkpoint(ck, cfg.ref)
-    return Scorer(ref.requires_grad_(False).eval())
-
-def start_processes(cfg):
-    """(rank, world size, device): one process, or torchrun's (it sets RANK, WORLD_SIZE)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = cfg.device
-    if world > 1:
-        if cfg.grad_accum % world:
-            die(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
-        nccl = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-        torch.distributed.init_process_group("nccl" if nccl else "gloo")
-        if nccl:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(device)
-        if sys.platform == "linux":  # a worker whose launcher dies stops, not trains on alone
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-            if os.getppid() == 1:  # it died before that line
-                die("torchrun, which started this process, is gone", 143)
-    return rank, world, device
-
-def rng_states(world, dev_type):
-    """Every process's RNG state (dropout draws from it), gathered for the checkpoint."""
-    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if dev_type == "cuda" else None)
-    if world == 1:
-        return [mine]
-    every = [None] * world
-    torch.distributed.all_gather_object(every, mine)
-    return every
-
-@dataclass
-class Run:
-    """What train returns: the trained model, the held-out split, and what was measured."""
-    model: GPT
-    val: tuple
-    meta: dict
-    dev: str
-    ctx: object
-    history: list
-    summary: dict
-    samples: list
+# what train returns: the trained model, the held-out split, and what was measured
+Run = collections.namedtuple("Run", "model val meta dev ctx history summary samples")
 
 def train(cfg, preset="custom"):
-    """Train. The loop's state lives in this function's variables, in plain sight: the model,
-    the optimizer and scaler, the iteration, where the data is, and the cost so far. (It is
-    longer than a screen: one loop reads better whole.)"""
-    t_begin, it, held = time.time(), 0, None
-    rank, world, device = start_processes(cfg)
+    """Train as cfg says: the set-up, the data, the model and the optimizer, then the loop."""
+    t_begin = time.time()
+    rank, world, device = procs.start(cfg)  # one process, or one of torchrun's
     master = rank == 0
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    try:
+    with RunDir(cfg.out_dir, rank) as run:  # out_dir's lock; Ctrl-C or a NaN loss: one line
         torch.manual_seed(cfg.seed + rank)
         dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
-        ck = load_checkpoint(path, CKPT_KEYS) if cfg.init_from == "resume" else None
-        if ck:  # before the data is read: resuming on other data or another shape is an error
-            if "id" not in ck["meta"] or not isinstance(ck["rng"], list):
-                die(f"{path} was written by an older version of orpo.py; start a new --out_dir")
-            check_same(path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
-        if world > 1 and not master:  # the first process prepares the data, the others wait
-            torch.distributed.barrier()
-        meta, data = load_data(cfg)
-        if world > 1 and master:
-            torch.distributed.barrier()
-        tr, val = data["train"], data["val"]
-        if len(tr[1]) < cfg.batch_size:
-            die(f"{len(tr[1])} training pairs are fewer than --batch_size={cfg.batch_size}")
-        raw = build_model(cfg, meta, path, ck)
-        raw.to(dev)
+        ck = run.resume_state(cfg) if cfg.init_from == "resume" else None
+        with procs.rank0_first(world, rank):  # the first process prepares the data
+            meta, data = load_data(cfg)
+        train_split, val_split = data["train"], data["val"]
+        raw = build_model(cfg, meta, run.path, ck).to(dev)
         ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
-        if master:  # one run per out_dir: a second one is told which process holds it
-            try:
-                held = lock(cfg.out_dir)
-            except ValueError as e:
-                die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
-            # a new run never writes over another's checkpoint (a log with none is of a run
-            # that saved nothing, and is started anew)
-            if cfg.init_from != "resume" and os.path.exists(path):
-                die(f"{cfg.out_dir} holds another run ({on_disk(path)}): continue it with "
-                    f"--init_from=resume, or give a new --out_dir")
+        run.claim(resume=cfg.init_from == "resume")  # one run per out_dir
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-        epoch, pos, history, seconds = 0, 0, [], 0.0
-        cost = dict(steps=0, policy_passes=0, ref_passes=0, flops=0, train_seconds=0.0)
-        if ck:  # resume: the optimizer, the scaler, this process's RNG, the data and the clock
-            opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None and dev_type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng)
-            it, epoch, pos, history, seconds, cost = (ck[k] for k in ("iter", "epoch", "pos",
-                                                                      "history", "seconds", "cost"))
-            print(f"resumed from {path} at iteration {it}")
+        progress = run.restore(ck, opt, scaler, rank, dev_type)  # iteration 0, or the checkpoint's
         scorer = Scorer(raw)  # eval reads it as it is: one process, never compiled
-        model = torch.compile(scorer) if cfg.compile else scorer
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev] if dev_type == "cuda" else None)
-        loss_fn, order = objective(cfg, ref), batch_order(tr[1], cfg.batch_size, cfg.seed, epoch)
-        # the log: a new run starts one; a resumed run keeps it up to the checkpoint, and the
-        # samples taken before training (s0) come back from it
-        log, s0 = report.open_log(cfg.out_dir, it if ck else None) if master else (None, None)
-        if master:
-            print(f"{preset}: {raw.num_params() / 1e6:.2f}M parameters, {dev} {dtype}, lam={cfg.lam}, "
-                  f"{len(tr[1])} train pairs, {world} process(es) x {cfg.grad_accum // world} "
-                  f"micro-steps x {cfg.batch_size} pairs")
-        if it == 0 and master:
-            report.record_eval(log, history, it, evaluate(scorer, val, cfg, dev, ctx))
-            s0 = report.sample_and_judge(raw, val, meta, cfg, dev, ctx)
-            report.record_samples(log, it, "before training", s0)
-        t_start, t_log, toks, flops = time.time() - seconds, time.time(), 0, 0
-        while it < cfg.max_iters:
-            lr = lr_at(it, cfg)
+        model = procs.wrap(torch.compile(scorer) if cfg.compile else scorer, world, dev, dev_type)
+        loss_fn = objective(cfg, ref)
+        steps = step_rows(train_split[1], cfg, progress.epoch, progress.pos, rank, world)
+        # a resumed run keeps its log up to the checkpoint, and the samples taken before training
+        log, samples_before = report.open_log(cfg.out_dir, progress.it if ck else None) if master else (None, None)
+        print_start(preset, raw, dev, dtype, cfg, len(train_split[1]), world) if master else None
+        if progress.it == 0 and master:
+            report.record_eval(log, progress.history, 0, evaluate(scorer, val_split, cfg, dev, ctx))
+            samples_before = report.sample_and_judge(raw, val_split, meta, cfg, dev, ctx)
+            report.record_samples(log, 0, "before training", samples_before)
+        meter = Meter(raw, train_split[1], cfg, world, progress, ref is not None)  # cost, tok/s
+        while progress.it < cfg.max_iters:
+            lr = lr_at(progress.it, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            t0, rows = time.time(), []
-            for micro in range(cfg.grad_accum):  # every process walks the whole order ...
-                if pos == len(order):            # the next epoch: an order of its own
-                    epoch, pos, order = epoch + 1, 0, batch_order(tr[1], cfg.batch_size, cfg.seed, epoch + 1)
-                if micro % world == rank:        # ... and keeps its share
-                    rows.append(order[pos])
-                pos += 1
-            batches = [make_batch(tr, r, dev) for r in rows]
-            try:
-                vals = train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)
-            except FloatingPointError as e:
-                die(f"iteration {it + 1}: {e}; stopped before the step, nothing saved "
-                    f"({'last good checkpoint: ' + path if os.path.exists(path) else 'no checkpoint yet'})")
-            n, f = 0, 0  # this step's tokens and FLOPs, on this process
-            for r, b in zip(rows, batches):
-                real, n_scored = batch_tokens(tr[1], r, cfg.sft_on_prompt)
-                fb = raw.flops(real, n_scored, b[0].size(1))
-                n, f = n + real, f + fb + (fb / 3 if ref else 0)  # ref: a forward pass alone
-                cost["policy_passes"] += len(b[0])
-                cost["ref_passes"] += len(b[0]) if ref else 0
-            it, toks, flops = it + 1, toks + n, flops + f
-            cost["steps"], cost["flops"] = cost["steps"] + 1, cost["flops"] + f
-            cost["train_seconds"] += time.time() - t0
-            report.write(log, dict(kind="train", iter=it, loss=vals[0], l_sft=vals[1],
+            t0 = time.time()
+            rows, progress.epoch, progress.pos = next(steps)
+            batches = [make_batch(train_split, r, dev) for r in rows]
+            vals = train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)
+            progress.it += 1
+            meter.step(rows, batches, t0)
+            report.write(log, dict(kind="train", iter=progress.it, loss=vals[0], l_sft=vals[1],
                                    l_or=vals[2], lr=lr))
-            if master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
-                report.print_step(it, vals, lr, toks * world, flops * world, time.time() - t_log)
-                t_log, toks, flops = time.time(), 0, 0
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                rng = rng_states(world, dev_type)  # every process takes part
+            if master and (progress.it % cfg.log_interval == 0 or progress.it == cfg.max_iters):
+                meter.print_step(progress.it, vals, lr)
+            if progress.it % cfg.eval_interval == 0 or progress.it == cfg.max_iters:
+                rng = procs.rng_states(world, dev_type)  # every process takes part
                 if master:
-                    report.record_eval(log, history, it, evaluate(scorer, val, cfg, dev, ctx))
-                    save_checkpoint(path, model=raw.state_dict(), model_args=dataclasses.asdict(raw.cfg),
-                                    config=dataclasses.asdict(cfg), meta=meta,
-                                    optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng,
-                                    iter=it, epoch=epoch, pos=pos, history=history,
-                                    seconds=time.time() - t_start, cost=cost)
+                    report.record_eval(log, progress.history, progress.it,
+                                       evaluate(scorer, val_split, cfg, dev, ctx))
+                    run.save(raw, cfg, meta, opt, scaler, rng, meter.seconds())
         summary = samples = None
         if master:  # sample after training; print and write the summary
-            seconds = time.time() - t_start
-            samples = report.sample_and_judge(raw, val, meta, cfg, dev, ctx)
-            report.record_samples(log, it, "after training", samples)
-            cost = dict(cost, processes=world, peak_mem_mb=round(report.peak_mem_mb(dev_type)))
-            summary = report.finish(log, cfg, preset, history=history, s0=s0,
+            seconds = meter.seconds()
+            samples = report.sample_and_judge(raw, val_split, meta, cfg, dev, ctx)
+            report.record_samples(log, progress.it, "after training", samples)
+            summary = report.finish(log, cfg, preset, history=progress.history, s0=samples_before,
                                     s1=samples, seconds=seconds, wall=time.time() - t_begin,
-                                    pairs=min(cfg.eval_pairs, len(val[1])), cost=cost)
-    except KeyboardInterrupt:
-        die(f"interrupted at iteration {it}; {on_disk(path)}", 130)
-    finally:
-        if held:
-            held.release()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return Run(raw, val, meta, dev, ctx, history, summary, samples)
+                                    pairs=min(cfg.eval_pairs, len(val_split[1])), cost=meter.total(dev_type))
+    procs.stop(world)
+    return Run(raw, val_split, meta, dev, ctx, progress.history, summary, samples)
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too

@@ -20,7 +20,7 @@ import torch
 
 import orpo
 import prepare_data
-from machinery import gpt2
+from machinery import checkpoint, gpt2, synthetic
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die, lock, one_line, staged
 
@@ -66,8 +66,8 @@ def main():
     if not opts["prompt"].strip() and not opts["export"]:
         die("give --prompt=TEXT to sample from the checkpoint, or --export=DIR to export it")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ck = orpo.load_checkpoint(path)
-    model, meta = orpo.model_from_checkpoint(ck, path), ck["meta"]
+    ck = checkpoint.load_checkpoint(path)
+    model, meta = checkpoint.model_from_checkpoint(ck, path), ck["meta"]
     if opts["export"]:
         export(model, meta, path, opts["export"])
         if meta["tokenizer"] != "gpt2":
@@ -96,7 +96,7 @@ def main():
         line = f"{text!r} ->{answer!r}"
         if meta["tokenizer"] == "synthetic":  # the synthetic task, not a file of pairs
             try:
-                line += f"   judge {prepare_data.judge(text, answer):.2f}"
+                line += f"   judge {synthetic.judge(text, answer):.2f}"
             except (ValueError, KeyError, IndexError):
                 pass  # a prompt outside the synthetic task has no judge score
         print(line)

@@ -39,8 +39,8 @@ WRONG = [
     ("11", "DPO's beta on one side only", [("beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))",
                                            "beta * (pi[:B] - ref[:B]) - (pi[B:] - ref[B:])")]),
     ("10a", "SimPO's margin gamma with the wrong sign", [("(ell_w - ell_l) - gamma", "(ell_w - ell_l) + gamma")]),
-    ("10b", "SimPO with L_SFT left in", [("l_or.mean() if ratio == \"simpo\"",
-                                                   "(l_sft + l_or).mean() if ratio == \"simpo\"")]),
+    ("10b", "SimPO with L_SFT left in", [("return l_or.mean(), pair_means(",
+                                          "return (l_sft + l_or).mean(), pair_means(")]),
     ("1a", "answers.txt: delta as sigma(log OR)", [("delta = 2/9", "delta = 7/9")]),
     ("3a", "answers.txt: the response mask one late", [("resp_mask = 0 0 1 1 1", "resp_mask = 0 0 0 1 1")]),
 ]

@@ -118,7 +118,7 @@ def test_probability_ratio_and_summed_logp():
     torch.testing.assert_close(total, mean * resp.sum(1))
     torch.testing.assert_close(total, torch.log(torch.tensor([0.25, 0.2 * 0.1 * 0.1], dtype=torch.float64)))
     _, odds = orpo.orpo_loss(None, mean, None, lam=1.0)
-    _, prob = orpo.orpo_loss(None, mean, None, lam=1.0, ratio="prob")
+    _, prob = orpo.prob_ratio_loss(None, mean, None, lam=1.0)
     torch.testing.assert_close(prob["log_or"], mean[0] - mean[1])
     P = mean.exp()
     torch.testing.assert_close(odds["log_or"], torch.log(P[0] / (1 - P[0]) / (P[1] / (1 - P[1]))))

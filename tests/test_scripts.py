@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import figures
-import orpo
 from conftest import ROOT, cli, run
-from model import GPT
+from machinery import checkpoint, gpt2
 
 
 def test_sample_from_a_checkpoint_for_a_typed_prompt(tmp_path, data_dir):
@@ -42,9 +41,9 @@ def test_export_then_load_gives_the_same_logits(tmp_path, data_dir):
     r = cli("sample.py", f"--out_dir={tmp_path}", f"--export={tmp_path / 'hf'}")
     assert r.returncode == 0, r.stderr
     assert "not GPT-2's" in r.stdout  # the synthetic task's tokenizer, said plainly
-    ck = orpo.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    mine = orpo.model_from_checkpoint(ck, "ckpt").eval()
-    back = GPT.from_pretrained(str(tmp_path / "hf"), block_size=mine.cfg.block_size).eval()
+    ck = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    mine = checkpoint.model_from_checkpoint(ck, "ckpt").eval()
+    back = gpt2.from_pretrained(str(tmp_path / "hf"), block_size=mine.cfg.block_size).eval()
     cfg = json.load(open(tmp_path / "hf" / "config.json"))
     assert cfg["vocab_size"] == ck["meta"]["vocab_size"] == 546  # cut back to the tokenizer's
     x = torch.randint(0, 546, (2, 20))
@@ -139,8 +138,8 @@ def test_methods_tunes_dpo_on_other_prompts(tmp_path, data_dir):
     assert out.index("<- chosen") < out.index("what each costs")
     why = {w["model"].split(" (")[0]: w for w in csv.DictReader(open(d / "why.csv"))}
     assert list(why) == ["untrained", "ORPO", "SFT", "SFT then DPO"]
-    ck = orpo.load_checkpoint(str(d / "SFT" / "ckpt.pt"))
-    model = orpo.model_from_checkpoint(ck, "ckpt").eval()
+    ck = checkpoint.load_checkpoint(str(d / "SFT" / "ckpt.pt"))
+    model = checkpoint.model_from_checkpoint(ck, "ckpt").eval()
     tokens, index = (np.load(os.path.join(data_dir, f"val.{k}.npy")) for k in ("tokens", "index"))
     ps = []
     for off, p, c, _ in index[:32].tolist():  # the tiny preset's 32 eval pairs

@@ -3,6 +3,7 @@ with one line and exit status 2 before any work."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from machinery import cli as configurator
 import orpo
 import prepare_data
-from machinery import report
 from conftest import ROOT, assert_same_losses, cli, losses, run
+from machinery import checkpoint, report, synthetic
+from machinery import cli as configurator
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path, data_dir):
@@ -227,15 +228,17 @@ def test_nan_loss_stops_naming_iteration_and_term(tmp_path, data_dir, capsys):
 
 def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "ckpt.pt")
-    orpo.save_checkpoint(path, x=1)
+    checkpoint.save_checkpoint(path, x=1)
 
     def full(obj, f):  # torch.save on a full disk: part of a file, then an error
         open(f, "wb").write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: "
                            "basic_ios::clear: iostream error")
     monkeypatch.setattr(torch, "save", full)
+    disk = shutil.disk_usage(tmp_path)  # and the disk, as full as torch.save found it
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: disk._replace(used=disk.total, free=0))
     with pytest.raises(SystemExit) as e:
-        orpo.save_checkpoint(path, x=2)
+        checkpoint.save_checkpoint(path, x=2)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == f"error: could not write {path}: the disk is full; the last good checkpoint is unchanged\n"
@@ -323,15 +326,15 @@ def test_flaw_rates_and_their_errors_match_the_judge_on_handmade_answers():
     p = "user: 2 more like cat and dog\nassistant:"
     answers = [" sure : owl hen .", " ugh : owl hen .", " sure : owl red .", " sure : owl .",
                " sure owl hen", " fine : red blue pink ."]
-    s = [dict(score=prepare_data.judge(p, a), win=0.0, flaws=prepare_data.flaws(p, a),
-              chosen_flaws=prepare_data.flaws(p, " sure : owl hen .")) for a in answers]
-    j = prepare_data.judged(s, s)
+    s = [dict(score=synthetic.judge(p, a), win=0.0, flaws=synthetic.flaws(p, a),
+              chosen_flaws=synthetic.flaws(p, " sure : owl hen .")) for a in answers]
+    j = synthetic.judged(s, s)
     rates = {f: m for f, (m, _) in j["flaw_rates"]["after"].items()}
     assert rates == dict(off_topic=2 / 6, rude=2 / 6, wrong_count=2 / 6, malformed=1 / 6)
     m, se = j["flaw_rates"]["after"]["malformed"]
     assert abs(se - math.sqrt(m * (1 - m) / 6)) < 1e-12  # the binomial standard error
     assert j["flaw_rates"]["chosen"]["off_topic"] == (0.0, 0.0)
-    assert [prepare_data.judge(p, a) == 1.0 for a in answers] == [not any(x["flaws"].values()) for x in s]
+    assert [synthetic.judge(p, a) == 1.0 for a in answers] == [not any(x["flaws"].values()) for x in s]
 
 
 def test_the_tests_keep_hugging_face_caches_under_tmp_path(tmp_path_factory):

@@ -17,7 +17,7 @@ import pytest
 
 import orpo
 import prepare_data
-from machinery import safe
+from machinery import safe, synthetic
 from conftest import ROOT, run
 
 SMALL = dict(n_train=200, n_val=20)
@@ -295,9 +295,9 @@ def test_gpt2_tokenizer_neither_cached_nor_downloadable_is_one_line(tmp_path, mo
 
 def test_a_cut_prompt_is_not_judged_and_decode_stops_at_end_of_text():
     with pytest.raises(ValueError, match="not a whole prompt of the synthetic task"):
-        prepare_data.judge(" dog\nassistant:", " sure : fox owl .")
+        synthetic.judge(" dog\nassistant:", " sure : fox owl .")
     with pytest.raises(ValueError, match="not a whole prompt of the synthetic task"):
-        prepare_data.judge("user: 3 more like zebra and dog\nassistant:", " sure : fox .")
+        synthetic.judge("user: 3 more like zebra and dog\nassistant:", " sure : fox .")
     enc = prepare_data.synthetic_encoding()
     ids = enc.encode_ordinary(" sure : cat .")
     assert prepare_data.decode(enc, ids + [enc.eot_token] + ids, enc.eot_token) == " sure : cat ."

@@ -1,0 +1,214 @@
+"""Checkpoints, the run directory, and the model a run starts from. A checkpoint holds what resume needs to go on exactly as
+the uninterrupted run would; it is written whole or not at all, and read with every mismatch
+named. RunDir is a run's folder: one run at a time holds it, a new run never writes over
+another's checkpoint, and Ctrl-C or a non-finite loss is one line. build_model gives
+the model to train: from scratch, resumed, another run's weights, or a pretrained GPT-2."""
+import dataclasses
+import errno
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from machinery import gpt2
+from machinery.safe import atomic_write, die, lock, one_line
+from model import GPT, GPTConfig, Scorer, padded_vocab
+
+CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what they are
+             "optimizer", "scaler", "rng",               # the training state, rng per process
+             "iter", "epoch", "pos",                     # where the loop and the data are
+             "history", "seconds", "cost")               # what was measured so far
+# what a resumed run must share with the run it continues: the shape, and the data
+RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
+               "data_file", "batch_size", "seed")
+
+
+def save_checkpoint(path, **state):
+    """Whole or not at all (safe.atomic_write): a crash, Ctrl-C or a full disk mid-save
+    leaves the last good checkpoint intact, and the partial file is removed."""
+    with atomic_write(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as e:
+            # torch.save's stream errors carry no errno: a disk is full when, with the
+            # partial file still there, less than a MiB is left on it
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            full = getattr(e, "errno", None) == errno.ENOSPC or free < 2**20
+            why = "the disk is full" if full else one_line(e)
+            kept = ("the last good checkpoint is unchanged" if os.path.exists(path)
+                    else "no checkpoint was written yet")
+            die(f"could not write {path}: {why}; {kept}")
+
+
+def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
+    """A checkpoint that has `keys` and, given the data's meta, its vocabulary; an error
+    names the file and the key."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        die(f"no checkpoint at {path}")
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({one_line(e, 100, typed=True)})")
+    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
+    if missing:
+        die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")
+    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
+        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
+            f"but the data has {meta['vocab_size']}")
+    return ck
+
+
+def check_same(path, have, want, who):
+    """A checkpoint's values `have` against `want` ({key: value} of the run or the policy)."""
+    for k, v in want.items():
+        if have.get(k) != v:
+            die(f"checkpoint {path} has {k}={have.get(k)}, but {who} {k}={v}")
+
+
+def on_disk(path):
+    """What the checkpoint file says of itself, for a message: its iteration, read from disk."""
+    try:
+        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return f"{path} holds iteration {ck['iter']}"
+    except Exception:  # none, or unreadable: either way there is nothing to resume from
+        return "no checkpoint was written yet"
+
+
+def model_from_checkpoint(ck, path):
+    model = GPT(GPTConfig(**ck["model_args"]))
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# The model to train, and DPO's frozen reference
+
+
+def model_config(cfg, meta):
+    """The GPT's shape for a run's config and its data's vocabulary."""
+    n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
+    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
+                     n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+
+
+def build_model(cfg, meta, path, ck=None):
+    """The model to train: from scratch, resumed from the checkpoint ck (read from path),
+    the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
+    if ck is not None:  # resume: its config was checked against the run's; now its data
+        if ck["meta"].get("id") != meta["id"]:  # the same names, but other tokens
+            die(f"checkpoint {path} was trained on other data than {cfg.data_dir or 'data/' + meta['source']} "
+                f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
+                f"data, or start a new --out_dir")
+        return model_from_checkpoint(ck, path)
+    if cfg.init_from == "scratch":
+        return GPT(model_config(cfg, meta))
+    if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
+        return model_from_checkpoint(load_checkpoint(cfg.init_from, meta=meta), cfg.init_from)
+    if meta["tokenizer"] != "gpt2":
+        die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
+            f"{cfg.dataset} uses {meta['tokenizer']!r}")
+    try:
+        return gpt2.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout)
+    except ValueError as e:
+        die(str(e))
+
+
+def load_reference(cfg, meta, policy):
+    """DPO's frozen reference: the checkpoint --ref, of the policy's shape, in eval mode (no
+    dropout), its weights never given a gradient."""
+    ck = load_checkpoint(cfg.ref, meta=meta)
+    shape = ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab")
+    check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
+    ref = model_from_checkpoint(ck, cfg.ref)
+    return Scorer(ref.requires_grad_(False).eval())
+
+
+@dataclass
+class Progress:
+    """Where a run is and what it has measured: with the weights and the optimizer, all that
+    a checkpoint holds."""
+    it: int = 0                  # optimizer steps taken
+    epoch: int = 0               # the data's epoch, and the position in its batch order
+    pos: int = 0
+    history: list = field(default_factory=list)   # the evals so far
+    seconds: float = 0.0         # in the training loop, before this process started
+    cost: dict = field(default_factory=lambda: dict(steps=0, policy_passes=0, ref_passes=0,
+                                                    flops=0, train_seconds=0.0))
+
+
+class RunDir:
+    """A run's folder, out_dir, and its ckpt.pt. Used as `with RunDir(...) as run:` around a
+    run: Ctrl-C or a non-finite loss inside is one line, and the lock is let go at the end."""
+
+    def __init__(self, out_dir, rank):
+        self.out_dir, self.master = out_dir, rank == 0
+        self.path = os.path.join(out_dir, "ckpt.pt")
+        self.progress, self.held = Progress(), None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        try:
+            if kind and issubclass(kind, KeyboardInterrupt):
+                die(f"interrupted at iteration {self.progress.it}; {on_disk(self.path)}", 130)
+            if kind and issubclass(kind, FloatingPointError):  # train_step's check, before a step
+                kept = (f"last good checkpoint: {self.path}" if os.path.exists(self.path)
+                        else "no checkpoint yet")
+                die(f"iteration {self.progress.it + 1}: {e}; stopped before the step, nothing "
+                    f"saved ({kept})")
+        finally:
+            if self.held:
+                self.held.release()
+
+    def resume_state(self, cfg):
+        """The checkpoint to resume from, read before the data: resuming on other data or
+        another shape is an error."""
+        ck = load_checkpoint(self.path, CKPT_KEYS)
+        if "id" not in ck["meta"] or not isinstance(ck["rng"], list):
+            die(f"{self.path} was written by an older version of orpo.py; start a new --out_dir")
+        check_same(self.path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME},
+                   "the run asks for")
+        return ck
+
+    def claim(self, resume):
+        """The first process locks the folder (a second run is told which process holds it);
+        a new run never writes over another's checkpoint (a log with none is of a run that
+        saved nothing, and is started anew)."""
+        if not self.master:
+            return
+        try:
+            self.held = lock(self.out_dir)
+        except ValueError as e:
+            die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
+        if not resume and os.path.exists(self.path):
+            die(f"{self.out_dir} holds another run ({on_disk(self.path)}): continue it with "
+                f"--init_from=resume, or give a new --out_dir")
+
+    def restore(self, ck, opt, scaler, rank, dev_type):
+        """The Progress to go on from: a new run's, or, resuming, the checkpoint's, with the
+        optimizer, the scaler and this process's RNG as they were."""
+        if ck:
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None and dev_type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
+            self.progress = Progress(*(ck[k] for k in ("iter", "epoch", "pos", "history",
+                                                       "seconds", "cost")))
+            print(f"resumed from {self.path} at iteration {self.progress.it}")
+        return self.progress
+
+    def save(self, raw, cfg, meta, opt, scaler, rng, seconds):
+        """The checkpoint at this point of the run: whole, or the last one kept."""
+        p = self.progress
+        save_checkpoint(self.path, model=raw.state_dict(), model_args=dataclasses.asdict(raw.cfg),
+                        config=dataclasses.asdict(cfg), meta=meta, optimizer=opt.state_dict(),
+                        scaler=scaler.state_dict(), rng=rng, iter=p.it, epoch=p.epoch,
+                        pos=p.pos, history=p.history, seconds=seconds, cost=p.cost)
