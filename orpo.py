@@ -1,12 +1,10 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
 
-This file is the paper and one training loop, top to bottom: the loss (Eqs. 1-7) and its
-gradient by hand, the ablations and the methods ORPO is compared with, the config, the data,
-one training step, eval, and train(). model.py is the GPT; prepare_data.py turns preference
-pairs into token files. What a student need not read (the command line, the run record,
-checkpoints and the run directory, process setup, GPT-2's files, the synthetic task's
-judge) is in machinery/, one call each from here.
+The paper and one training loop, top to bottom: the loss (Eqs. 1-7) and its gradient by
+hand, the ablations and compared methods, the config, batching, one step, eval, train().
+model.py is the GPT; prepare_data.py turns pairs into token files; machinery/ holds what a
+student need not read (command line, run record, checkpoints, processes), one call each.
 
     python orpo.py --config small                 # the CPU demo (prepares its data itself)
     python orpo.py --config small --lam=0         # the same loop as plain SFT
@@ -17,7 +15,6 @@ import collections
 import contextlib
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,9 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import prepare_data
 from machinery import procs, report
-from machinery.checkpoint import RunDir, build_model, load_reference
+from machinery.checkpoint import RunDir, build_model, load_data, load_reference
 from machinery.cli import parse_args, setup_device
 from machinery.meter import Meter, print_start
 from machinery.safe import die
@@ -249,29 +245,9 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------------------
-# Data: pairs stored as token arrays by prepare_data.py; chosen and rejected of a batch are
-# padded together into one (2B, T) tensor, chosen rows first, so one forward pass serves both.
-
-def load_data(cfg):
-    """meta and {split: (tokens, index)}. data/<name> is prepared on first use, and again
-    when it was made from anything else; a --data_dir of other data is refused, and so is
-    data with fewer training pairs than a batch."""
-    name = prepare_data.named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
-    d = cfg.data_dir or os.path.join("data", name)
-    tok = prepare_data.tokenizer(name, cfg.data_file)
-    try:
-        n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
-        if cfg.vocab_size < n_vocab:
-            die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
-        meta, data = prepare_data.ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
-                                         (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
-    except ValueError as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        die(f"interrupted while reading the data; {prepare_data.holds(d)}", 130)
-    if len(data["train"][1]) < cfg.batch_size:
-        die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
-    return meta, data
+# Batching: pairs stored as token arrays by prepare_data.py (load_data reads them); chosen and
+# rejected of a batch are padded together into one (2B, T) tensor, chosen rows first, so one
+# forward pass serves both.
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import prepare_data
 from machinery import gpt2
 from machinery.safe import atomic_write, die, lock, one_line
 from model import GPT, GPTConfig, Scorer, padded_vocab
@@ -126,6 +127,32 @@ def load_reference(cfg, meta, policy):
     check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
     ref = model_from_checkpoint(ck, cfg.ref)
     return Scorer(ref.requires_grad_(False).eval())
+
+
+# ----------------------------------------------------------------------------------------
+# The data a run reads
+
+
+def load_data(cfg):
+    """meta and {split: (tokens, index)}. data/<name> is prepared on first use, and again
+    when it was made from anything else; a --data_dir of other data is refused, and so is
+    data with fewer training pairs than a batch."""
+    name = prepare_data.named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
+    d = cfg.data_dir or os.path.join("data", name)
+    tok = prepare_data.tokenizer(name, cfg.data_file)
+    try:
+        n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
+        if cfg.vocab_size < n_vocab:
+            die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
+        meta, data = prepare_data.ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
+                                         (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
+    except ValueError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die(f"interrupted while reading the data; {prepare_data.holds(d)}", 130)
+    if len(data["train"][1]) < cfg.batch_size:
+        die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
+    return meta, data
 
 
 @dataclass

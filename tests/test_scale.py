@@ -10,7 +10,9 @@ import torch
 
 from machinery import cli as configurator
 import orpo
+import prepare_data
 from conftest import ROOT, assert_same_losses, losses, run
+from model import GPT, GPTConfig
 
 
 def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, data_dir):
@@ -82,7 +84,7 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_loss(tmp_path, data_dir, hand_gra
     evals = [r for r in recs if r["kind"] == "eval"]
     assert evals[-1]["l_sft"] < evals[0]["l_sft"]
     _, _, dtype, ctx = configurator.setup_device("cpu", "bfloat16")
-    model = orpo.GPT(orpo.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 64, (4, 8))
     resp = torch.ones(4, 8)
     with ctx:
@@ -146,7 +148,7 @@ def test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     printed = next(l for l in r.stdout.splitlines() if l.startswith("eval     0"))
     logged = [json.loads(l) for l in open(out / "log.jsonl")][0]["l_sft"]
-    _, splits = orpo.prepare_data.load(str(data), "mine")
+    _, splits = prepare_data.load(str(data), "mine")
     tokens, index = splits["val"]
     want = []
     for off, p, c, _ in index[:2]:
