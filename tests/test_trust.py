@@ -150,7 +150,7 @@ numpy.save = slow
 
 def test_a_stale_lock_is_taken_over_and_said(tmp_path, capsys):
     d = tmp_path / "d"
-    r = driver("import os, safe; safe.lock(sys.argv[1]); os._exit(9)", str(d))  # dies holding
+    r = driver("import os; from machinery import safe; safe.lock(sys.argv[1]); os._exit(9)", str(d))  # dies holding
     assert r.returncode == 9
     with safe.lock(str(d)):
         err = capsys.readouterr().err
