@@ -1,3 +1,5 @@
+"""What the training loop costs, counted on the host: the tokens and FLOPs of each step (the
+log line's tok/s and FLOP/s) and the run's passes, FLOPs and seconds (summary.json's cost)."""
 import time
 
 import numpy as np
