@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import orpo
-from machinery import checkpoint, meter, report
+from machinery import checkpoint, report
 from machinery.cli import parse_args, setup_device
 from model import GPT, Scorer
 
@@ -138,9 +138,9 @@ def run_steps(cfg, steps, attn):
     times = []
     for _ in range(steps + 2):
         t = time.perf_counter()
-        orpo.train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)  # .tolist(): synced
+        orpo.train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.lr, cfg.grad_clip)  # .tolist(): synced
         times.append(time.perf_counter() - t)
-    real, n_scored = meter.batch_tokens(index, rows, cfg.sft_on_prompt)
+    real, n_scored = report.batch_tokens(index, rows, cfg.sft_on_prompt)
     toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, cfg.block_size) * cfg.grad_accum
     return times, raw, toks, flops, n_scored, dev_type, dtype
 

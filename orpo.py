@@ -1,14 +1,10 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
+Top to bottom: the loss and its gradient by hand, the ablations and compared methods, the
+config, batching, one step, eval, train(). machinery/ holds what a student need not read.
 
-The paper and one training loop, top to bottom: the loss (Eqs. 1-7) and its gradient by
-hand, the ablations and compared methods, the config, batching, one step, eval, train().
-model.py is the GPT; prepare_data.py turns pairs into token files; machinery/ holds what a
-student need not read (command line, run record, checkpoints, processes), one call each.
-
-    python orpo.py --config small                 # the CPU demo (prepares its data itself)
-    python orpo.py --config small --lam=0         # the same loop as plain SFT
-    python orpo.py --help                         # every key, what it does, and the presets
+    python orpo.py --config small     # the CPU demo (prepares its data itself); --lam=0: SFT
+    python orpo.py --help             # every key, what it does, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
 import collections
@@ -26,7 +22,6 @@ import torch.nn.functional as F
 from machinery import procs, report
 from machinery.checkpoint import RunDir, build_model, load_data, load_reference
 from machinery.cli import parse_args, setup_device
-from machinery.meter import Meter, print_start
 from machinery.safe import die
 from model import Scorer
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
@@ -38,25 +33,22 @@ from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.np
 # rejected (losing) one. A batch holds B pairs as 2B rows, the B chosen rows first.
 
 def log1mexp(x):
-    """log(1 - e^x) for x < 0, stable: log(-expm1 x) near 0, log1p(-e^x) far from it
-    (Maechler 2012). The naive log(1 - exp(x)) gives -inf, then NaN, as P -> 1. Each branch
-    gets a clamped input so that the branch torch.where discards has no inf gradient."""
+    """log(1 - e^x) for x < 0, stable as P = e^x -> 1, where log(1 - exp(x)) gives -inf."""
+    # log(-expm1 x) near 0, log1p(-e^x) far (Maechler 2012); clamped: no inf grad in either
     a = -math.log(2)
     return torch.where(x > a, torch.log(-torch.expm1(x.clamp(min=a))),
                        torch.log1p(-torch.exp(x.clamp(max=a))))
 
 def response_logps(tok, resp_mask, scored, mean=True):
-    """The token log-probs tok (N,) at the positions `scored` marks, placed in (2B, T) (zero
-    elsewhere), and ℓ for each response (2B,): Eq. 3, (1/m) sum_t log P(y_t | x, y_<t).
-    With mean=False, the sum (no 1/m)."""
+    """Token log-probs tok (N,) at the positions `scored` marks -> logp (2B, T), zero elsewhere,
+    and ℓ (2B,), Eq. 3: (1/m) sum_t log P(y_t | x, y_<t); mean=False: the sum, no 1/m."""
     logp = torch.zeros_like(resp_mask).masked_scatter(scored, tok.to(resp_mask.dtype))
     ell = (logp * resp_mask).sum(1) / (resp_mask.sum(1) if mean else 1)
     # clamp below 0: a response the model is sure of in fp32 would give infinite log-odds
     return logp, ell.clamp(max=-torch.finfo(torch.float32).tiny)
 
 def sft_loss(logp, ell, seq_mask, on_prompt=False):
-    """L_SFT per pair (B,), Eq. 1: the NLL of the chosen response, per token (-ℓ_w). With
-    on_prompt, over the prompt's tokens too, as the official code and TRL compute it."""
+    """L_SFT per pair (B,), Eq. 1: -ℓ_w; on_prompt: over the prompt too, as TRL computes it."""
     B = ell.size(0) // 2
     if on_prompt:
         return -((logp * seq_mask)[:B].sum(1) / seq_mask[:B].sum(1))
@@ -70,24 +62,21 @@ def odds_ratio_loss(ell_w, ell_l):
     return -F.logsigmoid(log_or), log_or  # Eq. 7: L_OR = -log sigma(log OR)
 
 def pair_means(l_sft, l_or, ell_w, ell_l, log_or):
-    """What a loss reports of a batch: its terms' means over the pairs, and the preference
-    accuracy (the share of pairs whose chosen response has the higher log odds)."""
+    """A batch's terms, averaged over the pairs, and the share of pairs ranked right."""
     return dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(), ell_l=ell_l.mean(),
                 log_or=log_or.mean(), acc=(log_or > 0).float().mean())
 
 def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
     """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts)."""
-    B = ell.size(0) // 2
-    ell_w, ell_l = ell[:B], ell[B:]
+    ell_w, ell_l = ell.chunk(2)  # chosen rows first
     l_sft = sft_loss(logp, ell, seq_mask, sft_on_prompt)  # Eq. 1
     l_or, log_or = odds_ratio_loss(ell_w, ell_l)           # Eqs. 4, 5, 7
     return (l_sft + lam * l_or).mean(), pair_means(l_sft, l_or, ell_w, ell_l, log_or)  # Eq. 6
 
 # ----------------------------------------------------------------------------------------
-# The gradient by hand (GRADIENT.md derives it). With d = log OR,
-#   dL_OR/dd = -sigma(-d) = -delta                 (delta: the paper's Eq. 9)
-#   d log odds / dℓ = 1 + P/(1-P) = 1/(1-P)
-# so dL_OR/dℓ_w = -delta/(1-P_w) and dL_OR/dℓ_l = +delta/(1-P_l): the paper's h(d) (Eq. 10)
+# The gradient by hand (GRADIENT.md derives it). With d = log OR, dL_OR/dd = -sigma(-d) =
+# -delta (delta: the paper's Eq. 9) and d log odds / dℓ = 1 + P/(1-P) = 1/(1-P), so
+# dL_OR/dℓ_w = -delta/(1-P_w) and dL_OR/dℓ_l = +delta/(1-P_l): the paper's h(d) (Eq. 10)
 # with the minus sign that its Eqs. 8 and 20 drop. Then dℓ/dlogits_t = (onehot(y_t) -
 # softmax_t)/m on the m response positions, zero elsewhere.
 def orpo_grad(ell_w, ell_l, lam):
@@ -133,17 +122,13 @@ class HandORPO(torch.autograd.Function):
         g.scatter_add_(-1, y[scored][:, None], torch.ones_like(g[:, :1]))
         return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
-
 # ----------------------------------------------------------------------------------------
-# The ablations and the methods ORPO is measured against, each a loss of its own: the
-# probability ratio for the odds ratio (Sec. 7.1; --ratio=prob), summed log-probs for
-# Eq. 3's mean (--logp=sum, in response_logps), SimPO (--ratio=simpo) and DPO (--loss=dpo).
+# Ablations and compared methods, each a loss of its own: the probability ratio (Sec. 7.1;
+# --ratio=prob), summed log-probs (--logp=sum), SimPO (--ratio=simpo), DPO (--loss=dpo).
 
 def prob_ratio_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
-    """Eq. 6 with the probability ratio P_w/P_l in place of the odds ratio (Sec. 7.1):
-    L_OR = -log sigma(ℓ_w - ℓ_l), since log P_w/P_l = ℓ_w - ℓ_l. Returns (loss, parts)."""
-    B = ell.size(0) // 2
-    ell_w, ell_l = ell[:B], ell[B:]
+    """Eq. 6 with the probability ratio for the odds ratio (Sec. 7.1): log P_w/P_l = ℓ_w - ℓ_l."""
+    ell_w, ell_l = ell.chunk(2)  # chosen rows first
     l_sft, log_ratio = sft_loss(logp, ell, seq_mask, sft_on_prompt), ell_w - ell_l
     l_or = -F.logsigmoid(log_ratio)
     return (l_sft + lam * l_or).mean(), pair_means(l_sft, l_or, ell_w, ell_l, log_ratio)
@@ -154,17 +139,14 @@ def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
     return -F.logsigmoid(beta * (ell_w - ell_l) - gamma)
 
 def simpo_objective(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
-    """SimPO's loss alone, averaged over the pairs: no L_SFT, lam unused. Its parts log
-    L_SFT (measured, not trained on), SimPO's loss as l_or and ℓ_w - ℓ_l as log_or."""
-    B = ell.size(0) // 2
-    ell_w, ell_l = ell[:B], ell[B:]
+    """SimPO's loss alone (no L_SFT, lam unused); parts: L_SFT measured, ℓ_w - ℓ_l as log_or."""
+    ell_w, ell_l = ell.chunk(2)  # chosen rows first
     l_sft, l_or = sft_loss(logp, ell, seq_mask, sft_on_prompt), simpo_loss(ell_w, ell_l)
     return l_or.mean(), pair_means(l_sft, l_or, ell_w, ell_l, ell_w - ell_l)
 
 def dpo_loss(pi, ref, *, beta):
-    """DPO (Rafailov et al. 2023, their Eq. 7), the two-phase method ORPO is measured against.
-    pi, ref (2B,): the SUMMED response log-probs under the policy and under the frozen
-    reference, chosen rows first. L = -log sigma(beta * (log-ratio_w - log-ratio_l))."""
+    """DPO (Rafailov et al. 2023, their Eq. 7) from pi, ref (2B,), the SUMMED log-probs under
+    the policy and the frozen reference: L = -log sigma(beta (log-ratio_w - log-ratio_l))."""
     B = pi.size(0) // 2
     z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
     return -F.logsigmoid(z).mean()
@@ -172,8 +154,7 @@ def dpo_loss(pi, ref, *, beta):
 LOSSES = {"odds": orpo_loss, "prob": prob_ratio_loss, "simpo": simpo_objective}  # --ratio
 
 # ----------------------------------------------------------------------------------------
-# Config: one dataclass and named presets; machinery/cli.py parses and checks the
-# --key=value overrides of the command line
+# Config: one dataclass and named presets; machinery/cli.py checks --key=value overrides
 
 @dataclass
 class Config:
@@ -231,12 +212,10 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=8, max_iters=20,
                  warmup_iters=2, eval_interval=10, eval_pairs=32, log_interval=5, n_samples=8,
                  dtype="float32", out_dir="out-tiny"),
-    # the CPU demo. fp32, so that it prints the same numbers on every machine: bf16's
-    # rounding differs between CPU kernels (AMX, AVX-512 BF16, emulated)
+    # the CPU demo, fp32: bf16 rounds differently on each CPU kernel (AMX, AVX-512, emulated)
     "small": dict(dtype="float32", out_dir="out-small"),
-    # GPT-2 small (124M) from OpenAI's weights on UltraFeedback, as the paper does, for about
-    # one epoch. lam, lr, warmup and the global batch of 32 are the authors' released recipe
-    # (github.com/xfactlab/orpo, scripts/run_mistral_orpo_beta.sh), with a cosine decay.
+    # GPT-2 small (124M) on UltraFeedback, about one epoch, as the paper does; lam, lr, warmup
+    # and the batch of 32 are the authors' recipe (xfactlab/orpo, run_mistral_orpo_beta.sh)
     "gpt2-125m": dict(dataset="ultrafeedback", init_from="gpt2", n_layer=12, n_head=12,
                       n_embd=768, block_size=1024, vocab_size=50304, lam=0.1, lr=5e-6,
                       min_lr=5e-7, warmup_iters=200, batch_size=4, grad_accum=8,
@@ -245,9 +224,8 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------------------
-# Batching: pairs stored as token arrays by prepare_data.py (load_data reads them); chosen and
-# rejected of a batch are padded together into one (2B, T) tensor, chosen rows first, so one
-# forward pass serves both.
+# Batching: prepare_data.py's token arrays -> one padded (2B, T) tensor per batch, chosen
+# rows first, so one forward pass serves both sides of every pair.
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask
@@ -272,10 +250,9 @@ def make_batch(split, rows, device):
     return t(x), t(y), t(resp_mask), t(seq_mask)
 
 def batch_order(index, batch_size, seed, epoch):
-    """The batches of one epoch, a function of (seed, epoch) alone, so that a resumed run that
-    knows its epoch and batch position sees what an uninterrupted one would. Pairs are
-    shuffled, sorted by length within windows of 64 batches (so a batch pads little), cut
-    into batches, and the batches shuffled."""
+    """One epoch's batches, a function of (seed, epoch) alone, so a resumed run sees what an
+    uninterrupted one would: pairs shuffled, sorted by length within windows of 64 batches
+    (so a batch pads little), cut into batches, the batches shuffled."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(index))
     length = index[:, PROMPT] + np.maximum(index[:, CHOSEN], index[:, REJECTED])
@@ -286,9 +263,8 @@ def batch_order(index, batch_size, seed, epoch):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 def step_rows(index, cfg, epoch, pos, rank, world):
-    """From (epoch, pos) of the batch order on: this process's rows of each optimizer step's
-    grad_accum micro-batches, and (epoch, pos) after it. Every process walks the whole
-    order and keeps its share."""
+    """From (epoch, pos) on: this process's rows of each step's grad_accum micro-batches, and
+    (epoch, pos) after it. Every process walks the whole order and keeps its share."""
     order = batch_order(index, cfg.batch_size, cfg.seed, epoch)
     while True:
         rows = []
@@ -302,14 +278,12 @@ def step_rows(index, cfg, epoch, pos, rank, world):
         yield rows, epoch, pos
 
 # ----------------------------------------------------------------------------------------
-# One training step. The model is a model.Scorer: given inputs, the positions to score and
-# their targets, it returns the token log-probs there, fused and chunked (no (2B, T, V)
-# logits). Each objective is one function: (model, batch, ctx) -> (loss, parts).
+# One training step. model.Scorer returns the token log-probs at the scored positions, fused
+# (no (2B, T, V) logits). Each objective is (model, batch, ctx) -> (loss, parts).
 
 def orpo_forward(model, batch, ctx, *, lam, sft_on_prompt=False, ratio="odds", logp="mean",
                  hand_grad=False):
-    """ORPO's loss of one batch (Eq. 6) and its parts. The ablations --ratio and --logp=sum
-    change the loss; hand_grad backpropagates through orpo_grad instead of autograd."""
+    """ORPO's loss of a batch (Eq. 6), its ablations, or with hand_grad orpo_grad's backward."""
     x, y, resp_mask, seq_mask = batch
     scored = (seq_mask if sft_on_prompt else resp_mask).bool()  # where the loss reads
     if hand_grad:  # the hand-derived backward starts from the logits
@@ -324,8 +298,7 @@ def orpo_forward(model, batch, ctx, *, lam, sft_on_prompt=False, ratio="odds", l
     return LOSSES[ratio](logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)
 
 def dpo_forward(model, batch, ctx, *, ref, beta, lam, sft_on_prompt=False):
-    """DPO's loss of one batch against the frozen reference model; its parts are ORPO's
-    terms, measured (not trained on) so that the two methods' logs compare."""
+    """DPO's loss of a batch against the frozen ref; its parts are ORPO's terms, measured."""
     x, y, resp_mask, seq_mask = batch
     scored = (seq_mask if sft_on_prompt else resp_mask).bool()
     with ctx:
@@ -355,11 +328,12 @@ def lr_at(it, cfg):
     frac = min(1.0, (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
-def train_step(model, opt, scaler, batches, loss_fn, ctx, grad_clip):
-    """One optimizer step over this process's micro-batches: each one's backward, the
-    gradients averaged (over the processes too, by DDP), clipped, and the step. Returns
-    [loss, L_SFT, L_OR] averaged over every process's micro-batches, as floats (one device
-    sync); raises FloatingPointError, before the step, if one is not finite."""
+def train_step(model, opt, scaler, batches, loss_fn, ctx, lr, grad_clip):
+    """One optimizer step at lr over this process's micro-batches, gradients averaged (by DDP
+    over the processes too) and clipped. Returns [loss, L_SFT, L_OR], averaged over every
+    process, as floats (one device sync); FloatingPointError, before the step, if not finite."""
+    for g in opt.param_groups:
+        g["lr"] = lr
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     tot = torch.zeros(3, device=batches[0][0].device)  # loss, L_SFT, L_OR
     for i, batch in enumerate(batches):
@@ -368,11 +342,9 @@ def train_step(model, opt, scaler, batches, loss_fn, ctx, grad_clip):
             loss, parts = loss_fn(model, batch, ctx)
             scaler.scale(loss / len(batches)).backward()
         tot += torch.stack([loss.detach(), parts["l_sft"].detach(), parts["l_or"].detach()])
+    tot /= len(batches) * (torch.distributed.get_world_size() if ddp else 1)
     if ddp:
-        tot /= len(batches) * torch.distributed.get_world_size()
         torch.distributed.all_reduce(tot)
-    else:
-        tot /= len(batches)
     vals = tot.tolist()
     bad = [f"{n}={v}" for n, v in zip(("loss", "L_SFT", "L_OR"), vals) if not math.isfinite(v)]
     if bad:  # stop, not skip: a NaN means a bug or a diverged run, never noise to step over
@@ -385,14 +357,12 @@ def train_step(model, opt, scaler, batches, loss_fn, ctx, grad_clip):
     opt.zero_grad(set_to_none=True)
     return vals
 
-
 # ----------------------------------------------------------------------------------------
 # Eval: the held-out loss terms (report.sample_and_judge samples answers for the judge)
 
 @torch.no_grad()
 def evaluate(model, split, cfg, device, ctx):
-    """Held-out metrics, averaged over the first eval_pairs pairs of the split: always ORPO's
-    terms, through autograd's path, so that runs of every objective and ablation compare."""
+    """ORPO's terms on the first eval_pairs held-out pairs, whatever the objective trained."""
     model.eval()
     n, sums = min(cfg.eval_pairs, len(split[1])), {}
     for i in range(0, n, cfg.batch_size):
@@ -408,14 +378,14 @@ def evaluate(model, split, cfg, device, ctx):
 # ----------------------------------------------------------------------------------------
 # Training: set up, then the loop
 
-# what train returns: the trained model, the held-out split, and what was measured
-Run = collections.namedtuple("Run", "model val meta dev ctx history summary samples")
+Run = collections.namedtuple("Run", "model val meta dev ctx history summary samples")  # train's
 
 def train(cfg, preset="custom"):
     """Train as cfg says: the set-up, the data, the model and the optimizer, then the loop."""
     t_begin = time.time()
     rank, world, device = procs.start(cfg)  # one process, or one of torchrun's
     master = rank == 0
+    log = samples_before = summary = samples = None  # process 0's alone
     with RunDir(cfg.out_dir, rank) as run:  # out_dir's lock; Ctrl-C or a NaN loss: one line
         torch.manual_seed(cfg.seed + rank)
         dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
@@ -433,22 +403,20 @@ def train(cfg, preset="custom"):
         model = procs.wrap(torch.compile(scorer) if cfg.compile else scorer, world, dev, dev_type)
         loss_fn = objective(cfg, ref)
         steps = step_rows(train_split[1], cfg, progress.epoch, progress.pos, rank, world)
-        # a resumed run keeps its log up to the checkpoint, and the samples taken before training
-        log, samples_before = report.open_log(cfg.out_dir, progress.it if ck else None) if master else (None, None)
-        print_start(preset, raw, dev, dtype, cfg, len(train_split[1]), world) if master else None
-        if progress.it == 0 and master:
+        if master:  # a resumed run keeps its log up to the checkpoint, and the samples before
+            log, samples_before = report.open_log(cfg.out_dir, progress.it if ck else None)
+            report.print_start(preset, raw, dev, dtype, cfg, len(train_split[1]), world)
+        if master and progress.it == 0:
             report.record_eval(log, progress.history, 0, evaluate(scorer, val_split, cfg, dev, ctx))
             samples_before = report.sample_and_judge(raw, val_split, meta, cfg, dev, ctx)
             report.record_samples(log, 0, "before training", samples_before)
-        meter = Meter(raw, train_split[1], cfg, world, progress, ref is not None)  # cost, tok/s
+        meter = report.Meter(raw, train_split[1], cfg, world, progress, ref is not None)  # cost, tok/s
         while progress.it < cfg.max_iters:
             lr = lr_at(progress.it, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
             t0 = time.time()
             rows, progress.epoch, progress.pos = next(steps)
             batches = [make_batch(train_split, r, dev) for r in rows]
-            vals = train_step(model, opt, scaler, batches, loss_fn, ctx, cfg.grad_clip)
+            vals = train_step(model, opt, scaler, batches, loss_fn, ctx, lr, cfg.grad_clip)
             progress.it += 1
             meter.step(rows, batches, t0)
             report.write(log, dict(kind="train", iter=progress.it, loss=vals[0], l_sft=vals[1],
@@ -461,7 +429,6 @@ def train(cfg, preset="custom"):
                     report.record_eval(log, progress.history, progress.it,
                                        evaluate(scorer, val_split, cfg, dev, ctx))
                     run.save(raw, cfg, meta, opt, scaler, rng, meter.seconds())
-        summary = samples = None
         if master:  # sample after training; print and write the summary
             seconds = meter.seconds()
             samples = report.sample_and_judge(raw, val_split, meta, cfg, dev, ctx)
