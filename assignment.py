@@ -14,6 +14,7 @@ graded function it calls replaced by a stand-in that returns the frozen values, 
 wrong or missing function costs its own points only. It never calls this project's solution:
 `freeze` does, once, to write the reference file, and a test checks that file against it.
 """
+from machinery import boot  # first: it sets what torch reads as it loads
 import ast
 import json
 import math

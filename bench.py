@@ -22,6 +22,7 @@ shapes, the output layer's recomputed logits included: no step can be faster tha
 `first_step_s` is the first warm-up step's time; with --compile=true, less ms_per_step, what
 compiling costs.
 """
+from machinery import boot  # first: it sets what torch reads as it loads
 import dataclasses
 import json
 import math

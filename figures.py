@@ -14,6 +14,7 @@ held-out prompts that come after the --n_samples it reports on; ORPO keeps its p
 which was not tuned on those prompts either. --tune_samples=0 runs one DPO setting, --beta
 and --dpo_lr.
 """
+from machinery import boot  # first: it sets what torch reads as it loads
 import csv
 import dataclasses
 import json

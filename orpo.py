@@ -7,6 +7,7 @@ config, batching, one step, eval, train(). machinery/ holds what a student need 
     python orpo.py --help             # every key, what it does, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
+from machinery import boot  # first: it sets what torch reads as it loads
 import collections
 import contextlib
 import functools

@@ -12,6 +12,7 @@ orpo_export.json marks): never over files it did not write. It is written beside
 moved in, config.json last: an export that fails or is stopped leaves the earlier one, or a
 folder that does not load, never a new config.json beside old weights.
 """
+from machinery import boot  # first: it sets what torch reads as it loads
 import json
 import os
 import sys
