@@ -2,8 +2,7 @@
 The synthetic task, which makes pairs offline and judges answers, is machinery/synthetic.py.
 
     python prepare_data.py                      # the offline synthetic task -> data/synthetic
-    python prepare_data.py --source hh-rlhf     # Anthropic/hh-rlhf from the hub (datasets)
-    python prepare_data.py --source ultrafeedback   # HuggingFaceH4/ultrafeedback_binarized
+    python prepare_data.py --source hh-rlhf     # or ultrafeedback: from the hub (datasets)
     python prepare_data.py --source mine --file pairs.jsonl [--val_file val.jsonl]
 
 Output, in --out:
@@ -11,15 +10,13 @@ Output, in --out:
     {train,val}.index.npy    (rows, 4) int64: offset, prompt_len, chosen_len, rejected_len
     meta.json                what it was prepared from (source, file, val_file, max_len,
                              max_prompt_len), tokenizer, vocab size, special ids, row counts
-Both responses end with the end-of-text token, unless truncated. np.load(..., mmap_mode="r")
-reads them lazily.
+Both responses end with the end-of-text token, unless truncated.
 
 Real data comes in three shapes, found from the keys: rows of {prompt, chosen, rejected}
 strings are used as they are; HH-RLHF's whole dialogues are split at the last "\\n\\nAssistant:";
 lists of {role, content} messages are rendered in HH's chat format. Rows are numbered as an
-editor numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped; a file that
-cannot be read, or limits that leave no room for a response, stop with a one-line error
-(exit status 2). Without --val_file, the file's top tenth of usable rows is held out.
+editor numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped; bad files
+or limits stop with a one-line error (exit 2). Without --val_file, the top tenth is held out.
 """
 import argparse
 import collections
@@ -65,8 +62,7 @@ def detect_shape(row, name):
             "triple" if "prompt" in row else "dialogue")
 
 
-# A .jsonl line that is not JSON, and msg says why: kept in place, so row numbers stay right,
-# and counted. BLANK, a blank line, is kept in place too, but counted as blank, not reported.
+# A .jsonl line that is not JSON (msg: why), or BLANK: kept in place, so row numbers stay right
 BrokenLine = collections.namedtuple("BrokenLine", "msg")
 BLANK = BrokenLine("a blank line")
 
@@ -118,10 +114,8 @@ def to_triple(row, shape):
 
 
 def read_jsonl(path):
-    """A .jsonl(.gz) file's rows, one a line, so that rows[i] is line i + 1. A line that is not
-    JSON is kept as a BrokenLine, to be reported and skipped, not fatal; a blank line as BLANK.
-    Each line is decoded alone, so a stray byte costs one row, and as utf-8-sig, so a
-    byte-order mark (some Windows editors write one) is read, not reported."""
+    """A .jsonl(.gz) file's rows, rows[i] line i + 1; a line not JSON is a BrokenLine (reported,
+    skipped). Lines are decoded alone (a stray byte costs one row), as utf-8-sig (a BOM reads)."""
     import gzip
     import zlib
     rows = []
@@ -133,8 +127,8 @@ def read_jsonl(path):
                     rows.append(json.loads(text) if text.strip() else BLANK)
                 except UnicodeDecodeError as e:
                     rows.append(BrokenLine(f"not UTF-8 text ({e.reason} at byte {e.start})"))
-                except json.JSONDecodeError as e:
-                    rows.append(BrokenLine(f"broken JSON ({e.msg})"))
+                except (json.JSONDecodeError, RecursionError) as e:  # or nested too deep
+                    rows.append(BrokenLine(f"broken JSON ({getattr(e, 'msg', 'nested too deep')})"))
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt or cut-off .gz
         raise ValueError(f"{path}: cannot read it ({one_line(e, typed=True)})") from e
     return rows
@@ -177,8 +171,9 @@ def load_source(source, path=None, subset=None, val_path=None):
         files = {s: p for s, p in (("train", path), ("val", val_path)) if p}
         for p in files.values():  # both checked before either is read
             if not os.path.isfile(p):
-                raise ValueError(f"{p} is a directory, not a file" if os.path.isdir(p)
-                                 else f"no file at {p}")
+                raise ValueError(f"no file at {p}" if not os.path.lexists(p) else f"{p} is " + (
+                    "a directory, not a file" if os.path.isdir(p) else "not a regular file "
+                    "(a fifo?)" if os.path.exists(p) else "a link to nowhere (or a loop)"))
             if not p.endswith(FORMATS):
                 raise ValueError(f"{p}: not a format prepare_data reads; accepted: "
                                  f"{', '.join(FORMATS)}")
@@ -233,6 +228,8 @@ def check(row, shape):
         t = to_triple(row, shape)
     except ValueError as e:
         return "malformed", str(e)
+    if not t["prompt"]:  # a response must follow something: the loss reads from token p - 1
+        return "malformed", "the prompt is empty"
     if not t["chosen"].strip() or not t["rejected"].strip():
         return "empty_response", None
     if t["chosen"] == t["rejected"]:
@@ -290,8 +287,7 @@ def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name, shape=
 
 
 def fingerprint(path, known=None):
-    """A file's size, mtime and sha256. Hashing costs about 2 ms a MB here, so a fingerprint
-    `known` from before is reused when the size and mtime have not changed."""
+    """A file's size, mtime and sha256 (about 2 ms a MB): `known`, if its size and mtime hold."""
     st = os.stat(path)
     fp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if known and all(known.get(k) == v for k, v in fp.items()):
@@ -305,9 +301,8 @@ REDO = "prepare it again into a new --data_dir (or delete {})"  # {}: the stale 
 
 
 def named(source, file):
-    """The name data goes by, in its folder's name and meta.json: the source, or for a file
-    given with the default source, the file's own name less its format (pairs for
-    pairs.jsonl.gz; hh-rlhf-file for hh-rlhf.jsonl, as the hub's names are taken)."""
+    """The name data goes by (its folder, meta.json): the source, or a file's name less its
+    format (pairs for pairs.jsonl.gz; hh-rlhf-file for hh-rlhf.jsonl: the hub's are taken)."""
     if not (file and source == "synthetic"):
         return source
     name = os.path.basename(file.rstrip("/"))
@@ -322,9 +317,8 @@ def tokenizer(source, file):
 
 
 def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len):
-    """What prepared data is made from, as meta.json records it: data made from the same
-    recipe, and the same file contents (fingerprint), is the same data. The seed and the
-    row counts only make synthetic rows; files are kept as absolute paths."""
+    """What prepared data is made from, as meta.json records it (files as absolute paths):
+    the same recipe and file contents make the same data. Seed and counts: synthetic only."""
     synth = tokenizer(source, file) == "synthetic"
     return dict(source=source, file=file and os.path.abspath(file),
                 val_file=val_file and os.path.abspath(val_file), subset=subset,
@@ -345,9 +339,11 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
     out; return the meta. Bad input is a one-line ValueError. With out locked, the files go into
     out/.tmp, then into place, meta.json last: a preparation that fails or is killed leaves the
     previous data or none, never a mix, and a trainer that has the old files mapped keeps them."""
-    if not 0 <= max_prompt_len < max_len:  # a kept row needs room for a token of each response
-        raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 0 and below max_len "
-                         f"{max_len}, to leave room for the responses")
+    if not 1 <= max_prompt_len < max_len:  # a kept row needs a prompt token and a response's
+        raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 1 and below max_len "
+                         f"{max_len}, to leave room for the prompt and the responses")
+    if min(n_train, n_val) < 1:
+        raise ValueError(f"n_train {n_train} and n_val {n_val} must each be at least 1")
     out = out or os.path.join("data", source)
     if tokenizer(source, file) == "synthetic":
         splits = {k: (v, source, 1) for k, v in make_synthetic(n_train, n_val, seed).items()}
@@ -406,8 +402,8 @@ def load(data_dir, source, file=None, max_len=None):
         with open(meta_path) as f:
             meta = json.load(f)
         _, tok, n_vocab = meta["source"], meta["tokenizer"], meta["vocab_size"]  # or a KeyError
-        cut = [f for f, fp in meta.get("files", {}).items()
-               if os.path.getsize(os.path.join(data_dir, f)) != fp["size"]]
+        cut = [f for f, fp in meta.get("files", {}).items()  # hashed again if touched since
+               if fingerprint(os.path.join(data_dir, f), fp).get("sha256") != fp.get("sha256")]
         splits = {s: (np.load(os.path.join(data_dir, f"{s}.tokens.npy"), mmap_mode="r"),
                       np.load(os.path.join(data_dir, f"{s}.index.npy"))) for s in ("train", "val")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -423,7 +419,11 @@ def load(data_dir, source, file=None, max_len=None):
     if get_encoding(tok).n_vocab != n_vocab:
         raise ValueError(f"{meta_path} says vocab_size {n_vocab}, but tokenizer {tok!r} has "
                          f"{get_encoding(tok).n_vocab}: the data is stale; {redo}")
-    for s, (_, index) in splits.items():
+    for s, (tokens, index) in splits.items():  # corrupt tokens: named here, not as an IndexError
+        top = int(tokens.max()) if len(tokens) else 0  # about 1 ms a million tokens
+        if top >= n_vocab or len(index) and int((index[:, OFF] + index[:, 1:].sum(1)).max()) > len(tokens):
+            raise ValueError(f"{data_dir}/{s}.tokens.npy is corrupt (token id {top}, vocabulary "
+                             f"{n_vocab}; or shorter than its index); {redo}")
         longest = int((index[:, PROMPT] + index[:, [CHOSEN, REJECTED]].max(1)).max())
         if max_len and longest > max_len:
             raise ValueError(f"{data_dir}/{s} holds a pair of {longest} tokens, more than "

@@ -20,9 +20,13 @@ CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what 
              "optimizer", "scaler", "rng",               # the training state, rng per process
              "iter", "epoch", "pos",                     # where the loop and the data are
              "history", "seconds", "cost")               # what was measured so far
-# what a resumed run must share with the run it continues: the shape, and the data
+# what a resumed run must share with the run it continues: the shape, the data, and the
+# objective; the learning-rate schedule is checked as lr_at computes it (resume_state)
 RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
-               "data_file", "batch_size", "seed")
+               "data_file", "batch_size", "seed", "lam", "sft_on_prompt", "ratio", "logp", "loss",
+               "beta", "ref", "dropout", "grad_accum", "weight_decay", "beta1", "beta2",
+               "grad_clip")
+SCHEDULE = ("lr", "min_lr", "warmup_iters")  # and where the cosine ends: lr_decay_iters or max_iters
 
 
 def save_checkpoint(path, **state):
@@ -42,6 +46,10 @@ def save_checkpoint(path, **state):
             die(f"could not write {path}: {why}; {kept}")
 
 
+def dict_or_none(x):
+    return x if isinstance(x, dict) else {}
+
+
 def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
     """A checkpoint that has `keys` and, given the data's meta, its vocabulary; an error
     names the file and the key."""
@@ -52,6 +60,8 @@ def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({one_line(e, 100, typed=True)})")
     missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
+    if not missing and "meta" in keys and "vocab_size" not in dict_or_none(ck["meta"]):
+        missing = ["meta['vocab_size']"]
     if missing:
         die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")
     if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
@@ -76,13 +86,31 @@ def on_disk(path):
         return "no checkpoint was written yet"
 
 
-def model_from_checkpoint(ck, path):
-    model = GPT(GPTConfig(**ck["model_args"]))
-    try:
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
+def finite(model, where):
+    """The model, if every weight is a number: NaN or inf weights (a run that diverged) are
+    named before they train, sample or export anything."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            die(f"{where}: the weights are not finite ({name} holds NaN or inf); the run "
+                f"that wrote them diverged: use an earlier checkpoint, or train anew")
     return model
+
+
+def model_from_checkpoint(ck, path):
+    """The GPT a checkpoint holds: its shape (model_args), its weights, all finite."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    args = dict_or_none(ck["model_args"])
+    odd = sorted(set(args) - known) or sorted(k for k in ("n_layer", "n_head", "n_embd")
+                                              if k not in args)
+    if odd:
+        die(f"{path}: model_args has {'unknown key' if set(args) - known else 'no key'} "
+            f"{odd[0]!r}: not a checkpoint of this version of orpo.py")
+    try:
+        model = GPT(GPTConfig(**args))
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AssertionError) as e:
+        die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
+    return finite(model, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,14 +135,18 @@ def build_model(cfg, meta, path, ck=None):
                 f"data, or start a new --out_dir")
         return model_from_checkpoint(ck, path)
     if cfg.init_from == "scratch":
-        return GPT(model_config(cfg, meta))
+        try:
+            return GPT(model_config(cfg, meta))
+        except (RuntimeError, MemoryError) as e:  # the allocator's, in its own words
+            die(f"the model does not fit in memory (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
+                f"vocab_size={cfg.vocab_size}): {one_line(e, 100)}")
     if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
         return model_from_checkpoint(load_checkpoint(cfg.init_from, meta=meta), cfg.init_from)
     if meta["tokenizer"] != "gpt2":
         die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
             f"{cfg.dataset} uses {meta['tokenizer']!r}")
     try:
-        return gpt2.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout)
+        return finite(gpt2.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout), cfg.init_from)
     except ValueError as e:
         die(str(e))
 
@@ -194,28 +226,51 @@ class RunDir:
                 self.held.release()
 
     def resume_state(self, cfg):
-        """The checkpoint to resume from, read before the data: resuming on other data or
-        another shape is an error."""
+        """The checkpoint to resume from, read with the folder locked (so no run can write a
+        newer one meanwhile) and before the data. Resuming on other data, another shape,
+        objective or schedule, before the checkpoint, or without its log, is an error."""
+        self.lock()
         ck = load_checkpoint(self.path, CKPT_KEYS)
         if "id" not in ck["meta"] or not isinstance(ck["rng"], list):
             die(f"{self.path} was written by an older version of orpo.py; start a new --out_dir")
-        check_same(self.path, ck["config"], {k: getattr(cfg, k) for k in RESUME_SAME},
-                   "the run asks for")
+        had = ck["config"]
+        check_same(self.path, had, {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
+        if cfg.max_iters < ck["iter"]:
+            die(f"{self.path} holds iteration {ck['iter']}, past --max_iters={cfg.max_iters}; "
+                f"resume with --max_iters of {ck['iter']} or more")
+        sched = lambda c: ", ".join([f"{k}={c.get(k)}" for k in SCHEDULE] +  # as lr_at reads it
+                                    [f"cosine to {c.get('lr_decay_iters') or c.get('max_iters')}"])
+        if sched(had) != sched(dataclasses.asdict(cfg)):
+            die(f"{self.path} was trained on the schedule {sched(had)}; the run asks for "
+                f"{sched(dataclasses.asdict(cfg))}. To train on past it, keep the schedule with "
+                f"--lr_decay_iters={had.get('lr_decay_iters') or had.get('max_iters')}")
+        if self.master and not os.path.exists(os.path.join(self.out_dir, "log.jsonl")):
+            die(f"{self.out_dir}/log.jsonl is gone: it holds the evals and the samples before "
+                f"iteration {ck['iter']}, which the summary needs; start a new --out_dir")
         return ck
 
-    def claim(self, resume):
-        """The first process locks the folder (a second run is told which process holds it);
-        a new run never writes over another's checkpoint (a log with none is of a run that
-        saved nothing, and is started anew)."""
-        if not self.master:
+    def lock(self):
+        """The first process holds the folder; a second run is told which process does."""
+        if not self.master or self.held:
             return
         try:
             self.held = lock(self.out_dir)
         except ValueError as e:
             die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
+
+    def claim(self, resume):
+        """The first process locks the folder; a new run never writes over another's files.
+        A log alone is of a run killed before it saved anything, and is started anew; a
+        summary with no checkpoint is a run that finished (--max_iters=0), and is kept."""
+        if not self.master:
+            return
+        self.lock()
         if not resume and os.path.exists(self.path):
             die(f"{self.out_dir} holds another run ({on_disk(self.path)}): continue it with "
                 f"--init_from=resume, or give a new --out_dir")
+        if not resume and os.path.exists(os.path.join(self.out_dir, "summary.json")):
+            die(f"{self.out_dir} holds the summary.json of a run that saved no checkpoint; "
+                f"give a new --out_dir, or remove that folder's summary.json and log.jsonl")
 
     def restore(self, ck, opt, scaler, rank, dev_type):
         """The Progress to go on from: a new run's, or, resuming, the checkpoint's, with the

@@ -25,7 +25,8 @@ positive = (lambda v: v > 0, "a number > 0")
 one_of = lambda *ok: (lambda v: v in ok, "one of " + ", ".join(ok))
 RULES = {  # key: (test, what it accepts)
     "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
-    "block_size": at_least(2), "vocab_size": at_least(0), "dropout": below_one,
+    "block_size": at_least(2), "dropout": below_one,
+    "vocab_size": (lambda v: 0 <= v <= 2**24, "0 (the tokenizer's) or at most 2**24"),
     "lam": at_least(0), "ratio": one_of("odds", "prob", "simpo"), "logp": one_of("mean", "sum"),
     "loss": one_of("orpo", "dpo"), "beta": positive, "batch_size": at_least(1),
     "grad_accum": at_least(1), "max_iters": at_least(0), "lr_decay_iters": at_least(0),
@@ -34,7 +35,7 @@ RULES = {  # key: (test, what it accepts)
     "eval_interval": at_least(1), "eval_pairs": at_least(1), "log_interval": at_least(1),
     "n_samples": at_least(0), "temperature": at_least(0), "top_k": at_least(0),
     "max_new_tokens": at_least(1), "dtype": one_of("auto", "float32", "bfloat16", "float16"),
-    "seed": at_least(0), "out_dir": (lambda v: v.strip() != "", "a folder's name"),
+    "seed": (lambda v: 0 <= v < 2**62, "an integer in [0, 2**62)"), "out_dir": (lambda v: v.strip() != "", "a folder's name"),
 }
 
 

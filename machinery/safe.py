@@ -5,6 +5,7 @@ this file imports nothing of the project's.
 """
 import atexit
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -38,6 +39,11 @@ def atomic_write(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # a full disk is one line for every writer; other errors are theirs
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = "the old file is unchanged" if os.path.exists(path) else "nothing was written"
+        die(f"could not write {path}: the disk is full; {kept}")
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

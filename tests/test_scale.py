@@ -99,11 +99,12 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_loss(tmp_path, data_dir, hand_gra
 def test_grad_scaler_on_cpu_device(tmp_path, data_dir):
     """fp16 autocast with torch.amp.GradScaler('cpu'): the scaler's state is checkpointed
     and the run resumes from it."""
-    recs = run(tmp_path, data_dir, dtype="float16", max_iters=4, eval_interval=4)
+    recs = run(tmp_path, data_dir, dtype="float16", max_iters=4, lr_decay_iters=6, eval_interval=4)
     assert len(losses(recs)) == 4
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["scaler"]["scale"] > 0  # an enabled scaler's state
-    recs = run(tmp_path, data_dir, dtype="float16", max_iters=6, eval_interval=2, init_from="resume")
+    recs = run(tmp_path, data_dir, dtype="float16", max_iters=6, lr_decay_iters=6, eval_interval=2,
+               init_from="resume")
     assert len(losses(recs)) == 6
 
 

@@ -203,7 +203,8 @@ def test_stale_data_is_never_reused(tmp_path, data_dir):
 
 def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tmp_path, data_dir):
     run(tmp_path, data_dir, max_iters=2, eval_interval=2)
-    base = ["--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--init_from=resume"]
+    base = ["--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--init_from=resume",
+            "--max_iters=2"]
     r = cli("orpo.py", *base, "--n_embd=64")
     assert r.returncode == 2 and "has n_embd=32, but the run asks for n_embd=64" in r.stderr
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
