@@ -385,3 +385,144 @@ safetensors.torch.save_file = full
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "No space left on device" in r.stderr and f"{a} holds the export from before" in r.stderr
     assert files(a) == old and ".tmp" not in os.listdir(a)
+
+
+# ----------------------------------------------------------------------------------------
+# One run per folder, resume that changes nothing silently, and what is not what it claims
+
+
+def tiny(tmp_path, data_dir, *args):
+    from conftest import cli
+    return cli("orpo.py", "--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+               "--n_samples=2", "--eval_pairs=8", *args)
+
+
+def one_line_2(r, *words):
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def test_a_second_run_over_a_finished_run_without_a_checkpoint_mixes_nothing(tmp_path, data_dir):
+    assert tiny(tmp_path, data_dir, "--max_iters=0").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
+    assert "summary.json" in before and "ckpt.pt" not in before
+    second = subprocess.Popen([sys.executable, "orpo.py", "--config=tiny", f"--data_dir={data_dir}",
+                               f"--out_dir={tmp_path}", "--max_iters=8", "--lam=0.5"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    second.kill()  # whether it has stopped by now or not
+    _, err = second.communicate()
+    assert "holds the summary.json of a run that saved no checkpoint" in err, err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
+    assert after == before  # the first run's files, whole, and none of the second's
+
+
+def test_resume_refuses_what_would_change_the_run(tmp_path, data_dir):
+    assert tiny(tmp_path, data_dir, "--max_iters=4", "--eval_interval=4").returncode == 0
+    ck = (tmp_path / "ckpt.pt").read_bytes()
+    resume = lambda *a: tiny(tmp_path, data_dir, "--init_from=resume", *a)
+    one_line_2(resume("--max_iters=4", "--lam=0.25"), "has lam=1.0, but the run asks for lam=0.25")
+    one_line_2(resume("--max_iters=2"), "holds iteration 4, past --max_iters=2")
+    one_line_2(resume("--max_iters=8"), "cosine to 4", "cosine to 8", "--lr_decay_iters=4")
+    one_line_2(resume("--max_iters=4", "--lr=0.01"), "lr=0.01")
+    (tmp_path / "log.jsonl").rename(tmp_path / "away.jsonl")
+    one_line_2(resume("--max_iters=4"), "log.jsonl is gone")
+    (tmp_path / "away.jsonl").rename(tmp_path / "log.jsonl")
+    assert (tmp_path / "ckpt.pt").read_bytes() == ck  # nothing written by a refused resume
+    r = resume("--max_iters=8", "--lr_decay_iters=4")  # the same schedule, trained on past it
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+
+
+def test_non_finite_weights_are_named_before_any_work(tmp_path, data_dir):
+    import torch
+    from conftest import cli
+    assert tiny(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2").returncode == 0
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ck["model"]["h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(ck, tmp_path / "ckpt.pt")
+    log = (tmp_path / "log.jsonl").read_bytes()
+    one_line_2(tiny(tmp_path, data_dir, "--init_from=resume", "--max_iters=2"),
+               "h.0.mlp.c_fc.weight holds NaN or inf")
+    assert (tmp_path / "log.jsonl").read_bytes() == log
+    one_line_2(cli("sample.py", f"--out_dir={tmp_path}", "--prompt=hi"), "are not finite")
+    one_line_2(cli("sample.py", f"--out_dir={tmp_path}", f"--export={tmp_path / 'hf'}"), "are not finite")
+    assert not (tmp_path / "hf").exists()
+    ck["model_args"]["n_wings"] = 2
+    torch.save(ck, tmp_path / "ckpt.pt")
+    one_line_2(cli("sample.py", f"--out_dir={tmp_path}", "--prompt=hi"), "unknown key 'n_wings'")
+    del ck["meta"]["vocab_size"]
+    torch.save(ck, tmp_path / "ckpt.pt")
+    one_line_2(cli("sample.py", f"--out_dir={tmp_path}", "--prompt=hi"), "vocab_size")
+
+
+def test_corrupt_tokens_are_named_and_the_check_is_cheap(tmp_path, capsys):
+    d = tmp_path / "d"
+    prepare_data.prepare("synthetic", str(d), n_train=20_000, n_val=20)
+    t0 = time.perf_counter()
+    meta, splits = prepare_data.load(str(d), "synthetic")
+    tokens = splits["train"][0]
+    t1 = time.perf_counter()
+    top = int(tokens.max())  # the range check's own work, on 20,000 rows
+    t2 = time.perf_counter()
+    with capsys.disabled():
+        print(f"\n20,000 rows, {len(tokens):,} tokens: load {1e3 * (t1 - t0):.1f} ms, "
+              f"the token-range check {1e3 * (t2 - t1):.2f} ms")
+    assert top < meta["vocab_size"]
+    arr = np.load(d / "train.tokens.npy")
+    arr[len(arr) // 2] = meta["vocab_size"] + 7  # in place, at the same size
+    st = os.stat(d / "train.tokens.npy")
+    np.save(d / "train.tokens.npy", arr)
+    with pytest.raises(ValueError, match="differ from what meta.json says"):
+        prepare_data.load(str(d), "synthetic")  # its hash
+    os.utime(d / "train.tokens.npy", ns=(st.st_atime_ns, st.st_mtime_ns))  # a forged mtime
+    meta_path = d / "meta.json"  # and a forged hash: the ids are still checked
+    m = json.loads(meta_path.read_text())
+    m["files"]["train.tokens.npy"] = prepare_data.fingerprint(str(d / "train.tokens.npy"))
+    meta_path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"train.tokens.npy is corrupt \(token id"):
+        prepare_data.load(str(d), "synthetic")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--seed=18446744073709551616"], "--seed must be an integer in [0, 2**62)"),
+    (["--vocab_size=100000000000"], "--vocab_size must be"),
+    (["--n_embd=65536", "--n_head=1", "--n_layer=64"], "the model does not fit in memory"),
+])
+def test_out_of_range_values_are_one_line(tmp_path, data_dir, args, words):
+    one_line_2(tiny(tmp_path / "o", data_dir, *args), words)
+
+
+def test_bad_data_options_and_files_are_one_line(tmp_path):
+    from conftest import cli
+    prep = lambda *a: cli("prepare_data.py", "--out", str(tmp_path / "p"), *a)
+    r = prep("--max_len", "64", "--max_prompt_len", "0")
+    assert r.returncode == 2 and "max_prompt_len 0 must be at least 1" in r.stderr
+    r = prep("--n_train", "-1")
+    assert r.returncode == 2 and "n_train -1" in r.stderr and "Traceback" not in r.stderr
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    os.symlink(tmp_path / "loop.jsonl", tmp_path / "loop.jsonl")
+    for name, words in (("fifo.jsonl", "not a regular file"), ("loop.jsonl", "a link to nowhere")):
+        r = prep("--file", str(tmp_path / name))
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    good = json.dumps(dict(prompt="a", chosen="b", rejected="c"))
+    rows = [good] * 30 + ["[" * 100_000 + "]" * 100_000, json.dumps(dict(prompt="", chosen="b", rejected="c"))]
+    (tmp_path / "deep.jsonl").write_text("\n".join(rows) + "\n")
+    got = prepare_data.read_jsonl(str(tmp_path / "deep.jsonl"))  # line 31 nested, 32 no prompt
+    assert len(got) == 32 and got[30] == prepare_data.BrokenLine("broken JSON (nested too deep)")
+    assert prepare_data.check(got[31], "triple") == ("malformed", "the prompt is empty")
+
+
+def test_a_full_disk_in_any_atomic_write_is_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SystemExit) as e:
+        with safe.atomic_write(str(path)) as tmp, open(tmp, "w") as f:
+            f.write("new")
+    assert e.value.code == 2 and path.read_text() == "old" and not (tmp_path / "summary.json.tmp").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the disk is full; the old file is unchanged" in err
