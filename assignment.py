@@ -170,6 +170,22 @@ def project_files():
     return files
 
 
+def write_files(dst, handout):
+    """The project's files into dst, the handout's own (cut) ones instead of theirs; how many."""
+    n = 0
+    for name in project_files():
+        if any(name == x or name.startswith(x) for x in LEAVE_OUT) or name in handout:
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+        n += 1
+    for name, text in handout.items():
+        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+        with open(os.path.join(dst, name), "w") as f:
+            f.write(text)
+    return n + len(handout)
+
+
 def make(dst):
     """Write the handout to dst; the solution here is not touched."""
     if os.path.exists(dst) and os.listdir(dst):
@@ -185,18 +201,19 @@ def make(dst):
     for name, tests in DROP_TESTS.items():
         with open(os.path.join(ROOT, name)) as f:
             handout[name] = drop_tests(f.read(), tests)
-    n = 0
-    for name in project_files():
-        if any(name == x or name.startswith(x) for x in LEAVE_OUT) or name in handout:
-            continue
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
-        n += 1
-    for name, text in handout.items():
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        with open(os.path.join(dst, name), "w") as f:
-            f.write(text)
-    print(f"wrote the handout to {dst}: {n + len(handout)} files, {len(HOLES) + 1} holes in "
+    tmp = os.path.abspath(dst) + ".tmp"  # beside dst, then renamed: whole or not at all
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        n = write_files(tmp, handout)
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # empty, as checked
+        os.rename(tmp, dst)
+    except (OSError, KeyboardInterrupt) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(e)
+        die(f"could not write the handout to {dst}: {why}; nothing was left there",
+            130 if isinstance(e, KeyboardInterrupt) else 2)
+    print(f"wrote the handout to {dst}: {n} files, {len(HOLES) + 1} holes in "
           f"orpo.py; grade it with `python assignment.py grade {dst}`")
 
 # ----------------------------------------------------------------------------------------

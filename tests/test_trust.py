@@ -526,3 +526,21 @@ def test_a_full_disk_in_any_atomic_write_is_one_line(tmp_path, monkeypatch, caps
     assert e.value.code == 2 and path.read_text() == "old" and not (tmp_path / "summary.json.tmp").exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the disk is full; the old file is unchanged" in err
+
+
+def test_assignment_make_on_a_full_disk_leaves_no_half_handout(tmp_path, monkeypatch, capsys):
+    import assignment
+    calls, copy = [], shutil.copy2
+
+    def copy_until_full(src, dst):
+        calls.append(src)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return copy(src, dst)
+    monkeypatch.setattr(shutil, "copy2", copy_until_full)
+    with pytest.raises(SystemExit) as e:
+        assignment.make(str(tmp_path / "handout"))
+    assert e.value.code == 2 and len(calls) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device; nothing was left there" in err
+    assert os.listdir(tmp_path) == []  # neither the handout nor its temporary folder
