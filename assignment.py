@@ -132,6 +132,15 @@ def hole_edits(src, tree):
     pad = " " * sets[0].col_offset
     edits.append((sets[0].lineno, sets[0].end_lineno, [f"{pad}raise NotImplementedError({MASK_HOLE!r})"]))
     edits += [(n.lineno, n.end_lineno, []) for n in sets[1:]]
+    run = find(tree, "main").body[-1]  # a run in a handout with holes: one line, not a traceback
+    pad = " " * run.col_offset
+    edits.append((run.lineno, run.end_lineno, [
+        f"{pad}todo = [l.strip()[27:-2] for l in open(__file__)",
+        f"{pad}        if l.strip().startswith('raise NotImplementedError(')]",
+        f"{pad}if todo:  # the handout's holes, the first exercise's first",
+        f"{pad}    die(f'fill the holes first, from {{min(todo, key=lambda m: int(m.split()[1][:-1]))}}'",
+        f"{pad}        '; `python assignment.py grade .` checks them')",
+        lines[run.lineno - 1]]))
     return edits
 
 

@@ -6,6 +6,8 @@ import ast
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -113,7 +115,7 @@ def test_handout_leaves_out_the_solutions_and_keeps_the_rest(tmp_path):
     assert all(t not in kept for t in assignment.DROP_TESTS["tests/test_loss.py"])
     assert "test_masks_cover_exactly_the_response_tokens" in kept
     # outside the holes the handout is the solution, statement for statement
-    holes = {q.split(".")[0] for q in assignment.HOLES} | {"make_batch"}
+    holes = {q.split(".")[0] for q in assignment.HOLES} | {"make_batch", "main"}  # main: below
     rest = lambda s: [ast.dump(n) for n in ast.parse(s).body if getattr(n, "name", "") not in holes]
     assert rest(src) == rest(SOLUTION)
     r = cli("orpo.py", "--help", cwd=hand)  # what needs no hole runs
@@ -158,3 +160,15 @@ def test_grade_refuses_a_folder_without_orpo(tmp_path):
     r = cli("assignment.py", "grade", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no orpo.py" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_in_a_handout_with_holes_is_one_line_naming_the_first_exercise(tmp_path):
+    d = tmp_path / "handout"
+    assert cli("assignment.py", "make", str(d)).returncode == 0
+    r = subprocess.run([sys.executable, "orpo.py", "--config", "tiny"], cwd=d, capture_output=True,
+                       text=True, timeout=300)  # the handout's own orpo.py
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: fill the holes first, from exercise 1: ")
+    assert not (d / "out-tiny").exists()  # before any work
+    r = subprocess.run([sys.executable, "orpo.py", "--help"], cwd=d, capture_output=True, text=True)
+    assert r.returncode == 0 and "--lam" in r.stdout
