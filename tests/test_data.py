@@ -282,7 +282,7 @@ def test_max_prompt_len_must_leave_room_for_a_response(tmp_path, args):
     r = cli(tmp_path, *args, "--n_train", "20", "--n_val", "5", "--out", str(out))
     fails_in_one_line(r, "max_prompt_len", "max_len")
     assert not out.exists()  # refused before any work
-    with pytest.raises(ValueError, match="max_prompt_len 512 must be at least 0 and below max_len 65"):
+    with pytest.raises(ValueError, match="max_prompt_len 512 must be at least 1 and below max_len 65"):
         prepare_data.prepare("synthetic", str(out), n_train=20, n_val=5, max_len=65)
 
 
