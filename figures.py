@@ -264,6 +264,16 @@ def uniform_ratios():
     return [dict(log_or=float(o), log_pr=float(r)) for o, r in zip(log_or, log_pr)]
 
 
+def title(name, preset, cfg, seeds=1):
+    """A figure's title: what ran (config, seeds), and each setting that differs from the
+    preset's own, so that a short or small run never passes for the default one."""
+    base, quiet = orpo.Config(**orpo.PRESETS.get(preset, {})), ("out_dir", "data_dir", "seed")
+    diff = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+            if f.name not in quiet and getattr(cfg, f.name) != getattr(base, f.name)]
+    s = f"seeds {cfg.seed}-{cfg.seed + seeds - 1}" if seeds > 1 else f"seed {cfg.seed}"
+    return f"{name}: config {preset}, {s}" + ("\n" + ", ".join(diff) if diff else "")
+
+
 def dense(cfg):
     """About 30 evaluations per run, so that a curve shows its shape, not its corners."""
     return min(cfg.eval_interval, max(1, cfg.max_iters // 30))
@@ -300,7 +310,7 @@ def figure(name, cfg, preset):
               f"{f['logp_rejected']:7.3f} | margin {f['margin']:6.3f} | acc {f['acc']:.3f}")
     if name == "length":
         length_table(extra)
-    plot(name, d, curves, extra, f"{name}: config {preset}, seed {cfg.seed}")
+    plot(name, d, curves, extra, title(name, preset, cfg))
 
 
 # ----------------------------------------------------------------------------------------
@@ -369,8 +379,7 @@ def sft_vs_orpo(cfg, preset, seeds):
     write_csv(os.path.join(d, "scores.csv"), scores)
     write_csv(os.path.join(d, "table.csv"), table)
     print_sft_vs_orpo(table)
-    plot_sft_vs_orpo(d, curves, scores, table, f"sft-vs-orpo: config {preset}, seed"
-                     + (f"s {cfg.seed}-{cfg.seed + seeds - 1}" if seeds > 1 else f" {cfg.seed}"))
+    plot_sft_vs_orpo(d, curves, scores, table, title("sft-vs-orpo", preset, cfg, seeds))
 
 
 def run_phase(args, extra, out_dir):
@@ -540,7 +549,7 @@ def methods(args, cfg, preset, opts, grid):
     write_csv(os.path.join(d, "methods.csv"), rows)
     write_csv(os.path.join(d, "why.csv"), why)
     print_methods(rows, why)
-    plot_methods(d, rows, why, f"methods: config {preset}, seed {cfg.seed}")
+    plot_methods(d, rows, why, title("methods", preset, cfg))
 
 
 # figures.py's own options: sft-vs-orpo's seeds; methods' DPO iterations, its grid of (beta,
@@ -562,6 +571,9 @@ def make(name, args, preset, cfg, opts):
         die("--dpo_betas and --dpo_lrs must be > 0, --tune_samples >= 0 (0: one DPO run, at "
             "--beta and --dpo_lr)")
     grid = [(b, lr) for b in betas for lr in lrs] if opts["tune_samples"] else [(cfg.beta, opts["dpo_lr"])]
+    if dense(cfg) != cfg.eval_interval:
+        print(f"evals every {dense(cfg)} iterations, not --eval_interval={cfg.eval_interval}: about "
+              f"30 points a curve over {cfg.max_iters} iterations; a smaller --eval_interval gives more")
     if name == "sft-vs-orpo":
         sft_vs_orpo(cfg, preset, opts["seeds"])
     elif name == "methods":

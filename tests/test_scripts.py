@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import figures
+import orpo
 from conftest import ROOT, cli, run
 from machinery import checkpoint, gpt2
 
@@ -210,3 +211,12 @@ def test_the_code_reads_forward_and_fits_on_a_screen():
                 if isinstance(n, (ast.Import, ast.ImportFrom)) and name in core:
                     mods = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module]
                     assert not {"sample", "bench", "figures"} & set(mods), f"{name} imports {mods}"
+
+
+def test_a_figure_says_the_settings_that_differ_and_its_eval_interval(tmp_path, data_dir):
+    cfg = orpo.Config(**{**orpo.PRESETS["tiny"], "max_iters": 10, "n_samples": 4})
+    t = figures.title("lam", "tiny", cfg)
+    assert t.startswith("lam: config tiny, seed 1337\n") and "max_iters=10" in t and "n_samples=4" in t
+    assert figures.title("lam", "tiny", orpo.Config(**orpo.PRESETS["tiny"])) == "lam: config tiny, seed 1337"
+    out, _ = figure(tmp_path, data_dir, "ratio", hide=True)  # --max_iters=10 --eval_interval=5
+    assert "evals every 1 iterations, not --eval_interval=5" in out
