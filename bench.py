@@ -8,6 +8,8 @@ matmuls set, the fraction of that limit reached (`mfu`), and peak memory.
     python bench.py --sweep=true ...   # block_size 256, 512, 1024 x batch_size 4, 8, fp32 and
                                        # bf16, each point in its own process (for its memory)
     python bench.py --attn=plain ...   # or sdpa: attention one way, not model.py's choice
+    python bench.py --decode=256 ...   # sampling: ms per new token of model.generate, with
+                                       # the KV cache and without, at new tokens 16 ... 256
 
 The limit: on a CUDA GPU, the vendor's dense bf16 peak (GPU_PEAK). On a CPU, measured here
 and now, in the run's dtype, at every matmul shape and layout the step runs (step_gemms):
@@ -191,6 +193,28 @@ def bench(cfg, steps, show_gemms=False, attn="auto"):
     return out
 
 
+def decode(cfg, n_new, prompt_len=16):
+    """Time model.generate on random weights: the ms each new token takes (a hook on ln_f,
+    which each token's pass ends in), with the KV cache and without; one JSON line each."""
+    dev, dev_type, dtype, ctx = setup_device(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    raw = GPT(checkpoint.model_config(cfg, dict(vocab_size=cfg.vocab_size or 50257))).to(dev).eval()
+    stamps = []
+    raw.ln_f.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    idx = torch.randint(0, raw.n_vocab, (1, prompt_len), device=dev)
+    for cache in (True, False):
+        stamps.clear()
+        with ctx:
+            raw.generate(idx, n_new, temperature=0, cache=cache)
+        ms = np.diff(stamps) * 1e3  # ms[i]: new token i + 2 (the first has no start)
+        at = {n: round(float(np.median(ms[max(0, n - 6):n - 2])), 2)  # 4 tokens up to n
+              for n in (16, 64, 128, 256, 512, 1024) if 6 <= n <= n_new}
+        print(json.dumps(dict(cache=cache, cpu=cpu_name(), dtype=dtype,
+                              threads=torch.get_num_threads(), params=raw.num_params(),
+                              prompt=prompt_len, new_tokens=n_new, ms_per_token_at=at,
+                              total_s=round(stamps[-1] - stamps[0], 2))))
+
+
 def sweep(argv, steps):
     """Each point in its own process, so that peak memory is that point's alone."""
     keep = [a for a in argv if not a.startswith(("--sweep", "--block_size", "--batch_size",
@@ -208,7 +232,8 @@ def sweep(argv, steps):
 
 def main():
     preset, cfg, opts = parse_args(
-        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10, sweep=False, gemms=False, attn="auto"),
+        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10, sweep=False, gemms=False, attn="auto",
+                                                       decode=0),
         usage="bench.py [--config NAME] [--key=value ...]",
         keys=("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size", "lam",
               "sft_on_prompt", "hand_grad", "ratio", "logp", "batch_size", "grad_accum", "lr",
@@ -216,12 +241,15 @@ def main():
         notes=dict(steps="timed optimizer steps (after two warm-up steps); the median is printed",
                    sweep="time block_size 256-1024 x batch_size 4, 8 in fp32 and bf16",
                    gemms="also print the rate of each matmul shape of the step",
-                   attn="auto, sdpa or plain: how attention is computed"))
+                   attn="auto, sdpa or plain: how attention is computed",
+                   decode="N > 0: time sampling N new tokens instead (ms per token)"))
     if opts["steps"] < 1:
         die(f"--steps must be an integer >= 1, got {opts['steps']}")
     if opts["attn"] not in ("auto", "sdpa", "plain"):
         die(f"--attn must be auto, sdpa or plain, got {opts['attn']!r}")
-    if opts["sweep"]:  # --attn goes on to each point's process
+    if opts["decode"]:
+        decode(cfg, opts["decode"])
+    elif opts["sweep"]:  # --attn goes on to each point's process
         sweep(sys.argv[1:], opts["steps"])
     else:
         bench(cfg, opts["steps"], opts["gemms"], opts["attn"])

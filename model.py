@@ -141,12 +141,13 @@ def use_plain(attn, T, cpu16):
 
 
 def plain_attention(q, k, v):
-    """softmax(q k^T / sqrt(hs), causal) v for q, k, v (B, nh, T, hs): two batched matmuls."""
-    T = q.size(-2)
-    att = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, T); q: fewer to scale
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # key after query
+    """softmax(q k^T / sqrt(hs), causal) v for q (B, nh, T, hs) and k, v (B, nh, S, hs): two
+    batched matmuls. The T queries are the last T of the S positions (S > T: a KV cache's)."""
+    T, S = q.size(-2), k.size(-2)
+    att = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, S); q: fewer to scale
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)  # key after query
     att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32)
-    return att.to(v.dtype) @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    return att.to(v.dtype) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -157,17 +158,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs): each head attends over its own hs = C / nh channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv is not None:  # generate's KV cache: this layer's keys and values so far ([])
+            if kv:  # the earlier S - T positions' keys and values, computed once, not again
+                k, v = torch.cat((kv[0], k), 2), torch.cat((kv[1], v), 2)  # (B, nh, S, hs)
+            kv[:] = [k, v]
         cpu16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")  # bf16 or fp16
         plain = use_plain(self.kind, T, cpu16) and not (self.training and self.dropout)
-        if plain:  # (no dropout in this path)
+        if plain or 1 < T < k.size(2):  # (no dropout in this path; SDPA's mask fits T = 1 or S)
             y = plain_attention(q, k, v)  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,  # (B, nh, T, hs)
+            # one new query (T = 1) after a cache sees every key: no mask (is_causal would
+            # align it with the first key); else T = S and the mask is the causal one
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,  # (B, nh, T, hs)
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.drop(self.c_proj(y))
@@ -193,8 +200,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -228,15 +235,18 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx):
-        """The last hidden states (B, T, C), after ln_f: what the output layer reads."""
+    def hidden(self, idx, cache=None):
+        """The last hidden states (B, T, C), after ln_f: what the output layer reads. With a
+        KV cache (a list per layer, see generate), idx holds the tokens after those cached."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        t0 = cache[0][0].size(2) if cache and cache[0] else 0  # positions already cached
+        if t0 + T > self.cfg.block_size:
+            raise ValueError(f"sequence of length {t0 + T} exceeds "
+                             f"block_size {self.cfg.block_size}")
+        pos = torch.arange(t0, t0 + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) -> (B, T, C)
-        for block in self.h:
-            x = block(x)
+        for i, block in enumerate(self.h):
+            x = block(x, cache[i] if cache is not None else None)
         return self.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, need=None):
@@ -265,14 +275,24 @@ class GPT(nn.Module):
                 + 6 * c.n_embd * self.n_vocab * n_logits)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eot=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eot=None, generator=None,
+                 cache=True):
         """Sample continuations of idx (B, T), from the last position's logits only. A row
         that has sampled the end-of-text token eot keeps emitting it; sampling stops as soon
-        as every row has."""
+        as every row has. With the KV cache (cache=True), each new token runs alone through
+        the model, attending over the keys and values kept from the tokens before it: the
+        same logits as running the whole context again (cache=False), within fp32 rounding,
+        for a fraction of the work. Past block_size the context slides, and every position
+        moves: there each token recomputes the last block_size, as cache=False always does."""
         w = self.lm_head.weight[:self.n_vocab]  # padding ids are never sampled
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        kv = None
         for _ in range(max_new_tokens):
-            x = self.hidden(idx[:, -self.cfg.block_size:])[:, -1]  # (B, C)
+            if kv and idx.size(1) <= self.cfg.block_size:  # the cache holds all but the last
+                x = self.hidden(idx[:, -1:], kv)[:, -1]  # (B, C)
+            else:  # the whole context (at most block_size), which fills a fresh cache
+                kv = [[] for _ in self.h] if cache else None
+                x = self.hidden(idx[:, -self.cfg.block_size:], kv)[:, -1]  # (B, C)
             logits = F.linear(x, w).float()  # (B, n_vocab)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)  # (B, 1)

@@ -201,6 +201,7 @@ class Meter:
         self.world, self.ref, self.cost = world, ref, progress.cost
         self.t_start = time.time() - progress.seconds  # the clock goes on from a checkpoint's
         self.t_log, self.toks, self.flops = time.time(), 0, 0
+        self.cpu, self.hinted = time.process_time(), False
 
     def step(self, rows, batches, t0):
         """Count one optimizer step on this process: its batches' rows, begun at time t0."""
@@ -216,15 +217,26 @@ class Meter:
         self.cost["train_seconds"] += time.time() - t0
 
     def print_step(self, it, vals, lr):
-        """The log line, with every process's tokens and FLOPs since the last one."""
-        print_step(it, vals, lr, self.toks * self.world, self.flops * self.world,
-                   time.time() - self.t_log)
-        self.t_log, self.toks, self.flops = time.time(), 0, 0
+        """The log line, with every process's tokens and FLOPs since the last one; once, a
+        note if the CPU ran this process's threads far less than the time they had."""
+        dt, cpu = time.time() - self.t_log, time.process_time() - self.cpu
+        print_step(it, vals, lr, self.toks * self.world, self.flops * self.world, dt)
+        share = cpu / (dt * torch.get_num_threads())  # ~1 when each thread had its core
+        if self.model.wte.weight.device.type == "cpu" and share < 0.75 and not self.hinted:
+            self.hinted = True
+            print(f"note: this process's {torch.get_num_threads()} threads got {share:.0%} of "
+                  "the CPU time they had: other programs are using the cores. An idle machine, "
+                  "or fewer threads (OMP_NUM_THREADS=1), runs faster")
+        self.t_log, self.toks, self.flops, self.cpu = time.time(), 0, 0, time.process_time()
 
     def seconds(self):
         """Seconds in the training loop, the resumed run's included."""
         return time.time() - self.t_start
 
     def total(self, dev_type):
-        """The cost as summary.json holds it."""
-        return dict(self.cost, processes=self.world, peak_mem_mb=round(peak_mem_mb(dev_type)))
+        """The cost as summary.json holds it: the passes and FLOPs of all the processes, as
+        the log line counts them (each process runs as many micro-batches as process 0, whose
+        counts these are); steps and seconds are the run's, shared by all."""
+        per = {k: self.cost[k] * self.world for k in ("policy_passes", "ref_passes", "flops")}
+        return dict(self.cost, **per, processes=self.world,
+                    peak_mem_mb=round(peak_mem_mb(dev_type)))

@@ -523,3 +523,30 @@ def test_from_pretrained_hub_failure_is_a_value_error(monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", offline)
     with pytest.raises(ValueError, match=r"^gpt2-xl: could not download it from the Hugging Face hub"):
         gpt2.from_pretrained("gpt2-xl")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "plain"])
+def test_kv_cache_logits_equal_full_recompute_at_every_position(attn):
+    """Fed a token at a time through the cache, the model gives at each position the logits
+    that running the whole sequence gives there (forward, no cache), within fp32 rounding."""
+    model = tiny_model(attn=attn).eval()
+    idx = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(idx)  # (3, 20, vocab): every position at once
+        kv = [[] for _ in model.h]
+        got = [F.linear(model.hidden(idx[:, :5], kv), model.lm_head.weight)]  # a 5-token prompt
+        got += [F.linear(model.hidden(idx[:, t:t + 1], kv), model.lm_head.weight)
+                for t in range(5, 20)]  # then one token at a time
+    assert kv[0][0].shape == (3, model.cfg.n_head, 20, model.cfg.n_embd // model.cfg.n_head)
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_greedy_samples_equal_uncached_token_for_token():
+    """Greedy decoding (temperature 0) with and without the cache: the same tokens, for
+    prompts of two lengths, past block_size (32) where the window slides."""
+    model = tiny_model().eval()
+    for T in (1, 7):
+        idx = torch.randint(0, 50, (4, T), generator=torch.Generator().manual_seed(T))
+        got = model.generate(idx, 40, temperature=0)
+        want = model.generate(idx, 40, temperature=0, cache=False)
+        assert got.shape == (4, T + 40) and torch.equal(got, want)
