@@ -4,7 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+# CI has 2 cores. Fixed threads fix float summation order, in this process and in the runs
+# it starts; set before torch loads, so that machinery.boot never picks them by the load.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
