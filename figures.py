@@ -264,7 +264,7 @@ def uniform_ratios():
     return [dict(log_or=float(o), log_pr=float(r)) for o, r in zip(log_or, log_pr)]
 
 
-def title(name, preset, cfg, seeds=1):
+def run_title(name, preset, cfg, seeds=1):
     """A figure's title: what ran (config, seeds), and each setting that differs from the
     preset's own, so that a short or small run never passes for the default one."""
     base, quiet = orpo.Config(**orpo.PRESETS.get(preset, {})), ("out_dir", "data_dir", "seed")
@@ -310,7 +310,7 @@ def figure(name, cfg, preset):
               f"{f['logp_rejected']:7.3f} | margin {f['margin']:6.3f} | acc {f['acc']:.3f}")
     if name == "length":
         length_table(extra)
-    plot(name, d, curves, extra, title(name, preset, cfg))
+    plot(name, d, curves, extra, run_title(name, preset, cfg))
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def sft_vs_orpo(cfg, preset, seeds):
     write_csv(os.path.join(d, "scores.csv"), scores)
     write_csv(os.path.join(d, "table.csv"), table)
     print_sft_vs_orpo(table)
-    plot_sft_vs_orpo(d, curves, scores, table, title("sft-vs-orpo", preset, cfg, seeds))
+    plot_sft_vs_orpo(d, curves, scores, table, run_title("sft-vs-orpo", preset, cfg, seeds))
 
 
 def run_phase(args, extra, out_dir):
@@ -549,7 +549,7 @@ def methods(args, cfg, preset, opts, grid):
     write_csv(os.path.join(d, "methods.csv"), rows)
     write_csv(os.path.join(d, "why.csv"), why)
     print_methods(rows, why)
-    plot_methods(d, rows, why, title("methods", preset, cfg))
+    plot_methods(d, rows, why, run_title("methods", preset, cfg))
 
 
 # figures.py's own options: sft-vs-orpo's seeds; methods' DPO iterations, its grid of (beta,

@@ -47,10 +47,10 @@ def busy_threads(samples=5, gap=0.01):
         return 0
 
 
-def choose_threads(cores, busy):
-    """The OpenMP thread count for `cores` usable cores while `busy` of them run other
+def choose_threads(n_cores, busy):
+    """The OpenMP thread count for n_cores usable cores while `busy` of them run other
     programs' threads: one per free core, at least one; None (torch's own choice) if idle."""
-    return None if busy == 0 else max(1, cores - busy)
+    return None if busy == 0 else max(1, n_cores - busy)
 
 
 def cores():

@@ -215,8 +215,8 @@ def test_the_code_reads_forward_and_fits_on_a_screen():
 
 def test_a_figure_says_the_settings_that_differ_and_its_eval_interval(tmp_path, data_dir):
     cfg = orpo.Config(**{**orpo.PRESETS["tiny"], "max_iters": 10, "n_samples": 4})
-    t = figures.title("lam", "tiny", cfg)
+    t = figures.run_title("lam", "tiny", cfg)
     assert t.startswith("lam: config tiny, seed 1337\n") and "max_iters=10" in t and "n_samples=4" in t
-    assert figures.title("lam", "tiny", orpo.Config(**orpo.PRESETS["tiny"])) == "lam: config tiny, seed 1337"
+    assert figures.run_title("lam", "tiny", orpo.Config(**orpo.PRESETS["tiny"])) == "lam: config tiny, seed 1337"
     out, _ = figure(tmp_path, data_dir, "ratio", hide=True)  # --max_iters=10 --eval_interval=5
     assert "evals every 1 iterations, not --eval_interval=5" in out
