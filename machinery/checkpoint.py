@@ -225,11 +225,20 @@ class RunDir:
             if self.held:
                 self.held.release()
 
+    def hold(self):
+        """The first process holds the folder; a second run is told which process does."""
+        if not self.master or self.held:
+            return
+        try:
+            self.held = lock(self.out_dir)
+        except ValueError as e:
+            die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
+
     def resume_state(self, cfg):
         """The checkpoint to resume from, read with the folder locked (so no run can write a
         newer one meanwhile) and before the data. Resuming on other data, another shape,
         objective or schedule, before the checkpoint, or without its log, is an error."""
-        self.lock()
+        self.hold()
         ck = load_checkpoint(self.path, CKPT_KEYS)
         if "id" not in ck["meta"] or not isinstance(ck["rng"], list):
             die(f"{self.path} was written by an older version of orpo.py; start a new --out_dir")
@@ -249,22 +258,13 @@ class RunDir:
                 f"iteration {ck['iter']}, which the summary needs; start a new --out_dir")
         return ck
 
-    def lock(self):
-        """The first process holds the folder; a second run is told which process does."""
-        if not self.master or self.held:
-            return
-        try:
-            self.held = lock(self.out_dir)
-        except ValueError as e:
-            die(f"--out_dir: {e}; wait for it to end, or give another --out_dir")
-
     def claim(self, resume):
         """The first process locks the folder; a new run never writes over another's files.
         A log alone is of a run killed before it saved anything, and is started anew; a
         summary with no checkpoint is a run that finished (--max_iters=0), and is kept."""
         if not self.master:
             return
-        self.lock()
+        self.hold()
         if not resume and os.path.exists(self.path):
             die(f"{self.out_dir} holds another run ({on_disk(self.path)}): continue it with "
                 f"--init_from=resume, or give a new --out_dir")
