@@ -8,7 +8,8 @@ use both in a class.
 
 The handout is orpo.py with the bodies of the graded functions replaced by
 `raise NotImplementedError("exercise N: ...")` (signature, docstring and the paper's equation
-tags kept), and without the worked solutions. The grader reads only the student's orpo.py
+tags kept), without the worked solutions, and with a README of its own for the student
+(teacher/handout-README.md). The grader reads only the student's orpo.py
 (and answers.txt), runs each graded function alone on the frozen inputs, with every other
 graded function it calls replaced by a stand-in that returns the frozen values, so that one
 wrong or missing function costs its own points only. It never calls this project's solution:
@@ -16,6 +17,7 @@ wrong or missing function costs its own points only. It never calls this project
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import ast
+import hashlib
 import json
 import math
 import os
@@ -66,11 +68,25 @@ MASK_HOLE = "exercise 3: set resp_mask and seq_mask for row i"
 TAG = re.compile(r"#.*\b(Eqs?|Sec)\. ?\d")  # comments that cite the paper stay
 # Left out of the handout: worked solutions, the answer key, the grader's own tests
 LEAVE_OUT = ("GRADIENT.md", "TEACHING.md", "teacher/", "tests/test_assignment.py")
-README_CUT = "## Deriving the gradient"  # a README section that is a worked solution
+STUDENT_README = os.path.join(ROOT, "teacher", "handout-README.md")  # the handout's README.md
+LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)[^)]*\)")  # a Markdown link: [text](target#part)
 DROP_TESTS = {"tests/test_loss.py": ("test_loss_matches_the_paper_by_hand",  # spell answers out
                                      "test_probability_ratio_and_summed_logp",
                                      "test_dpo_loss_by_hand",
                                      "test_dpo_gradient_agrees_with_finite_differences")}
+HOLES_LEFT = '''\
+def holes_left(cfg):
+    """Stop, with one line naming the first, if a run of cfg would reach a hole: exercises
+    1-3 are in every run, 4 in --hand_grad's, 10 in --ratio=simpo's, 11 in --loss=dpo's."""
+    with open(__file__) as f:  # a hole's line: raise NotImplementedError('exercise N: ...')
+        left = [l.strip()[27:-2] for l in f if l.strip().startswith("raise NotImplementedError(")]
+    number = lambda m: int(m.split()[1][:-1])
+    flag = {4: cfg.hand_grad, 10: cfg.ratio == "simpo", 11: cfg.loss == "dpo"}
+    left = [m for m in left if flag.get(number(m), True)]
+    if left:
+        die(f"fill the holes first, from {min(left, key=number)}; "
+            "`python assignment.py grade .` checks them")
+'''
 ANSWERS = """\
 # Exercises 1 and 3, answered by hand: fill in each value after the `=`.
 # Exercise 1: P_w = 0.6, P_l = 0.3. Numbers to at least three significant digits.
@@ -110,9 +126,9 @@ def hole_edits(src, tree):
         node = find(tree, qualname)
         if node is None:
             die(f"orpo.py has no {qualname}: the handout cannot be cut")
-        body = node.body[1:] if ast.get_docstring(node) is not None else node.body
-        a, b = body[0].lineno, node.end_lineno
-        pad = " " * body[0].col_offset
+        doc = ast.get_docstring(node) is not None  # kept; what follows it goes, comments too
+        a, b = (node.body[0].end_lineno + 1 if doc else node.body[0].lineno), node.end_lineno
+        pad = " " * node.body[0].col_offset
         tags = [pad + l[l.index("#"):] for l in lines[a - 1:b] if TAG.search(l)]
         edits.append((a, b, tags + [f"{pad}raise NotImplementedError({msg!r})"]))
         if qualname == "orpo_grad":  # the derivation: the comment block right above the def
@@ -132,15 +148,11 @@ def hole_edits(src, tree):
     pad = " " * sets[0].col_offset
     edits.append((sets[0].lineno, sets[0].end_lineno, [f"{pad}raise NotImplementedError({MASK_HOLE!r})"]))
     edits += [(n.lineno, n.end_lineno, []) for n in sets[1:]]
-    run = find(tree, "main").body[-1]  # a run in a handout with holes: one line, not a traceback
-    pad = " " * run.col_offset
-    edits.append((run.lineno, run.end_lineno, [
-        f"{pad}todo = [l.strip()[27:-2] for l in open(__file__)",
-        f"{pad}        if l.strip().startswith('raise NotImplementedError(')]",
-        f"{pad}if todo:  # the handout's holes, the first exercise's first",
-        f"{pad}    die(f'fill the holes first, from {{min(todo, key=lambda m: int(m.split()[1][:-1]))}}'",
-        f"{pad}        '; `python assignment.py grade .` checks them')",
-        lines[run.lineno - 1]]))
+    train = find(tree, "train")  # a run that would reach a hole: one line, before any work
+    edits.append((train.lineno, train.lineno - 1, HOLES_LEFT.splitlines() + [""]))
+    first = train.body[1]  # after the docstring
+    edits.append((first.lineno, first.lineno - 1,
+                  [" " * first.col_offset + "holes_left(cfg)  # the handout's holes: one line"]))
     return edits
 
 
@@ -179,11 +191,20 @@ def project_files():
     return files
 
 
+def left_out(name):
+    return any(name == x or name.startswith(x) for x in LEAVE_OUT)
+
+
+def unlink(md):
+    """Markdown whose links to the files a handout leaves out are text, saying so."""
+    return LINK.sub(lambda m: f"{m[1]} (not in the handout)" if left_out(m[2]) else m[0], md)
+
+
 def write_files(dst, handout):
     """The project's files into dst, the handout's own (cut) ones instead of theirs; how many."""
     n = 0
     for name in project_files():
-        if any(name == x or name.startswith(x) for x in LEAVE_OUT) or name in handout:
+        if left_out(name) or name in handout:
             continue
         os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
@@ -201,12 +222,12 @@ def make(dst):
         die(f"{dst} is not empty: make writes the handout into a new or empty folder")
     with open(os.path.join(ROOT, "orpo.py")) as f:
         handout = {"orpo.py": cut(f.read()), "answers.txt": ANSWERS}
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    if README_CUT in readme:  # up to the next section
-        a = readme.index(README_CUT)
-        b = readme.find("\n## ", a + 1)
-        handout["README.md"] = readme[:a] + (readme[b + 1:] if b >= 0 else "")
+    for name in project_files():  # the Markdown files, their links to what is left out unlinked
+        if name.endswith(".md") and not left_out(name):
+            with open(os.path.join(ROOT, name)) as f:
+                handout[name] = unlink(f.read())
+    with open(STUDENT_README) as f:
+        handout["README.md"] = unlink(f.read())  # the student's, for the project's
     for name, tests in DROP_TESTS.items():
         with open(os.path.join(ROOT, name)) as f:
             handout[name] = drop_tests(f.read(), tests)
@@ -355,13 +376,20 @@ def read_answers(d):
     raise Fail("no answers.txt in the copy")
 
 
+def sealed(key, text):
+    """An answer as the reference file keeps it: a hash of the key and its text (a number's
+    three significant digits, or tokens), so that a handout, which holds the file, can check
+    answers.txt without holding the answers."""
+    return hashlib.sha256(f"{key} = {' '.join(text.split())}".encode()).hexdigest()[:20]
+
+
 def check_answers(d, want):
     got = read_answers(d)
-    for k, v in want.items():
+    for k, (kind, seal) in want.items():
         if not got.get(k):
             raise Fail(f"answers.txt: {k} is blank")
-        if isinstance(v, str):
-            if got[k].split() != v.split():
+        if kind == "tokens":
+            if sealed(k, got[k]) != seal:
                 raise Fail(f"answers.txt: {k} = {got[k]} is not right (compare with your other rows)")
             continue
         if not re.fullmatch(r"[-+*/().0-9eE ]+", got[k]):
@@ -370,8 +398,8 @@ def check_answers(d, want):
             x = float(eval(got[k], {"__builtins__": {}}))
         except (SyntaxError, ZeroDivisionError, TypeError):
             raise Fail(f"answers.txt: {k} = {got[k]} is not a number")
-        if not math.isclose(x, v, rel_tol=5e-3, abs_tol=5e-4):
-            raise Fail(f"answers.txt: {k} = {got[k]} is off by more than three significant digits")
+        if all(sealed(k, f"{x * (1 + e):.3g}") != seal for e in (0, -2e-3, 2e-3)):  # rounded or cut
+            raise Fail(f"answers.txt: {k} = {got[k]} is not right to three significant digits")
 
 
 def check_odds(load, cases):
@@ -587,7 +615,8 @@ def grade(d, ref=REF):
 # The reference values: computed once from the solution, in float64, and checked in
 
 EXT = [-1e-12, -1e-6, -1e-3, -0.5, -3.0, -20.0, -200.0]  # l: P near 1 ... P near 0
-TOY = [([1, 2, 3], [4, 5, 0], [4, 0]),  # a b c | d e <eot> | d <eot>: exercise 3's pair
+TOY = [([1, 2, 3], [4, 5, 0], [4, 0]),  # a b c | d e <eot> | d <eot>: exercise 3's pair (3a)
+       ([2, 1], [3, 5, 4, 0], [0]),
        ([7], [8, 9, 10, 11, 0], [12, 13, 0]),
        ([2, 2, 2, 2, 2], [3, 0], [5, 5, 5, 0])]
 LETTERS = {0: "<eot>", 1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
@@ -689,13 +718,14 @@ def freeze_rest(orpo, torch):
         tokens += p + c + r
     split = np.array(tokens, np.uint16), np.array(index, np.int64)
     calls = []
-    for rows in ([0], [0, 1, 2], [2, 0]):
+    for rows in ([1], [1, 2, 3], [3, 1]):  # not exercise 3's pair: its masks are 3a's answer
         got = orpo.make_batch(split, rows, "cpu")
         calls.append(dict(zip(("x", "y", "resp_mask", "seq_mask"), (t.tolist() for t in got)), rows=rows))
-    x0, y0, resp0, seq0 = (calls[0][k][0] for k in ("x", "y", "resp_mask", "seq_mask"))
+    x0, y0, resp0, seq0 = (t[0].tolist() for t in orpo.make_batch(split, [0], "cpu"))
     by_hand = dict(x=" ".join(LETTERS[v] for v in x0), y=" ".join(LETTERS[v] for v in y0),
                    resp_mask=" ".join(str(int(v)) for v in resp0),
                    seq_mask=" ".join(str(int(v)) for v in seq0))
+    by_hand = {k: ["tokens", sealed(k, v)] for k, v in by_hand.items()}
     logps = []
     for B, lengths, sft, mean in ((1, [(1, 5), (2, 4)], False, True), (2, LENGTHS, False, True),
                                   (2, LENGTHS, False, False), (2, LENGTHS, True, True)):
@@ -714,12 +744,13 @@ def freeze_rest(orpo, torch):
             loss.backward()
             dpo.append(dict(pi=pi.tolist(), ref=ref.tolist(), beta=beta, loss=loss.item(),
                             grad=p.grad.tolist()))
-    ell = torch.log(torch.tensor([0.6, 0.3], dtype=torch.float64))
-    l_or, log_or = orpo.odds_ratio_loss(ell[:1], ell[1:])
-    odds = (ell - orpo.log1mexp(ell)).exp()
+    P = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    l_or, log_or = orpo.odds_ratio_loss(P[:1].log(), P[1:].log())
+    odds = P / (1 - P)
     by_hand_1 = dict(odds_w=odds[0].item(), odds_l=odds[1].item(), odds_ratio=log_or.exp().item(),
                      log_or=log_or.item(), l_or=l_or.item(), delta=torch.sigmoid(-log_or).item(),
-                     prob_ratio=(ell[0] - ell[1]).exp().item())
+                     prob_ratio=(P[0] / P[1]).item())
+    by_hand_1 = {k: ["number", sealed(k, f"{v:.3g}")] for k, v in by_hand_1.items()}
     return {"1a": by_hand_1, "2": log1mexp, "3a": by_hand, "3b": dict(tokens=tokens, index=index,
             rows=[[p, c, r] for p, c, r in TOY], calls=calls), "3c": logps, "11": dpo}
 

@@ -66,6 +66,21 @@ def test_log1mexp_is_stable_and_exact():
     assert not torch.isfinite(naive)  # what the stable form is for
 
 
+def test_loss_float32_finite_where_the_naive_form_fails():
+    """The loss and its autograd gradient in float32, at every pairing of l from -1e-12
+    (P = 1 to float32's precision) to -1e4: exercises 1 and 2 alone."""
+    ells = -torch.logspace(-12, 4, 200)
+    w, l = torch.meshgrid(ells, ells, indexing="ij")
+    w, l = w.flatten().float().requires_grad_(), l.flatten().float().requires_grad_()
+    loss, _ = orpo.orpo_loss(None, torch.cat([w, l]), None, lam=1.0)
+    loss.backward()
+    for t in (loss, w.grad, l.grad):
+        assert torch.isfinite(t).all()
+    naive = lambda x: x - torch.log1p(-torch.exp(x))  # log odds, naively
+    bad = -torch.nn.functional.logsigmoid(naive(w.detach()) - naive(l.detach()))
+    assert not torch.isfinite(bad).all()
+
+
 def test_loss_matches_the_paper_by_hand():
     ell = torch.tensor([-0.5, -2.0, -1.5, -0.3], dtype=torch.float64)  # chosen 2, rejected 2
     logp = torch.zeros(4, 3, dtype=torch.float64)
