@@ -1,11 +1,14 @@
-"""assignment.py: the handout it cuts from orpo.py; the grader on the solution (full marks),
-on the handout as made (0, each row with its exercise's message) and on a catalogue of
-typical wrong answers (each costs its own row's points, and only those); and the frozen
-reference values against the solution that computed them."""
+"""assignment.py: the handout it cuts from orpo.py, with no answer in any of its files and
+each exercise checkable once it and the earlier ones are filled; the grader on the solution
+(full marks), on the handout as made (0, each row with its exercise's message) and on a
+catalogue of typical wrong answers (each costs its own row's points, and only those); and
+the frozen reference values against the solution that computed them."""
 import ast
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -99,6 +102,98 @@ def test_solution_full_marks_handout_zero_from_the_command_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "not empty" in r.stderr
 
 
+# Each graded exercise's answers as a student could find them written down: a pattern, over
+# text with − as -, ℓ as l and the whitespace collapsed, and an example that it matches
+CATALOGUE = [
+    # 1: the worked numbers (P_w = 0.6, P_l = 0.3), and the code of Eqs. 4-7
+    (1, r"odds_l = (3/7|0\.428)", "odds_l = 3/7"),
+    (1, r"(odds_ratio|\bOR) = 3\.5\b", "OR = 3.5"),
+    (1, r"\b1\.252[78]", "log OR ≈ 1.2528"),
+    (1, r"\b0\.2513", "L_OR ≈ 0.2513"),
+    (1, r"log\(9/7\)", "L_OR = log(9/7)"),
+    (1, r"(δ|delta) = (2/9|0\.222)", "δ = 2/9"),
+    (1, r"log_odds_w - log_odds_l", "log_or = log_odds_w - log_odds_l"),
+    (1, r"ell_w - log1mexp\(ell_w\)", "log_odds_w = ell_w - log1mexp(ell_w)"),
+    (1, r"-F\.logsigmoid\(log_or\)", "return -F.logsigmoid(log_or), log_or"),
+    (1, r"\(l_sft \+ lam \* l_or\)\.mean\(\)", "return (l_sft + lam * l_or).mean(), ..."),
+    # 2: the stable form, and where the naive one breaks
+    (2, r"log\(-(torch\.)?expm1", "torch.log(-torch.expm1(x))"),
+    (2, r"\w = -math\.log\(2\)", "a = -math.log(2)"),
+    (2, r"M(ae|ä)chler", "Maechler 2012"),
+    (2, r"\bk = 7\b.{0,40}\bk = 8\b", "off by 1% at k = 7, -inf from k = 8"),
+    # 3: the masks by hand, the mask line, Eq. 3's code
+    (3, r"resp_mask = 0 0 1 1 1", "resp_mask = 0 0 1 1 1"),
+    (3, r"\by = b c d e <eot>", "y = b c d e <eot>"),
+    (3, r"p - 1:n", "resp_mask[i, p - 1:n] = 1.0"),
+    (3, r"seq_mask\[i, :n\] = 1", "seq_mask[i, :n] = 1.0"),
+    (3, r"target `?p - 1", "the response starts at target p - 1"),
+    (3, r"masked_scatter\(scored", "torch.zeros_like(resp_mask).masked_scatter(scored, tok)"),
+    (3, r"resp_mask\.sum\(1\) if mean", "(resp_mask.sum(1) if mean else 1)"),
+    # 4: the gradient, the sign the paper drops, and the code
+    (4, r"-δ\(d\) ?[·*]? ?h\(d\)", "∇L_OR = −δ(d)·h(d)"),
+    (4, r"h\(d?\)? = ∇", "h(d) = ∇ℓ_w/(1 − P_w) − ∇ℓ_l/(1 − P_l)"),
+    (4, r"∇ ?l_w ?/ ?\(1 - P_w\)", "∇ℓ_w/(1 − P_w)"),
+    (4, r"-1 - (λ|lam) ?[·*]? ?(δ|delta)", "∂L/∂ℓ_w = −1 − λ·δ/(1 − P_w)"),
+    (4, r"\+ ?(λ|lam) ?[·*]? ?(δ|delta) ?/ ?\(1 - P_l\)", "∂L/∂ℓ_l = +λ·δ/(1 − P_l)"),
+    (4, r"(δ|delta) ?/ ?\(1 ?- ?P_w\)", "dL_OR/dℓ_w = -delta/(1-P_w)"),
+    (4, r"-1 ?/ ?(torch\.)?expm1\(", "inv_w = -1 / torch.expm1(ell_w)"),
+    (4, r"drops? (the|its|a) minus", "the paper's Eqs. 8 and 20 drop the minus"),
+    (4, r"minus sign that its Eqs", "with the minus sign that its Eqs. 8 and 20 drop"),
+    (4, r"g_w \+ 1 / B", "g_w = g_w + 1 / B"),
+    (4, r"onehot\(y_t\) - softmax", "dlogp_t/dlogits_t = onehot(y_t) - softmax_t"),
+    # 10: SimPO's code, and the written answer
+    (10, r"logsigmoid\(beta \* \(ell_w - ell_l\) - gamma\)", "-F.logsigmoid(beta * (ell_w - ell_l) - gamma)"),
+    (10, r"return l_or\.mean\(\), pair_means", "return l_or.mean(), pair_means(...)"),
+    (10, r"pushing both down", "it widens the margin by pushing both down"),
+    # 11: DPO's code, and the written answers
+    (11, r"\(pi\[:B\] - ref\[:B\]\) - \(pi\[B:\] - ref\[B:\]\)",
+     "z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))"),
+    (11, r"logsigmoid\(z\)\.mean\(\)", "return -F.logsigmoid(z).mean()"),
+    (11, r"log ?2 ?(≈|=) ?0\.69", "the loss is log 2 ≈ 0.693 for every β"),
+    (11, r"1 \+ 1/3\)", "300 × (1 + 1/3) = 400"),
+    (11, r"β ?/ ?2 ?[×*] ?∇", "the gradient is about β/2 × ∇(π_w − π_l)"),
+]
+
+
+def norm(text):
+    return " ".join(text.replace("−", "-").replace("ℓ", "l").split())
+
+
+def answers_in(folder):
+    """(file, exercise, pattern) for each catalogue entry that a text file in folder holds."""
+    hits = []
+    for d, dirs, names in os.walk(folder):
+        dirs[:] = [x for x in dirs if x not in (".git", ".venv", "__pycache__")]
+        for name in names:
+            path = os.path.join(d, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = norm(f.read())
+            except UnicodeDecodeError:
+                continue
+            hits += [(os.path.relpath(path, folder), ex, pat) for ex, pat, _ in CATALOGUE
+                     if re.search(pat, text)]
+    return sorted(hits)
+
+
+def test_the_handout_holds_no_answer_and_a_planted_one_is_found(tmp_path):
+    assert {ex for ex, _, _ in CATALOGUE} == {1, 2, 3, 4, 10, 11}
+    assert [e for e in CATALOGUE if not re.search(e[1], norm(e[2]))] == []
+    hand = tmp_path / "handout"
+    assignment.make(str(hand))
+    assert answers_in(hand) == []
+    readme = hand / "README.md"
+    clean = readme.read_text()
+    for ex, pat, example in CATALOGUE:  # each entry, planted in the README, is found there
+        readme.write_text(f"{clean}\n{example}\n")
+        hits = answers_in(hand)
+        assert ("README.md", ex, pat) in hits and {h[0] for h in hits} == {"README.md"}, example
+    # the catalogue is of this solution's answers: each is in a file the handout leaves out
+    # or cuts (orpo.py, README.md, GRADIENT.md, teacher/)
+    found = {pat for _, _, pat in answers_in(ROOT)}
+    assert [pat for _, pat, _ in CATALOGUE if pat not in found] == []
+
+
 def test_handout_leaves_out_the_solutions_and_keeps_the_rest(tmp_path):
     hand = str(tmp_path / "handout")
     assignment.make(hand)
@@ -108,14 +203,22 @@ def test_handout_leaves_out_the_solutions_and_keeps_the_rest(tmp_path):
         src = f.read()
     for answer in ("g_w + 1 / B", "-1 / torch.expm1", "dL_OR/dℓ_w", "p - 1:n", "logsigmoid"):
         assert answer not in src, answer
-    with open(os.path.join(hand, "README.md")) as f:
-        assert assignment.README_CUT not in f.read()
+    with open(os.path.join(hand, "README.md")) as f:  # the student's, with links that resolve
+        readme = f.read()
+    with open(assignment.STUDENT_README) as f:
+        assert readme == f.read()
+    for d, _, names in os.walk(hand):
+        for name in (n for n in names if n.endswith(".md")):
+            with open(os.path.join(d, name)) as f:
+                for target in assignment.LINK.findall(f.read()):
+                    assert target[1].startswith("https://") or os.path.exists(
+                        os.path.join(d, target[1])), (name, target)
     with open(os.path.join(hand, "tests", "test_loss.py")) as f:
         kept = f.read()
     assert all(t not in kept for t in assignment.DROP_TESTS["tests/test_loss.py"])
     assert "test_masks_cover_exactly_the_response_tokens" in kept
     # outside the holes the handout is the solution, statement for statement
-    holes = {q.split(".")[0] for q in assignment.HOLES} | {"make_batch", "main"}  # main: below
+    holes = {q.split(".")[0] for q in assignment.HOLES} | {"make_batch", "train", "holes_left"}
     rest = lambda s: [ast.dump(n) for n in ast.parse(s).body if getattr(n, "name", "") not in holes]
     assert rest(src) == rest(SOLUTION)
     r = cli("orpo.py", "--help", cwd=hand)  # what needs no hole runs
@@ -172,3 +275,52 @@ def test_a_run_in_a_handout_with_holes_is_one_line_naming_the_first_exercise(tmp
     assert not (d / "out-tiny").exists()  # before any work
     r = subprocess.run([sys.executable, "orpo.py", "--help"], cwd=d, capture_output=True, text=True)
     assert r.returncode == 0 and "--lam" in r.stdout
+
+
+def fill(src, names):
+    """A handout's orpo.py with the top-level definitions `names` as the solution has them."""
+    sol_lines, lines = SOLUTION.splitlines(), src.splitlines()
+    sol = {n.name: n for n in ast.parse(SOLUTION).body if hasattr(n, "name")}
+    for n in sorted((n for n in ast.parse(src).body if getattr(n, "name", "") in names),
+                    key=lambda n: -n.lineno):
+        lines[n.lineno - 1:n.end_lineno] = sol_lines[sol[n.name].lineno - 1:sol[n.name].end_lineno]
+    return "\n".join(lines) + "\n"
+
+
+def checks(exercises, n):
+    """The checks that section n of EXERCISES.md names: its pytest, python -c and grade lines."""
+    text = exercises.split(f"\n## {n}. ")[1].split("\n## ")[0]
+    lines = [l for b in re.findall(r"```bash\n(.*?)```", text, re.S) for l in b.splitlines()]
+    return [shlex.split(l.split("  #")[0]) for l in lines
+            if l.startswith(("python -m pytest", "python -c", "python assignment.py grade"))]
+
+
+def test_each_exercise_checks_out_once_it_and_the_earlier_ones_are_filled(tmp_path):
+    hand = tmp_path / "handout"
+    assignment.make(str(hand))
+    exercises = (hand / "EXERCISES.md").read_text()
+    names, rows = {}, {r[0]: r[1] for r in assignment.ROWS}
+    for q, msg in assignment.HOLES.items():
+        names.setdefault(int(msg.split()[1][:-1]), set()).add(q.split(".")[0])
+    names[3].add("make_batch")  # its mask lines
+    key = dict(l.split(" = ", 1) for l in KEY.splitlines() if " = " in l and l[0] != "#")
+    by_hand = {1: ("odds_w", "odds_l", "odds_ratio", "log_or", "l_or", "delta", "prob_ratio"),
+               3: ("x", "y", "resp_mask", "seq_mask")}
+    src, answers = (hand / "orpo.py").read_text(), (hand / "answers.txt").read_text()
+    assert sorted(names) == [1, 2, 3, 4, 10, 11]
+    for n in sorted(names):  # in order, each exercise's holes filled as the solution has them
+        src = fill(src, names[n])
+        (hand / "orpo.py").write_text(src)
+        for k in by_hand.get(n, ()):
+            answers = answers.replace(f"\n{k} =\n", f"\n{k} = {key[k]}\n")
+        (hand / "answers.txt").write_text(answers)
+        assert n in (1, 11) or [c for c in checks(exercises, n) if c[1] != "assignment.py"], n
+        for cmd in checks(exercises, n):
+            r = subprocess.run([sys.executable, *cmd[1:]], cwd=hand, capture_output=True,
+                               text=True, timeout=600)
+            assert r.returncode == 0, (n, cmd, r.stdout[-3000:] + r.stderr[-2000:])
+        got = grade(str(hand))  # this exercise's rows and the earlier ones', and no other
+        assert {i: s for i, (s, _) in got.items()} == {
+            i: FULL[i] if rows[i] <= n else 0 for i in FULL}, (n, got)
+    r = cli("orpo.py", "--config", "tiny", "--n_samples=8", cwd=str(hand))  # filled: it trains
+    assert r.returncode == 0 and "== summary" in r.stdout, r.stderr
