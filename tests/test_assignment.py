@@ -324,3 +324,16 @@ def test_each_exercise_checks_out_once_it_and_the_earlier_ones_are_filled(tmp_pa
             i: FULL[i] if rows[i] <= n else 0 for i in FULL}, (n, got)
     r = cli("orpo.py", "--config", "tiny", "--n_samples=8", cwd=str(hand))  # filled: it trains
     assert r.returncode == 0 and "== summary" in r.stdout, r.stderr
+
+
+def test_what_the_handout_readme_says_runs_before_the_holes_runs(tmp_path):
+    hand = tmp_path / "handout"
+    assignment.make(str(hand))
+    text = (hand / "README.md").read_text().split("## What runs before the holes are filled")[1]
+    block = re.search(r"```bash\n(.*?)```", text, re.S)[1]
+    cmds = [shlex.split(l.split("  #")[0]) for l in block.splitlines() if l.strip()]
+    assert len(cmds) >= 4 and all(c[0] == "python" for c in cmds)
+    for cmd in cmds:
+        r = subprocess.run([sys.executable, *cmd[1:]], cwd=hand, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stdout[-2000:] + r.stderr)
