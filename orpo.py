@@ -81,7 +81,7 @@ def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
 # with the minus sign that its Eqs. 8 and 20 drop. Then dℓ/dlogits_t = (onehot(y_t) -
 # softmax_t)/m on the m response positions, zero elsewhere.
 def orpo_grad(ell_w, ell_l, lam):
-    """dL/dℓ_w, dL/dℓ_l for L = mean_b[-ℓ_w + lam * L_OR] (response-only L_SFT)."""
+    """dL/dℓ_w, dL/dℓ_l (B,) at ℓ_w, ℓ_l (B,), for L = mean_b[-ℓ_w + lam * L_OR] (Eq. 6)."""
     B = ell_w.size(0)
     _, log_or = odds_ratio_loss(ell_w, ell_l)
     delta = torch.sigmoid(-log_or)                # Eq. 9: delta(d) = 1 / (1 + OR)
@@ -111,6 +111,7 @@ class HandORPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _, __):
+        """g_loss, dJ/dloss -> dJ/dlogits (N, V) in logits' dtype, then None for each other input."""
         logits, y, resp_mask, seq_mask, scored, ell = ctx.saved_tensors
         B = ell.size(0) // 2
         g_w, g_l = orpo_grad(ell[:B], ell[B:], ctx.lam)
