@@ -18,8 +18,11 @@ def test_threads_follow_the_free_cores():
 
 
 def run(code, **env):
+    """code in a fresh Python whose SIGINT starts as the system's default, as at a terminal
+    (a shell's background job starts with SIGINT ignored, and Python keeps it so)."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+                          env={**os.environ, **env}, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_a_thread_count_the_user_set_is_kept():
