@@ -220,6 +220,8 @@ def make(dst):
     """Write the handout to dst; the solution here is not touched."""
     if os.path.exists(dst) and os.listdir(dst):
         die(f"{dst} is not empty: make writes the handout into a new or empty folder")
+    if not os.path.isfile(STUDENT_README):  # a handout has no teacher/: cut from the solution
+        die(f"{STUDENT_README} is missing: make a handout from the full project, not from a handout")
     with open(os.path.join(ROOT, "orpo.py")) as f:
         handout = {"orpo.py": cut(f.read()), "answers.txt": ANSWERS}
     for name in project_files():  # the Markdown files, their links to what is left out unlinked

@@ -100,6 +100,10 @@ def test_solution_full_marks_handout_zero_from_the_command_line(tmp_path):
         assert all(w in t["output"] for w in want), t
     r = cli("assignment.py", "make", hand)  # never over a copy
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "not empty" in r.stderr
+    r = subprocess.run([sys.executable, "assignment.py", "make", str(tmp_path / "again")],
+                       cwd=hand, capture_output=True, text=True)  # nor from a handout
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "from the full project" in r.stderr
+    assert not (tmp_path / "again").exists()
 
 
 # Each graded exercise's answers as a student could find them written down: a pattern, over
