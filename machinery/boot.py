@@ -24,10 +24,13 @@ import time
 
 def one_line_exit(kind, value, tb, hook=sys.excepthook):
     """What no script caught, said in one line: Ctrl-C (while torch imports, say), exit
-    status 130; a hole of the assignment's handout that a command reached, exit status 2."""
+    status 130; a hole of the assignment's handout that a command reached, exit status 2;
+    output piped to a reader that stopped (`| head`): nothing more, exit status 141."""
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(130)  # 128 + SIGINT, as a shell reports a program that Ctrl-C ended
+    if issubclass(kind, BrokenPipeError):
+        os._exit(141)  # 128 + SIGPIPE, as for any program whose reader went away
     if issubclass(kind, NotImplementedError) and str(value).startswith("exercise "):
         print(f"error: this needs a hole filled first, {value}; `python assignment.py grade .` "
               "checks it", file=sys.stderr, flush=True)
