@@ -73,7 +73,9 @@ LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)[^)]*\)")  # a Markdown link: [text]
 DROP_TESTS = {"tests/test_loss.py": ("test_loss_matches_the_paper_by_hand",  # spell answers out
                                      "test_probability_ratio_and_summed_logp",
                                      "test_dpo_loss_by_hand",
-                                     "test_dpo_gradient_agrees_with_finite_differences")}
+                                     "test_dpo_gradient_agrees_with_finite_differences"),
+              "tests/test_train.py": ("test_dpo_trains_the_policy_and_never_touches_the_reference",),
+              "tests/test_scale.py": ("test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft",)}
 HOLES_LEFT = '''\
 def holes_left(cfg):
     """Stop, with one line naming the first, if a run of cfg would reach a hole: exercises

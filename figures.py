@@ -596,6 +596,8 @@ def main():
         die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
     name, args = args[0], args[1:]
     preset, cfg, opts = parse_args(args, orpo.Config, orpo.PRESETS, OPTIONS)
+    if hasattr(orpo, "holes_left"):  # the assignment's handout: every figure trains, so its
+        orpo.holes_left(cfg)         # holes of exercises 1-3 are named before any work
     try:
         make(name, args, preset, cfg, opts)
     except KeyboardInterrupt:

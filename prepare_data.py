@@ -228,7 +228,7 @@ def check(row, shape):
         t = to_triple(row, shape)
     except ValueError as e:
         return "malformed", str(e)
-    if not t["prompt"]:  # a response must follow something: the loss reads from token p - 1
+    if not t["prompt"]:  # a response must follow something: nothing to condition it on
         return "malformed", "the prompt is empty"
     if not t["chosen"].strip() or not t["rejected"].strip():
         return "empty_response", None

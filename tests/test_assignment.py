@@ -121,16 +121,16 @@ CATALOGUE = [
     (1, r"-F\.logsigmoid\(log_or\)", "return -F.logsigmoid(log_or), log_or"),
     (1, r"\(l_sft \+ lam \* l_or\)\.mean\(\)", "return (l_sft + lam * l_or).mean(), ..."),
     # 2: the stable form, and where the naive one breaks
-    (2, r"log\(-(torch\.)?expm1", "torch.log(-torch.expm1(x))"),
+    (2, r"log\(-(torch\.|math\.|np\.)?expm1", "torch.log(-torch.expm1(x))"),
     (2, r"\w = -math\.log\(2\)", "a = -math.log(2)"),
     (2, r"M(ae|ä)chler", "Maechler 2012"),
     (2, r"\bk = 7\b.{0,40}\bk = 8\b", "off by 1% at k = 7, -inf from k = 8"),
     # 3: the masks by hand, the mask line, Eq. 3's code
     (3, r"resp_mask = 0 0 1 1 1", "resp_mask = 0 0 1 1 1"),
     (3, r"\by = b c d e <eot>", "y = b c d e <eot>"),
-    (3, r"p - 1:n", "resp_mask[i, p - 1:n] = 1.0"),
+    (3, r"\bp - 1:", "resp_mask[i, p - 1:n] = 1.0"),
     (3, r"seq_mask\[i, :n\] = 1", "seq_mask[i, :n] = 1.0"),
-    (3, r"target `?p - 1", "the response starts at target p - 1"),
+    (3, r"(target|token) `?p - 1", "the response starts at target p - 1"),
     (3, r"masked_scatter\(scored", "torch.zeros_like(resp_mask).masked_scatter(scored, tok)"),
     (3, r"resp_mask\.sum\(1\) if mean", "(resp_mask.sum(1) if mean else 1)"),
     # 4: the gradient, the sign the paper drops, and the code
@@ -154,6 +154,7 @@ CATALOGUE = [
      "z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))"),
     (11, r"logsigmoid\(z\)\.mean\(\)", "return -F.logsigmoid(z).mean()"),
     (11, r"log ?2 ?(≈|=) ?0\.69", "the loss is log 2 ≈ 0.693 for every β"),
+    (11, r"\bL = log ?2\b", "step 1: policy = reference, so L = log 2"),
     (11, r"1 \+ 1/3\)", "300 × (1 + 1/3) = 400"),
     (11, r"β ?/ ?2 ?[×*] ?∇", "the gradient is about β/2 × ∇(π_w − π_l)"),
 ]

@@ -74,7 +74,7 @@ def logits_case(B, T, V, lengths, targets=None, seed=0):
     if targets is not None:
         for i, t in enumerate(targets):  # log p(y) = a - log(e^a + V - 1), others at 0
             logits[i] = 0
-            a = t + math.log(V - 1) - math.log(-math.expm1(t))
+            a = t + math.log(V - 1) - math.log1p(-math.exp(t))
             logits[i].scatter_(-1, y[i][:, None], torch.full((T, 1), a, dtype=torch.float64))
     return logits, y, resp, seq
 
