@@ -58,7 +58,7 @@ def export(model, meta, ck_path, d):
 def main():
     _, cfg, opts = parse_args(
         sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""),
-        usage="sample.py [--config NAME] --prompt=TEXT | --export=DIR [--key=value ...]",
+        usage="[--config NAME] --prompt=TEXT | --export=DIR [--key=value ...]",
         keys=("out_dir", "temperature", "top_k", "max_new_tokens", "n_samples", "seed", "device",
               "dtype"),
         notes=dict(prompt="the text to answer (\\n for a new line)", out_dir="the run to read",

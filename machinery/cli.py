@@ -136,7 +136,7 @@ def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=
     fields = [f for f in dataclasses.fields(config) if keys is None or f.name in keys]
     if {"-h", "--help"} & set(args):
         said = dict(key_notes(config), **(notes or {}))
-        lines = [f"usage: {usage}   presets: " + ", ".join(presets)]
+        lines = [f"usage: python {os.path.basename(sys.argv[0])} {usage}   presets: " + ", ".join(presets)]
         lines += [f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})"
                   f"  {said.get(f.name, '')}".rstrip() for f in fields]
         lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
