@@ -234,7 +234,6 @@ def main():
     preset, cfg, opts = parse_args(
         sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10, sweep=False, gemms=False, attn="auto",
                                                        decode=0),
-        usage="[--config NAME] [--key=value ...]",
         keys=("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size", "lam",
               "sft_on_prompt", "hand_grad", "ratio", "logp", "batch_size", "grad_accum", "lr",
               "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "compile", "seed"),
