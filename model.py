@@ -2,8 +2,8 @@
 self-attention and a GELU MLP, tied input and output embeddings, GPT-2 init.
 
 - forward(idx, need) gives logits, at every position or only at those `need` marks: ORPO
-  scores responses, and the vocab projection of the prompt is work it never uses.
-- token_logps(idx, need, targets) gives log P(target) at those positions through
+  scores responses, and the vocab projection of the prompt is work it never uses;
+  forward(idx, need, targets) gives log P(target) at those positions instead, through
   TokenLogProbs, a fused cross-entropy that never holds the (N, vocab) logits.
 - The embedding has vocab_size rows, the tokenizer's n_vocab rounded up to a multiple of 64
   for speed. Only the first n_vocab ids take probability: the output layer computes only
@@ -12,8 +12,6 @@ self-attention and a GELU MLP, tied input and output embeddings, GPT-2 init.
   (use_plain says where; GPTConfig.attn can force either).
 - generate() samples from the last position's logits; flops() counts a training step's
   FLOPs, for MFU; configure_optimizer() gives AdamW its weight-decay groups.
-- Scorer wraps a GPT for the loss: its forward gives the token log-probs, so that DDP and
-  torch.compile, which wrap forward alone, see the whole computation.
 
 Reading and writing GPT-2's Hugging Face files is machinery/gpt2.py's work, not this file's.
 """
@@ -42,75 +40,6 @@ class GPTConfig:
 def padded_vocab(n_vocab):
     """n_vocab rounded up to a multiple of 64: matmuls over the vocabulary run faster."""
     return -(-n_vocab // 64) * 64
-
-
-def _like(buf, t):
-    """A contiguous tensor of t's shape over the start of the flat buffer buf."""
-    return buf[:t.numel()].view(t.shape)
-
-
-def _logits(h, w, buf):
-    """h @ w^T (N, chunk), written into the start of the flat buffer buf."""
-    return torch.mm(h, w.t(), out=buf[:h.size(0) * w.size(0)].view(h.size(0), w.size(0)))
-
-
-def _logsumexp(z, buf):
-    """torch.logsumexp(z, 1), in buf's dtype (fp32) and its memory, with the same arithmetic."""
-    m = z.amax(1, keepdim=True).to(buf.dtype)  # (N, 1): the max of bf16 values is exact
-    e = torch.sub(z, m, out=_like(buf, z)).exp_()  # z - m: bf16 z is exact in fp32
-    return e.sum(1).log_().add_(m[:, 0])  # (N,)
-
-
-class TokenLogProbs(torch.autograd.Function):
-    """log softmax(h W^T)[y] at N positions: the fused cross-entropy that ORPO's log-probs
-    come from. log p(y) = z_y - logsumexp_v z_v with z = h W^T: z_y is one dot product per
-    position, and the logsumexp is taken a slice of `chunk` vocabulary columns at a time, so
-    the (N, vocab) logits never exist and each (N, chunk) slice is still in cache for its
-    softmax. The backward recomputes each slice's logits (one more matmul) rather than
-    keeping them: with a 50k vocabulary that saves gigabytes, and the time to allocate them.
-    Only W's first n_vocab rows (default: all) take probability; the others get zero gradient.
-
-    Under autocast the matmuls run in its dtype (bf16) and the softmax in fp32. The slices'
-    temporaries live in buffers allocated once per call, not in fresh 4-16 MB tensors for
-    each slice (memory the system must map and zero each time), and each elementwise step
-    writes its result where the next one reads it: z - max is one pass from the logits into
-    the fp32 buffer, not a copy and then a subtraction (BENCHMARKS.md has the timings)."""
-
-    @staticmethod
-    def forward(ctx, h, w, y, chunk, n_vocab=None):
-        auto = torch.is_autocast_enabled(h.device.type)
-        dt = torch.get_autocast_dtype(h.device.type) if auto else h.dtype  # matmuls follow autocast
-        f = torch.promote_types(h.dtype, torch.float32)  # the softmax is always fp32 or wider
-        hd, wd = h.to(dt), w[:n_vocab].to(dt)  # cast once: the backward reuses them
-        zbuf, sbuf = hd.new_empty(h.size(0) * chunk), h.new_empty(h.size(0) * chunk, dtype=f)
-        lse = torch.stack([_logsumexp(_logits(hd, wd[j:j + chunk], zbuf), sbuf)  # (N,) a slice
-                           for j in range(0, wd.size(0), chunk)], 1).logsumexp(1)  # (N,)
-        ctx.save_for_backward(h, w, hd, wd, y, lse)
-        ctx.chunk = chunk
-        return (hd.to(f) * wd[y].to(f)).sum(1) - lse  # (N,)
-
-    @staticmethod
-    def backward(ctx, g):
-        h, w, hd, wd, y, lse = ctx.saved_tensors
-        # d log p(y) / dz = onehot(y) - softmax(z), times the incoming gradient g: the
-        # softmax part a slice at a time, the one-hot part once at the end
-        dh, dw = torch.zeros_like(h), torch.empty_like(w)
-        dw[wd.size(0):] = 0  # padding rows: never in a softmax
-        zbuf, pbuf = hd.new_empty(h.size(0) * ctx.chunk), hd.new_empty(h.size(0) * ctx.chunk)
-        sbuf = lse.new_empty(h.size(0) * ctx.chunk)
-        for j in range(0, wd.size(0), ctx.chunk):
-            s = slice(j, min(j + ctx.chunk, wd.size(0)))
-            z = _logits(hd, wd[s], zbuf)  # (N, chunk)
-            p = torch.sub(z, lse[:, None], out=_like(sbuf, z)).exp_()  # the softmax slice, fp32
-            p = torch.mul(p, -g[:, None], out=_like(pbuf, z))  # to the matmul dtype as it stores
-            dh += p @ wd[s]  # (N, chunk) @ (chunk, C) -> (N, C)
-            if dw.dtype == p.dtype:  # (chunk, N) @ (N, C) -> (chunk, C), straight into dw
-                torch.mm(p.t(), hd, out=dw[s])
-            else:  # a 16-bit product (autocast), stored into the fp32 gradient
-                dw[s] = p.t() @ hd
-        dh += g[:, None] * w[y]
-        dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))
-        return dh, dw, None, None, None
 
 
 # Attention runs one of two ways. SDPA's fused kernel never holds the (T, T) scores: it is
@@ -206,6 +135,79 @@ class Block(nn.Module):
         return x
 
 
+# The fused token log-probs. ORPO reads one log-prob per response token; with GPT-2's
+# vocabulary of 50k, the (N, vocab) logits behind them would be gigabytes, written, read
+# once and kept for the backward. TokenLogProbs computes the same numbers a slice of the
+# vocabulary at a time.
+def _like(buf, t):
+    """A contiguous tensor of t's shape over the start of the flat buffer buf."""
+    return buf[:t.numel()].view(t.shape)
+
+
+def _logits(h, w, buf):
+    """h @ w^T (N, chunk), written into the start of the flat buffer buf."""
+    return torch.mm(h, w.t(), out=buf[:h.size(0) * w.size(0)].view(h.size(0), w.size(0)))
+
+
+def _logsumexp(z, buf):
+    """torch.logsumexp(z, 1), in buf's dtype (fp32) and its memory, with the same arithmetic."""
+    m = z.amax(1, keepdim=True).to(buf.dtype)  # (N, 1): the max of bf16 values is exact
+    e = torch.sub(z, m, out=_like(buf, z)).exp_()  # z - m: bf16 z is exact in fp32
+    return e.sum(1).log_().add_(m[:, 0])  # (N,)
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(h W^T)[y] at N positions: the fused cross-entropy that ORPO's log-probs
+    come from. log p(y) = z_y - logsumexp_v z_v with z = h W^T: z_y is one dot product per
+    position, and the logsumexp is taken a slice of `chunk` vocabulary columns at a time, so
+    the (N, vocab) logits never exist and each (N, chunk) slice is still in cache for its
+    softmax. The backward recomputes each slice's logits (one more matmul) rather than
+    keeping them: with a 50k vocabulary that saves gigabytes, and the time to allocate them.
+    Only W's first n_vocab rows (default: all) take probability; the others get zero gradient.
+
+    Under autocast the matmuls run in its dtype (bf16) and the softmax in fp32. The slices'
+    temporaries live in buffers allocated once per call, not in fresh 4-16 MB tensors for
+    each slice (memory the system must map and zero each time), and each elementwise step
+    writes its result where the next one reads it: z - max is one pass from the logits into
+    the fp32 buffer, not a copy and then a subtraction (BENCHMARKS.md has the timings)."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk, n_vocab=None):
+        auto = torch.is_autocast_enabled(h.device.type)
+        dt = torch.get_autocast_dtype(h.device.type) if auto else h.dtype  # matmuls follow autocast
+        f = torch.promote_types(h.dtype, torch.float32)  # the softmax is always fp32 or wider
+        hd, wd = h.to(dt), w[:n_vocab].to(dt)  # cast once: the backward reuses them
+        zbuf, sbuf = hd.new_empty(h.size(0) * chunk), h.new_empty(h.size(0) * chunk, dtype=f)
+        lse = torch.stack([_logsumexp(_logits(hd, wd[j:j + chunk], zbuf), sbuf)  # (N,) a slice
+                           for j in range(0, wd.size(0), chunk)], 1).logsumexp(1)  # (N,)
+        ctx.save_for_backward(h, w, hd, wd, y, lse)
+        ctx.chunk = chunk
+        return (hd.to(f) * wd[y].to(f)).sum(1) - lse  # (N,)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, hd, wd, y, lse = ctx.saved_tensors
+        # d log p(y) / dz = onehot(y) - softmax(z), times the incoming gradient g: the
+        # softmax part a slice at a time, the one-hot part once at the end
+        dh, dw = torch.zeros_like(h), torch.empty_like(w)
+        dw[wd.size(0):] = 0  # padding rows: never in a softmax
+        zbuf, pbuf = hd.new_empty(h.size(0) * ctx.chunk), hd.new_empty(h.size(0) * ctx.chunk)
+        sbuf = lse.new_empty(h.size(0) * ctx.chunk)
+        for j in range(0, wd.size(0), ctx.chunk):
+            s = slice(j, min(j + ctx.chunk, wd.size(0)))
+            z = _logits(hd, wd[s], zbuf)  # (N, chunk)
+            p = torch.sub(z, lse[:, None], out=_like(sbuf, z)).exp_()  # the softmax slice, fp32
+            p = torch.mul(p, -g[:, None], out=_like(pbuf, z))  # to the matmul dtype as it stores
+            dh += p @ wd[s]  # (N, chunk) @ (chunk, C) -> (N, C)
+            if dw.dtype == p.dtype:  # (chunk, N) @ (N, C) -> (chunk, C), straight into dw
+                torch.mm(p.t(), hd, out=dw[s])
+            else:  # a 16-bit product (autocast), stored into the fp32 gradient
+                dw[s] = p.t() @ hd
+        dh += g[:, None] * w[y]
+        dw.index_add_(0, y, (g[:, None] * h).to(dw.dtype))
+        return dh, dw, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -249,20 +251,19 @@ class GPT(nn.Module):
             x = block(x, cache[i] if cache is not None else None)
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, need=None):
-        """Logits over the n_vocab real ids: (B, T, n_vocab) at every position, or with a
-        bool mask `need` (B, T) only at the N positions it marks, (N, n_vocab)."""
+    def forward(self, idx, need=None, targets=None):
+        """Logits over the n_vocab real ids: (B, T, n_vocab) at every position, or with a bool
+        mask `need` (B, T) only at the N positions it marks, (N, n_vocab). Given targets (N,)
+        too: log P(target) (N,) there instead, fp32 or wider, the same numbers as
+        log_softmax of those logits picked at the targets, through TokenLogProbs, which never
+        holds the (N, n_vocab) logits. (DDP and torch.compile wrap forward alone, so the loss
+        reads the model through it.)"""
         x = self.hidden(idx)  # (B, T, C)
         if need is not None:
             x = x[need]  # (N, C)
+        if targets is not None:
+            return TokenLogProbs.apply(x, self.lm_head.weight, targets, 1024, self.n_vocab)  # (N,)
         return F.linear(x, self.lm_head.weight[:self.n_vocab])  # (..., n_vocab): no padding id
-
-    def token_logps(self, idx, need, targets, chunk=1024):
-        """log P(target) (N,), fp32 or wider, at the N positions the bool mask `need` (B, T) marks,
-        for targets (N,): the same numbers as log_softmax(forward(idx, need)) picked at the
-        targets, without the (N, n_vocab) logits (see TokenLogProbs)."""
-        x = self.hidden(idx)[need]  # (N, C)
-        return TokenLogProbs.apply(x, self.lm_head.weight, targets, chunk, self.n_vocab)
 
     def flops(self, tokens, n_logits, T):
         """FLOPs of one forward and backward (3x the forward) over `tokens` tokens in rows of
@@ -323,16 +324,3 @@ class GPT(nn.Module):
         fused = device_type == "cuda" or dtype != "float32"
         fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
-
-
-class Scorer(nn.Module):
-    """The GPT as the loss reads it: forward(idx, need, targets) gives the fused token log-probs
-    (or, without targets, the logits). DDP's gradient hooks and torch.compile wrap forward
-    alone, so the whole computation has to go through it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx, need, targets=None):
-        return self.model(idx, need) if targets is None else self.model.token_logps(idx, need, targets)

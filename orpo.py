@@ -1,14 +1,14 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
-Top to bottom: the loss and its gradient by hand, the ablations and compared methods, the
-config, batching, one step, eval, train(). machinery/ holds what a student need not read.
+Top to bottom: the loss and its gradient by hand, the ablations and compared methods and
+their registry, the config, batching, one step, eval, train(). machinery/ holds what a
+student need not read.
 
     python orpo.py --config small     # the CPU demo (prepares its data itself); --lam=0: SFT
     python orpo.py --help             # every key, what it does, and the presets
     torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
 """
 from machinery import boot  # first: it sets what torch reads as it loads
-import collections
 import contextlib
 import functools
 import math
@@ -20,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from machinery import procs, report
-from machinery.checkpoint import RunDir, build_model, load_data, load_reference
+import prepare_data
+from machinery import checkpoint, procs, report
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die
-from model import Scorer
 from prepare_data import CHOSEN, PROMPT, REJECTED  # columns of {split}.index.npy
 
 # ----------------------------------------------------------------------------------------
@@ -67,11 +66,11 @@ def pair_means(l_sft, l_or, ell_w, ell_l, log_or):
     return dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(), ell_l=ell_l.mean(),
                 log_or=log_or.mean(), acc=(log_or > 0).float().mean())
 
-def orpo_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
-    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs. Returns (loss, parts)."""
+def orpo_loss(ell, l_sft, *, lam):
+    """L = L_SFT + lam * L_OR (Eq. 6), averaged over the B pairs, from ℓ (2B,) and L_SFT (B,)
+    (Eq. 1, sft_loss). Returns (loss, parts)."""
     ell_w, ell_l = ell.chunk(2)  # chosen rows first
-    l_sft = sft_loss(logp, ell, seq_mask, sft_on_prompt)  # Eq. 1
-    l_or, log_or = odds_ratio_loss(ell_w, ell_l)           # Eqs. 4, 5, 7
+    l_or, log_or = odds_ratio_loss(ell_w, ell_l)  # Eqs. 4, 5, 7
     return (l_sft + lam * l_or).mean(), pair_means(l_sft, l_or, ell_w, ell_l, log_or)  # Eq. 6
 
 # ----------------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ class HandORPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, y, resp_mask, seq_mask, scored, lam, sft_on_prompt):
         logp, ell = response_logps(logps_from_logits(logits, y[scored]), resp_mask, scored)
-        loss, parts = orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)
+        loss, parts = orpo_loss(ell, sft_loss(logp, ell, seq_mask, sft_on_prompt), lam=lam)
         ctx.save_for_backward(logits, y, resp_mask, seq_mask, scored, ell)
         ctx.lam, ctx.sft_on_prompt = lam, sft_on_prompt
         ctx.mark_non_differentiable(parts["l_sft"], parts["l_or"])  # for logging only
@@ -114,24 +113,23 @@ class HandORPO(torch.autograd.Function):
         """g_loss, dJ/dloss -> dJ/dlogits (N, V) in logits' dtype, then None for each other input."""
         logits, y, resp_mask, seq_mask, scored, ell = ctx.saved_tensors
         B = ell.size(0) // 2
-        g_w, g_l = orpo_grad(ell[:B], ell[B:], ctx.lam)
-        if ctx.sft_on_prompt:
-            g_w = g_w + 1 / B  # take out the response-only L_SFT; the prompt-wide one is below
-        tok = torch.cat([g_w, g_l])[:, None] * resp_mask / resp_mask.sum(1, keepdim=True)
-        if ctx.sft_on_prompt:
-            tok[:B] -= seq_mask[:B] / seq_mask[:B].sum(1, keepdim=True) / B
+        g_w, g_l = orpo_grad(ell[:B], ell[B:], ctx.lam)  # with Eq. 1's L_SFT = -ℓ_w
+        per_tok = lambda mask: mask / mask.sum(1, keepdim=True)  # dℓ/dlogp_t: 1/m on the mask
+        g_tok = torch.cat([g_w, g_l])[:, None] * per_tok(resp_mask)  # dL/dlogp_t (2B, T)
+        if ctx.sft_on_prompt:  # L_SFT over prompt and response: it replaces Eq. 1's -ℓ_w
+            g_tok[:B] += (per_tok(resp_mask[:B]) - per_tok(seq_mask[:B])) / B
         g = -torch.softmax(logits.to(ell.dtype), -1)  # dlogp_t/dlogits_t = onehot(y_t) - softmax_t
         g.scatter_add_(-1, y[scored][:, None], torch.ones_like(g[:, :1]))
-        return (g * (g_loss * tok[scored])[:, None]).to(logits.dtype), *[None] * 6
+        return (g * (g_loss * g_tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
 # ----------------------------------------------------------------------------------------
-# Ablations and compared methods, each a loss of its own: the probability ratio (Sec. 7.1;
-# --ratio=prob), summed log-probs (--logp=sum), SimPO (--ratio=simpo), DPO (--loss=dpo).
+# Ablations and compared methods, each a loss of its own, and the registry --loss picks from:
+# the probability ratio (Sec. 7.1), summed log-probs (Eq. 3 without its 1/m), SimPO, DPO.
 
-def prob_ratio_loss(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
+def prob_ratio_loss(ell, l_sft, *, lam):
     """Eq. 6 with the probability ratio for the odds ratio (Sec. 7.1): log P_w/P_l = ℓ_w - ℓ_l."""
     ell_w, ell_l = ell.chunk(2)  # chosen rows first
-    l_sft, log_ratio = sft_loss(logp, ell, seq_mask, sft_on_prompt), ell_w - ell_l
+    log_ratio = ell_w - ell_l
     l_or = -F.logsigmoid(log_ratio)
     return (l_sft + lam * l_or).mean(), pair_means(l_sft, l_or, ell_w, ell_l, log_ratio)
 
@@ -140,10 +138,10 @@ def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
     ℓ_l) - gamma), on Eq. 3's mean log-probs, with a target margin gamma and no SFT term."""
     return -F.logsigmoid(beta * (ell_w - ell_l) - gamma)
 
-def simpo_objective(logp, ell, seq_mask, *, lam, sft_on_prompt=False):
+def simpo_objective(ell, l_sft, *, lam):
     """SimPO's loss alone (no L_SFT, lam unused); parts: L_SFT measured, ℓ_w - ℓ_l as log_or."""
     ell_w, ell_l = ell.chunk(2)  # chosen rows first
-    l_sft, l_or = sft_loss(logp, ell, seq_mask, sft_on_prompt), simpo_loss(ell_w, ell_l)
+    l_or = simpo_loss(ell_w, ell_l)
     return l_or.mean(), pair_means(l_sft, l_or, ell_w, ell_l, ell_w - ell_l)
 
 def dpo_loss(pi, ref, *, beta):
@@ -153,7 +151,27 @@ def dpo_loss(pi, ref, *, beta):
     z = beta * ((pi[:B] - ref[:B]) - (pi[B:] - ref[B:]))  # the implicit reward margin
     return -F.logsigmoid(z).mean()
 
-LOSSES = {"odds": orpo_loss, "prob": prob_ratio_loss, "simpo": simpo_objective}  # --ratio
+def dpo_objective(ell, l_sft, *, lam, pi, ref, beta):
+    """DPO's loss of the summed log-probs pi, ref (2B,); its parts are ORPO's terms, measured."""
+    with torch.no_grad():
+        parts = orpo_loss(ell, l_sft, lam=lam)[1]
+    return dpo_loss(pi, ref, beta=beta), parts
+
+@dataclass(frozen=True)
+class Loss:
+    fn: object          # (ℓ, L_SFT, lam=, and a reference's keywords) -> (loss, parts)
+    name: str           # what the summary calls it; lam=0 makes an ORPO-like loss "SFT"
+    mean: bool = True   # ℓ as Eq. 3's mean token log-prob, or their sum
+    ref: bool = False   # trains against a frozen reference model (--ref), as DPO does
+    lam: bool = True    # uses lam
+
+LOSSES = {  # --loss
+    "orpo": Loss(orpo_loss, "ORPO"),
+    "prob": Loss(prob_ratio_loss, "ORPO with the probability ratio (Sec. 7.1)"),
+    "sum": Loss(orpo_loss, "ORPO on summed log-probs", mean=False),
+    "simpo": Loss(simpo_objective, "SimPO", lam=False),
+    "dpo": Loss(dpo_objective, "DPO", ref=True, lam=False),
+}
 
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass and named presets; machinery/cli.py checks --key=value overrides
@@ -175,12 +193,10 @@ class Config:
     bias: bool = True              # biases in Linears and LayerNorms, as GPT-2 has
     vocab_size: int = 0            # 0: the tokenizer's, rounded up to a multiple of 64
     # loss
+    loss: str = "orpo"             # the objective: orpo; prob, sum (ablations); simpo; dpo
     lam: float = 1.0               # weight of L_OR; 0 gives plain SFT through the same loop
     sft_on_prompt: bool = False    # paper: L_SFT on response tokens only; TRL/official code: True
     hand_grad: bool = False        # backward through the hand-derived gradient (orpo_grad)
-    ratio: str = "odds"            # odds: ORPO (Eq. 5); prob: P_w/P_l (Sec. 7.1); simpo: SimPO
-    logp: str = "mean"             # mean: Eq. 3's length-normalised log P(y|x); sum: summed
-    loss: str = "orpo"             # dpo: Rafailov et al. (2023), against the frozen model --ref
     ref: str = ""                  # dpo: the reference checkpoint, usually the SFT run's ckpt.pt
     beta: float = 0.1              # dpo: its beta, the strength of the pull towards --ref
     # optimisation
@@ -224,6 +240,7 @@ PRESETS = {
                       max_iters=2000, weight_decay=0.0, eval_interval=200, eval_pairs=256,
                       n_samples=8, max_new_tokens=256, out_dir="out-gpt2-125m"),
 }
+RULES = {"loss": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES))}  # cli.check's, for --loss
 
 # ----------------------------------------------------------------------------------------
 # Batching: prepare_data.py's token arrays -> one padded (2B, T) tensor per batch, chosen
@@ -281,46 +298,33 @@ def step_rows(index, cfg, epoch, pos, rank, world):
 
 # ----------------------------------------------------------------------------------------
 # One training step. model.Scorer returns the token log-probs at the scored positions, fused
-# (no (2B, T, V) logits). Each objective is (model, batch, ctx) -> (loss, parts).
+# (no (2B, T, V) logits). amp is the autocast context (a no-op in fp32).
 
-def orpo_forward(model, batch, ctx, *, lam, sft_on_prompt=False, ratio="odds", logp="mean",
-                 hand_grad=False):
-    """ORPO's loss of a batch (Eq. 6), its ablations, or with hand_grad orpo_grad's backward."""
+def forward(model, batch, amp, *, loss, lam, sft_on_prompt=False, hand_grad=False, ref=None,
+            beta=None):
+    """A batch's loss under `loss`, a LOSSES entry, and ORPO's terms (parts) for the log."""
     x, y, resp_mask, seq_mask = batch
     scored = (seq_mask if sft_on_prompt else resp_mask).bool()  # where the loss reads
     if hand_grad:  # the hand-derived backward starts from the logits
-        with ctx:
+        with amp:
             logits = model(x, scored)
-        loss, l_sft, l_or = HandORPO.apply(logits, y, resp_mask, seq_mask, scored, lam,
-                                           sft_on_prompt)
-        return loss, dict(l_sft=l_sft, l_or=l_or)
-    with ctx:
+        out, l_sft, l_or = HandORPO.apply(logits, y, resp_mask, seq_mask, scored, lam, sft_on_prompt)
+        return out, dict(l_sft=l_sft, l_or=l_or)
+    with amp:
         tok = model(x, scored, y[scored])  # log P(y_t) where the loss reads
-    logp, ell = response_logps(tok, resp_mask, scored, mean=logp == "mean")
-    return LOSSES[ratio](logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)
-
-def dpo_forward(model, batch, ctx, *, ref, beta, lam, sft_on_prompt=False):
-    """DPO's loss of a batch against the frozen ref; its parts are ORPO's terms, measured."""
-    x, y, resp_mask, seq_mask = batch
-    scored = (seq_mask if sft_on_prompt else resp_mask).bool()
-    with ctx:
-        tok = model(x, scored, y[scored])
-    with torch.no_grad(), ctx:  # the reference: a forward pass without gradients, every batch
+    logp, ell = response_logps(tok, resp_mask, scored, mean=loss.mean)
+    l_sft = sft_loss(logp, ell, seq_mask, sft_on_prompt)  # Eq. 1
+    if not loss.ref:
+        return loss.fn(ell, l_sft, lam=lam)
+    with torch.no_grad(), amp:  # the frozen reference: a forward pass, every batch
         ref_tok = ref(x, scored, y[scored])
-    pi_sum = response_logps(tok, resp_mask, scored, mean=False)[1]  # DPO sums, no 1/m
-    ref_sum = response_logps(ref_tok, resp_mask, scored, mean=False)[1]
-    with torch.no_grad():
-        logp, ell = response_logps(tok, resp_mask, scored)
-        parts = orpo_loss(logp, ell, seq_mask, lam=lam, sft_on_prompt=sft_on_prompt)[1]
-    return dpo_loss(pi_sum, ref_sum, beta=beta), parts
+    total = lambda t: response_logps(t, resp_mask, scored, mean=False)[1]  # DPO sums, no 1/m
+    return loss.fn(ell, l_sft, lam=lam, pi=total(tok), ref=total(ref_tok), beta=beta)
 
-def objective(cfg, ref=None):
-    """The loss that cfg trains on, as loss_fn(model, batch, ctx) -> (loss, parts)."""
-    if cfg.loss == "dpo":
-        return functools.partial(dpo_forward, ref=ref, beta=cfg.beta, lam=cfg.lam,
-                                 sft_on_prompt=cfg.sft_on_prompt)
-    return functools.partial(orpo_forward, lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt,
-                             ratio=cfg.ratio, logp=cfg.logp, hand_grad=cfg.hand_grad)
+def objective(cfg, amp, ref=None):
+    """The loss that cfg trains on, as loss_fn(model, batch) -> (loss, parts)."""
+    return functools.partial(forward, amp=amp, loss=LOSSES[cfg.loss], lam=cfg.lam, ref=ref,
+                             beta=cfg.beta, sft_on_prompt=cfg.sft_on_prompt, hand_grad=cfg.hand_grad)
 
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
@@ -330,7 +334,7 @@ def lr_at(it, cfg):
     frac = min(1.0, (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
-def train_step(model, opt, scaler, batches, loss_fn, ctx, lr, grad_clip):
+def train_step(model, opt, scaler, batches, loss_fn, lr, grad_clip):
     """One optimizer step at lr over this process's micro-batches, gradients averaged (by DDP
     over the processes too) and clipped. Returns [loss, L_SFT, L_OR], averaged over every
     process, as floats (one device sync); FloatingPointError, before the step, if not finite."""
@@ -341,7 +345,7 @@ def train_step(model, opt, scaler, batches, loss_fn, ctx, lr, grad_clip):
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1  # DDP averages the gradients on a process's last
         with (model.no_sync() if ddp and not last else contextlib.nullcontext()):
-            loss, parts = loss_fn(model, batch, ctx)
+            loss, parts = loss_fn(model, batch)
             scaler.scale(loss / len(batches)).backward()
         tot += torch.stack([loss.detach(), parts["l_sft"].detach(), parts["l_or"].detach()])
     tot /= len(batches) * (torch.distributed.get_world_size() if ddp else 1)
@@ -360,17 +364,17 @@ def train_step(model, opt, scaler, batches, loss_fn, ctx, lr, grad_clip):
     return vals
 
 # ----------------------------------------------------------------------------------------
-# Eval: the held-out loss terms (report.sample_and_judge samples answers for the judge)
+# Eval: ORPO's terms on held-out pairs (report.sample_and_judge samples answers for the judge)
 
 @torch.no_grad()
-def evaluate(model, split, cfg, device, ctx):
+def evaluate(model, split, cfg, device, amp):
     """ORPO's terms on the first eval_pairs held-out pairs, whatever the objective trained."""
     model.eval()
     n, sums = min(cfg.eval_pairs, len(split[1])), {}
     for i in range(0, n, cfg.batch_size):
         rows = range(i, min(i + cfg.batch_size, n))
-        _, parts = orpo_forward(model, make_batch(split, rows, device), ctx, lam=cfg.lam,
-                                sft_on_prompt=cfg.sft_on_prompt)
+        _, parts = forward(model, make_batch(split, rows, device), amp, loss=LOSSES["orpo"],
+                           lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(rows)
     model.train()
@@ -380,70 +384,67 @@ def evaluate(model, split, cfg, device, ctx):
 # ----------------------------------------------------------------------------------------
 # Training: set up, then the loop
 
-Run = collections.namedtuple("Run", "model val meta dev ctx history summary samples")  # train's
-
 def train(cfg, preset="custom"):
-    """Train as cfg says: the set-up, the data, the model and the optimizer, then the loop."""
-    t_begin = time.time()
+    """Train as cfg says: the set-up, the data, the model and the optimizer, then the loop.
+    Returns the summary (process 0's; None on the others)."""
+    t_begin, loss = time.time(), LOSSES[cfg.loss]
     rank, world, device = procs.start(cfg)  # one process, or one of torchrun's
-    master = rank == 0
-    log = samples_before = summary = samples = None  # process 0's alone
-    with RunDir(cfg.out_dir, rank) as run:  # out_dir's lock; Ctrl-C or a NaN loss: one line
+    master, log, s0, summary = rank == 0, None, None, None  # the log: process 0's alone
+    with checkpoint.RunDir(cfg.out_dir, rank) as run:  # its lock; Ctrl-C: one line
         torch.manual_seed(cfg.seed + rank)
-        dev, dev_type, dtype, ctx = setup_device(device, cfg.dtype)
+        dev, dev_type, dtype, amp = setup_device(device, cfg.dtype)
         ck = run.resume_state(cfg) if cfg.init_from == "resume" else None
         with procs.rank0_first(world, rank):  # the first process prepares the data
-            meta, data = load_data(cfg)
-        train_split, val_split = data["train"], data["val"]
-        raw = build_model(cfg, meta, run.path, ck).to(dev)
-        ref = load_reference(cfg, meta, raw).to(dev) if cfg.loss == "dpo" else None
-        run.claim(resume=cfg.init_from == "resume")  # one run per out_dir
+            meta, data = prepare_data.for_run(cfg)
+        (tokens, index), val = data["train"], data["val"]
+        # raw: the GPT itself, which eval, sampling and checkpoints read; model: what trains,
+        # raw under torch.compile and DDP where asked (they wrap forward, the fused log-probs)
+        raw = checkpoint.build_model(cfg, meta, run.path, ck).to(dev)
+        ref = checkpoint.load_reference(cfg, meta, raw).to(dev) if loss.ref else None
+        run.claim(resume=ck is not None)  # one run per out_dir
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-        progress = run.restore(ck, opt, scaler, rank, dev_type)  # iteration 0, or the checkpoint's
-        scorer = Scorer(raw)  # eval reads it as it is: one process, never compiled
-        model = procs.wrap(torch.compile(scorer) if cfg.compile else scorer, world, dev, dev_type)
-        loss_fn = objective(cfg, ref)
-        steps = step_rows(train_split[1], cfg, progress.epoch, progress.pos, rank, world)
+        it, epoch, pos, history, seconds = run.restore(ck, opt, scaler, rank, dev_type)
+        model = procs.wrap(torch.compile(raw) if cfg.compile else raw, world, dev, dev_type)
+        loss_fn, steps = objective(cfg, amp, ref), step_rows(index, cfg, epoch, pos, rank, world)
+        judge = report.Judge(prepare_data.pairs(val, range(min(cfg.n_samples, len(val[1])))),
+                             prepare_data.get_encoding(meta["tokenizer"]), meta, cfg, dev, amp)
         if master:  # a resumed run keeps its log up to the checkpoint, and the samples before
-            log, samples_before = report.open_log(cfg.out_dir, progress.it if ck else None)
-            report.print_start(preset, raw, dev, dtype, cfg, len(train_split[1]), world)
-        if master and progress.it == 0:
-            report.record_eval(log, progress.history, 0, evaluate(scorer, val_split, cfg, dev, ctx))
-            samples_before = report.sample_and_judge(raw, val_split, meta, cfg, dev, ctx)
-            report.record_samples(log, 0, "before training", samples_before)
-        meter = report.Meter(raw, train_split[1], cfg, world, progress, ref is not None)  # cost, tok/s
-        while progress.it < cfg.max_iters:
-            lr = lr_at(progress.it, cfg)
-            t0 = time.time()
-            rows, progress.epoch, progress.pos = next(steps)
-            batches = [make_batch(train_split, r, dev) for r in rows]
-            vals = train_step(model, opt, scaler, batches, loss_fn, ctx, lr, cfg.grad_clip)
-            progress.it += 1
-            meter.step(rows, batches, t0)
-            report.write(log, dict(kind="train", iter=progress.it, loss=vals[0], l_sft=vals[1],
-                                   l_or=vals[2], lr=lr))
-            if master and (progress.it % cfg.log_interval == 0 or progress.it == cfg.max_iters):
-                meter.print_step(progress.it, vals, lr)
-            if progress.it % cfg.eval_interval == 0 or progress.it == cfg.max_iters:
+            log, s0 = report.open_log(cfg.out_dir, it if ck else None)
+            report.print_start(preset, raw, dev, dtype, cfg, len(index), world)
+        if master and it == 0:
+            history.append(report.record_eval(log, 0, evaluate(raw, val, cfg, dev, amp)))
+            s0 = report.record_samples(log, 0, "before training", judge(raw))
+        t_loop, speed = time.time() - seconds, report.Speed(index, world)  # the clock goes on
+        while it < cfg.max_iters:
+            lr = lr_at(it, cfg)
+            rows, epoch, pos = next(steps)
+            batches = [make_batch((tokens, index), r, dev) for r in rows]
+            try:
+                vals = train_step(model, opt, scaler, batches, loss_fn, lr, cfg.grad_clip)
+            except FloatingPointError as e:  # before the step: the last checkpoint stands
+                die(f"iteration {it + 1}: {e}; stopped before the step, nothing saved ({run.kept()})")
+            it += 1
+            report.write(log, dict(kind="train", iter=it, loss=vals[0], l_sft=vals[1], l_or=vals[2], lr=lr))
+            speed.step(rows, it, vals, lr, master and (it % cfg.log_interval == 0 or it == cfg.max_iters))
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
                 rng = procs.rng_states(world, dev_type)  # every process takes part
                 if master:
-                    report.record_eval(log, progress.history, progress.it,
-                                       evaluate(scorer, val_split, cfg, dev, ctx))
-                    run.save(raw, cfg, meta, opt, scaler, rng, meter.seconds())
+                    history.append(report.record_eval(log, it, evaluate(raw, val, cfg, dev, amp)))
+                    run.save(raw, cfg, meta, opt, scaler, rng, it=it, epoch=epoch, pos=pos,
+                             history=history, seconds=time.time() - t_loop)
         if master:  # sample after training; print and write the summary
-            seconds = meter.seconds()
-            samples = report.sample_and_judge(raw, val_split, meta, cfg, dev, ctx)
-            report.record_samples(log, progress.it, "after training", samples)
-            summary = report.finish(log, cfg, preset, history=progress.history, s0=samples_before,
-                                    s1=samples, seconds=seconds, wall=time.time() - t_begin,
-                                    pairs=min(cfg.eval_pairs, len(val_split[1])), cost=meter.total(dev_type))
+            seconds, s1 = time.time() - t_loop, report.record_samples(log, it, "after training", judge(raw))
+            summary = report.finish(log, cfg, preset, loss, history, s0, s1, seconds,
+                                    time.time() - t_begin, min(cfg.eval_pairs, len(val[1])), world, dev_type)
     procs.stop(world)
-    return Run(raw, val_split, meta, dev, ctx, progress.history, summary, samples)
+    return summary
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
-    preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS)
+    preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS, rules=RULES)
+    if LOSSES[cfg.loss].ref and not cfg.ref:
+        die(f"--loss={cfg.loss} needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
     train(cfg, preset)
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ editor numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped
 or limits stop with a one-line error (exit 2). Without --val_file, the top tenth is held out.
 """
 import argparse
-import collections
 import hashlib
 import json
 import os
@@ -28,7 +27,8 @@ import sys
 import numpy as np
 import tiktoken
 
-from machinery.safe import lock, one_line, staged
+from machinery.readers import BLANK, FORMATS, BrokenLine, load_source
+from machinery.safe import die, lock, one_line, staged
 from machinery.synthetic import N_TRAIN, N_VAL, SEED, make_synthetic, synthetic_encoding
 
 OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: offset, lengths
@@ -40,7 +40,6 @@ ASSISTANT = "\n\nAssistant:"
 ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 SHAPES = ("{prompt, chosen, rejected} strings; HH-style {chosen, rejected} whole dialogues; "
           "{chosen, rejected} message lists of {role, content}, with or without a prompt column")
-FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
 def render(messages, what):
@@ -60,11 +59,6 @@ def detect_shape(row, name):
         raise ValueError(f"{name}: unrecognised rows with keys {sorted(row)}; accepted: {SHAPES}")
     return ("messages" if isinstance(row["chosen"], list) else
             "triple" if "prompt" in row else "dialogue")
-
-
-# A .jsonl line that is not JSON (msg: why), or BLANK: kept in place, so row numbers stay right
-BrokenLine = collections.namedtuple("BrokenLine", "msg")
-BLANK = BrokenLine("a blank line")
 
 
 def to_triple(row, shape):
@@ -113,87 +107,6 @@ def to_triple(row, shape):
             "rejected": " " + rejected[-1]["content"]}
 
 
-def read_jsonl(path):
-    """A .jsonl(.gz) file's rows, rows[i] line i + 1; a line not JSON is a BrokenLine (reported,
-    skipped). Lines are decoded alone (a stray byte costs one row), as utf-8-sig (a BOM reads)."""
-    import gzip
-    import zlib
-    rows = []
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for line in f:
-                try:
-                    text = line.decode("utf-8-sig")
-                    rows.append(json.loads(text) if text.strip() else BLANK)
-                except UnicodeDecodeError as e:
-                    rows.append(BrokenLine(f"not UTF-8 text ({e.reason} at byte {e.start})"))
-                except (json.JSONDecodeError, RecursionError) as e:  # or nested too deep
-                    rows.append(BrokenLine(f"broken JSON ({getattr(e, 'msg', 'nested too deep')})"))
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt or cut-off .gz
-        raise ValueError(f"{path}: cannot read it ({one_line(e, typed=True)})") from e
-    return rows
-
-
-def read_file(path):
-    """A local file's raw rows, or a one-line ValueError: a .jsonl(.gz) line by line (read_jsonl),
-    .json and .parquet through datasets' loaders, which number their rows by position."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        rows = read_jsonl(path)
-    elif os.path.getsize(path) == 0:  # datasets fails on it with an empty StopIteration
-        rows = []
-    else:
-        import datasets
-        # our error says it all: datasets' own log lines and progress bars would make it three
-        level, bars_off = datasets.logging.get_verbosity(), datasets.are_progress_bars_disabled()
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-        datasets.disable_progress_bars()
-        try:
-            kind = "parquet" if path.endswith(".parquet") else "json"
-            rows = list(datasets.load_dataset(kind, data_files=path, split="train"))
-        except Exception as e:  # a corrupt file, or one not of its extension's format
-            cause = e.__cause__ or e  # datasets wraps the reader's error in a vaguer one
-            raise ValueError(f"{path}: cannot read it as {kind} "
-                             f"({type(cause).__name__}: {one_line(cause)})") from e
-        finally:
-            datasets.logging.set_verbosity(level)
-            if not bars_off:
-                datasets.enable_progress_bars()
-    if all(isinstance(r, BrokenLine) for r in rows):  # BLANK is one too
-        raise ValueError(f"{path}: no rows to read: " + ("the file is empty" if all(
-            r is BLANK for r in rows) else "no line of it is JSON (is it a .jsonl file?)"))
-    return rows
-
-
-def load_source(source, path=None, subset=None, val_path=None):
-    """{split: (rows, name, number of the first row)}; rows are raw rows of the source's
-    shape. A file without a val_path comes as 'train' alone: prepare() holds out its top."""
-    if path:  # a local file of any accepted shape
-        files = {s: p for s, p in (("train", path), ("val", val_path)) if p}
-        for p in files.values():  # both checked before either is read
-            if not os.path.isfile(p):
-                raise ValueError(f"no file at {p}" if not os.path.lexists(p) else f"{p} is " + (
-                    "a directory, not a file" if os.path.isdir(p) else "not a regular file "
-                    "(a fifo?)" if os.path.exists(p) else "a link to nowhere (or a loop)"))
-            if not p.endswith(FORMATS):
-                raise ValueError(f"{p}: not a format prepare_data reads; accepted: "
-                                 f"{', '.join(FORMATS)}")
-        return {s: (read_file(p), p, 1) for s, p in files.items()}
-    import datasets
-    try:
-        if source == "hh-rlhf":
-            ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset)
-            return {"train": (ds["train"], source, 1), "val": (ds["test"], source, 1)}
-        if source == "ultrafeedback":
-            ds = datasets.load_dataset("HuggingFaceH4/ultrafeedback_binarized")
-            return {"train": (ds["train_prefs"], source, 1), "val": (ds["test_prefs"], source, 1)}
-    except Exception as e:  # no network, or the hub refused: say so, and what works instead
-        raise ValueError(f"could not load {source!r} from the Hugging Face hub "
-                         f"({one_line(e, typed=True)}); download it and pass --file "
-                         f"PATH instead") from e
-    raise ValueError(f"unknown source {source!r}; known: synthetic, hh-rlhf, ultrafeedback "
-                     f"(or --file PATH)")
-
-
 # ----------------------------------------------------------------------------------------
 # Tokenize and write
 
@@ -211,11 +124,6 @@ def get_encoding(tok):
         raise ValueError(f"cannot load the {tok} tokenizer ({one_line(e, typed=True)}"
                          f"); run once with network access, or set TIKTOKEN_CACHE_DIR to a "
                          f"folder holding tiktoken's cached {tok} files") from e
-
-
-def decode(enc, ids, eot):
-    """Token ids -> text, up to the first end-of-text token (a sample's end)."""
-    return enc.decode(ids[:ids.index(eot)] if eot in ids else ids)
 
 
 def check(row, shape):
@@ -472,6 +380,36 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
         print(f"{data_dir} {why}: preparing {file or source} for pairs of {max_len} tokens")
         prepare(source, data_dir, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len, file)
     return load(data_dir, source, file, max_len)
+
+
+def for_run(cfg):
+    """The data a run of orpo.py's config cfg reads: meta and {split: (tokens, index)}.
+    data/<name> is prepared on first use (ensure); a --data_dir of other data is refused, and
+    so is data with fewer training pairs than a batch. Every error is one line."""
+    name = named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
+    d = cfg.data_dir or os.path.join("data", name)
+    tok = tokenizer(name, cfg.data_file)
+    try:
+        n_vocab = get_encoding(tok).n_vocab if cfg.vocab_size else 0
+        if cfg.vocab_size < n_vocab:
+            die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
+        meta, data = ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
+                            (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
+    except ValueError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die(f"interrupted while reading the data; {holds(d)}", 130)
+    if len(data["train"][1]) < cfg.batch_size:
+        die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
+    return meta, data
+
+
+def pairs(split, rows):
+    """The (prompt, chosen, rejected) token arrays of each of a split's rows."""
+    tokens, index = split
+    for r in rows:
+        off, p, c, n = (int(v) for v in index[r])
+        yield tokens[off:off + p], tokens[off + p:off + p + c], tokens[off + p + c:off + p + c + n]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 import orpo
 import prepare_data
-from machinery import checkpoint, gpt2, synthetic
+from machinery import checkpoint, gpt2, report, synthetic
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die, lock, one_line, staged
 
@@ -57,7 +57,7 @@ def export(model, meta, ck_path, d):
 
 def main():
     _, cfg, opts = parse_args(
-        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""),
+        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(prompt="", export=""), rules=orpo.RULES,
         usage="[--config NAME] --prompt=TEXT | --export=DIR [--key=value ...]",
         keys=("out_dir", "temperature", "top_k", "max_new_tokens", "n_samples", "seed", "device",
               "dtype"),
@@ -93,7 +93,7 @@ def main():
         out = model.generate(ids.expand(max(1, min(cfg.n_samples, 5)), -1), cfg.max_new_tokens,
                              cfg.temperature, cfg.top_k or None, meta["eot"], gen)
     for row in out[:, ids.size(1):].tolist():
-        answer = prepare_data.decode(enc, row, meta["eot"])
+        answer = report.decode(enc, row, meta["eot"])
         line = f"{text!r} ->{answer!r}"
         if meta["tokenizer"] == "synthetic":  # the synthetic task, not a file of pairs
             try:

@@ -7,23 +7,21 @@ import dataclasses
 import errno
 import os
 import shutil
-from dataclasses import dataclass, field
 
 import torch
 
-import prepare_data
 from machinery import gpt2
 from machinery.safe import atomic_write, die, lock, one_line
-from model import GPT, GPTConfig, Scorer, padded_vocab
+from model import GPT, GPTConfig, padded_vocab
 
 CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what they are
              "optimizer", "scaler", "rng",               # the training state, rng per process
              "iter", "epoch", "pos",                     # where the loop and the data are
-             "history", "seconds", "cost")               # what was measured so far
+             "history", "seconds")                       # what was measured so far
 # what a resumed run must share with the run it continues: the shape, the data, and the
 # objective; the learning-rate schedule is checked as lr_at computes it (resume_state)
 RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
-               "data_file", "batch_size", "seed", "lam", "sft_on_prompt", "ratio", "logp", "loss",
+               "data_file", "batch_size", "seed", "lam", "sft_on_prompt", "loss",
                "beta", "ref", "dropout", "grad_accum", "weight_decay", "beta1", "beta2",
                "grad_clip")
 SCHEDULE = ("lr", "min_lr", "warmup_iters")  # and where the cosine ends: lr_decay_iters or max_iters
@@ -64,6 +62,11 @@ def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
         missing = ["meta['vocab_size']"]
     if missing:
         die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")
+    config = ck.get("config")
+    if isinstance(config, dict) and "ratio" in config:  # before --loss named every objective
+        ratio, logp = config.pop("ratio"), config.pop("logp", "mean")
+        if config.get("loss") != "dpo":
+            config["loss"] = "sum" if logp == "sum" else {"odds": "orpo"}.get(ratio, ratio)
     if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
         die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
             f"but the data has {meta['vocab_size']}")
@@ -158,46 +161,7 @@ def load_reference(cfg, meta, policy):
     shape = ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab")
     check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
     ref = model_from_checkpoint(ck, cfg.ref)
-    return Scorer(ref.requires_grad_(False).eval())
-
-
-# ----------------------------------------------------------------------------------------
-# The data a run reads
-
-
-def load_data(cfg):
-    """meta and {split: (tokens, index)}. data/<name> is prepared on first use, and again
-    when it was made from anything else; a --data_dir of other data is refused, and so is
-    data with fewer training pairs than a batch."""
-    name = prepare_data.named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
-    d = cfg.data_dir or os.path.join("data", name)
-    tok = prepare_data.tokenizer(name, cfg.data_file)
-    try:
-        n_vocab = prepare_data.get_encoding(tok).n_vocab if cfg.vocab_size else 0
-        if cfg.vocab_size < n_vocab:
-            die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
-        meta, data = prepare_data.ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
-                                         (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
-    except ValueError as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        die(f"interrupted while reading the data; {prepare_data.holds(d)}", 130)
-    if len(data["train"][1]) < cfg.batch_size:
-        die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
-    return meta, data
-
-
-@dataclass
-class Progress:
-    """Where a run is and what it has measured: with the weights and the optimizer, all that
-    a checkpoint holds."""
-    it: int = 0                  # optimizer steps taken
-    epoch: int = 0               # the data's epoch, and the position in its batch order
-    pos: int = 0
-    history: list = field(default_factory=list)   # the evals so far
-    seconds: float = 0.0         # in the training loop, before this process started
-    cost: dict = field(default_factory=lambda: dict(steps=0, policy_passes=0, ref_passes=0,
-                                                    flops=0, train_seconds=0.0))
+    return ref.requires_grad_(False).eval()
 
 
 class RunDir:
@@ -207,7 +171,7 @@ class RunDir:
     def __init__(self, out_dir, rank):
         self.out_dir, self.master = out_dir, rank == 0
         self.path = os.path.join(out_dir, "ckpt.pt")
-        self.progress, self.held = Progress(), None
+        self.held = None
 
     def __enter__(self):
         return self
@@ -215,15 +179,15 @@ class RunDir:
     def __exit__(self, kind, e, tb):
         try:
             if kind and issubclass(kind, KeyboardInterrupt):
-                die(f"interrupted at iteration {self.progress.it}; {on_disk(self.path)}", 130)
-            if kind and issubclass(kind, FloatingPointError):  # train_step's check, before a step
-                kept = (f"last good checkpoint: {self.path}" if os.path.exists(self.path)
-                        else "no checkpoint yet")
-                die(f"iteration {self.progress.it + 1}: {e}; stopped before the step, nothing "
-                    f"saved ({kept})")
+                die(f"interrupted; {self.kept()}", 130)
         finally:
             if self.held:
                 self.held.release()
+
+    def kept(self):
+        """What the folder holds to go on from, read from the disk, for a last line."""
+        return (f"{on_disk(self.path)}: go on with --init_from=resume" if os.path.exists(self.path)
+                else "no checkpoint was written yet")
 
     def hold(self):
         """The first process holds the folder; a second run is told which process does."""
@@ -273,24 +237,23 @@ class RunDir:
                 f"give a new --out_dir, or remove that folder's summary.json and log.jsonl")
 
     def restore(self, ck, opt, scaler, rank, dev_type):
-        """The Progress to go on from: a new run's, or, resuming, the checkpoint's, with the
-        optimizer, the scaler and this process's RNG as they were."""
-        if ck:
-            opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None and dev_type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng)
-            self.progress = Progress(*(ck[k] for k in ("iter", "epoch", "pos", "history",
-                                                       "seconds", "cost")))
-            print(f"resumed from {self.path} at iteration {self.progress.it}")
-        return self.progress
+        """(iteration, epoch, position in it, eval history, seconds in the loop) to go on from:
+        a new run's, or, resuming, the checkpoint's, with the optimizer, the scaler and this
+        process's RNG as they were."""
+        if not ck:
+            return 0, 0, 0, [], 0.0
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None and dev_type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng)
+        print(f"resumed from {self.path} at iteration {ck['iter']}")
+        return ck["iter"], ck["epoch"], ck["pos"], ck["history"], ck["seconds"]
 
-    def save(self, raw, cfg, meta, opt, scaler, rng, seconds):
-        """The checkpoint at this point of the run: whole, or the last one kept."""
-        p = self.progress
+    def save(self, raw, cfg, meta, opt, scaler, rng, **progress):
+        """The checkpoint at this point of the run (progress: it, epoch, pos, history,
+        seconds): whole, or the last one kept."""
         save_checkpoint(self.path, model=raw.state_dict(), model_args=dataclasses.asdict(raw.cfg),
                         config=dataclasses.asdict(cfg), meta=meta, optimizer=opt.state_dict(),
-                        scaler=scaler.state_dict(), rng=rng, iter=p.it, epoch=p.epoch,
-                        pos=p.pos, history=p.history, seconds=seconds, cost=p.cost)
+                        scaler=scaler.state_dict(), rng=rng, **progress)

@@ -27,8 +27,7 @@ RULES = {  # key: (test, what it accepts)
     "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
     "block_size": at_least(2), "dropout": below_one,
     "vocab_size": (lambda v: 0 <= v <= 2**24, "0 (the tokenizer's) or at most 2**24"),
-    "lam": at_least(0), "ratio": one_of("odds", "prob", "simpo"), "logp": one_of("mean", "sum"),
-    "loss": one_of("orpo", "dpo"), "beta": positive, "batch_size": at_least(1),
+    "lam": at_least(0), "beta": positive, "batch_size": at_least(1),
     "grad_accum": at_least(1), "max_iters": at_least(0), "lr_decay_iters": at_least(0),
     "lr": positive, "min_lr": at_least(0), "warmup_iters": at_least(0),
     "weight_decay": at_least(0), "beta1": below_one, "beta2": below_one, "grad_clip": at_least(0),
@@ -45,21 +44,17 @@ def auto_device():
         "mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def check(cfg):
+def check(cfg, rules):
     """Values that make no sense, alone or together: one line naming the key."""
-    for key, (ok, what) in RULES.items():
+    for key, (ok, what) in rules.items():
         if not ok(getattr(cfg, key)):
             die(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     if cfg.min_lr > cfg.lr:
         die(f"--min_lr={cfg.min_lr} must be at most --lr={cfg.lr}")
-    if cfg.hand_grad and (cfg.ratio, cfg.logp, cfg.loss) != ("odds", "mean", "orpo"):
-        die("--hand_grad derives ORPO's own gradient: it needs --ratio=odds --logp=mean --loss=orpo")
-    if cfg.loss == "dpo" and (cfg.ratio, cfg.logp) != ("odds", "mean"):
-        die("--loss=dpo is DPO's own loss: --ratio and --logp are ORPO's; leave them at odds and mean")
-    if cfg.loss == "dpo" and not cfg.ref:
-        die("--loss=dpo needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
+    if cfg.hand_grad and cfg.loss != "orpo":
+        die(f"--hand_grad derives ORPO's own gradient: it needs --loss=orpo, not {cfg.loss}")
     if cfg.ref and not os.path.isfile(cfg.ref):
         die(f"--ref={cfg.ref!r}: no such checkpoint file")
     known = ("scratch", "resume") + GPT2_NAMES
@@ -127,24 +122,27 @@ def key_notes(config):
     return notes
 
 
+def print_help(cfg, preset, presets, fields, extra, rules, said, usage):
+    """--help: every key with its value under the preset, what it accepts and what it does."""
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} {usage}   presets: {', '.join(presets)}"
+             f" (values shown: --config {preset})"]
+    lines += [f"  --{f.name}={getattr(cfg, f.name)!r}  ({rules.get(f.name, (0, f.type.__name__))[1]})"
+              f"  {said.get(f.name, '')}".rstrip() for f in fields]
+    lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader left early, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
 def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]",
-               keys=None, notes=None):
+               keys=None, notes=None, rules=None):
     """--config NAME (default: small), then overrides of the dataclass config's fields that
-    the script reads (`keys`; None: all) and of its own options `extra` ({key: default},
-    described by `notes`). Returns (preset, cfg, opts)."""
-    extra, args, pairs = dict(extra or {}), list(argv), []
-    fields = [f for f in dataclasses.fields(config) if keys is None or f.name in keys]
-    if {"-h", "--help"} & set(args):
-        said = dict(key_notes(config), **(notes or {}))
-        lines = [f"usage: python {os.path.basename(sys.argv[0])} {usage}   presets: " + ", ".join(presets)]
-        lines += [f"  --{f.name}={f.default!r}  ({RULES.get(f.name, (0, f.type.__name__))[1]})"
-                  f"  {said.get(f.name, '')}".rstrip() for f in fields]
-        lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
-        try:
-            print("\n".join(lines), flush=True)
-        except BrokenPipeError:  # `--help | head`: the reader left early, which is fine
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    the script reads (`keys`; None: all), checked against RULES and the script's own `rules`,
+    and of its own options `extra` ({key: default}, described by `notes`). --help lists them
+    with the values of the preset --config names. Returns (preset, cfg, opts)."""
+    extra, args, pairs = dict(extra or {}), [a for a in argv if a not in ("-h", "--help")], []
     while args:
         a = args.pop(0)
         if not a.startswith("--"):
@@ -158,7 +156,10 @@ def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=
     preset = dict(pairs).get("config", "small")
     if preset not in presets:
         die(f"unknown config {preset!r}; presets: {', '.join(presets)}")
-    cfg, opts, known = config(**presets[preset]), dict(extra), {f.name for f in fields}
+    fields = [f for f in dataclasses.fields(config) if keys is None or f.name in keys]
+    cfg, opts, known, rules = config(**presets[preset]), dict(extra), {f.name for f in fields}, dict(RULES, **(rules or {}))
+    if {"-h", "--help"} & set(argv):
+        print_help(cfg, preset, presets, fields, extra, rules, dict(key_notes(config), **(notes or {})), usage)
     for key, val in pairs:
         if key in opts:
             opts[key] = parse_value(key, val, extra[key])
@@ -166,5 +167,5 @@ def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=
             setattr(cfg, key, parse_value(key, val, getattr(cfg, key)))
         elif key != "config":
             die(f"unknown config key {key!r}; `--help` lists the keys")
-    check(cfg)
+    check(cfg, rules)
     return preset, cfg, opts

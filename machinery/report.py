@@ -1,11 +1,9 @@
-"""What a run of orpo.py observes and records, besides its checkpoint: answers sampled for
-held-out prompts, with the synthetic task's judge's verdicts; out_dir/log.jsonl (a JSON line
-per optimizer step, per eval and per set of samples); the eval and sample lines it prints;
-peak memory; what the training loop costs (the Meter: the tokens and FLOPs of each step for
-the log line's tok/s and FLOP/s, the run's passes, FLOPs and seconds for summary.json); and
-the summary at the end (printed, and written to out_dir/summary.json). orpo.py calls these
-(bench.py reads peak_mem_mb and batch_tokens too); its loss, step and loop never read what
-they make.
+"""What a run of orpo.py records besides its checkpoint: answers sampled for held-out
+prompts, with the synthetic task's judge's verdicts (Judge); out_dir/log.jsonl (a JSON line
+per optimizer step, per eval and per set of samples); the lines it prints, the loss line's
+tok/s among them (Speed); and the summary at the end (printed, and written to
+out_dir/summary.json with the run's peak memory). orpo.py calls these; its loss, step and
+loop never read what they make.
 """
 import json
 import os
@@ -15,48 +13,52 @@ import time
 import numpy as np
 import torch
 
-import prepare_data
-from prepare_data import CHOSEN, OFF, PROMPT, REJECTED
 from machinery import synthetic
 from machinery.safe import atomic_write, die, one_line
 
 
-@torch.no_grad()
-def sample_and_judge(model, split, meta, cfg, device, ctx):
-    """Sample an answer to each of the first n_samples held-out prompts. On the synthetic
-    task the judge scores it; a win is a sample scored above the pair's chosen answer (a tie
-    counts half), as the paper counts reward-model wins against a reference."""
-    enc, eot = prepare_data.get_encoding(meta["tokenizer"]), meta["eot"]
-    text = lambda ids: prepare_data.decode(enc, ids, eot)
-    tokens, index = split
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    by_len, out = {}, []
-    for r in range(min(cfg.n_samples, len(index))):  # prompts of one length: one batch
-        by_len.setdefault(int(index[r][PROMPT]), []).append(r)
-    model.eval()
-    for p, group in sorted(by_len.items()):
-        for i in range(0, len(group), cfg.batch_size):
-            rs = group[i:i + cfg.batch_size]
-            offs = [int(index[r][OFF]) for r in rs]
-            prompts = torch.from_numpy(np.stack([tokens[o:o + p] for o in offs]).astype(np.int64))
-            with ctx:
-                ids = model.generate(prompts.to(device), cfg.max_new_tokens, cfg.temperature,
-                                     cfg.top_k or None, eot, gen)
-            for r, o, new in zip(rs, offs, ids[:, p:].tolist()):
-                chosen = tokens[o + p:o + p + int(index[r][CHOSEN])].tolist()
-                out.append(dict(row=r, prompt=text(tokens[o:o + p].tolist()), sample=text(new),
-                                chosen=text(chosen)))
-    model.train()
-    out.sort(key=lambda s: s["row"])
-    if meta["tokenizer"] == "synthetic":  # the synthetic task (not a file): its judge and the win
+def decode(enc, ids, eot):
+    """Token ids -> text, up to the first end-of-text token (a sample's end)."""
+    return enc.decode(ids[:ids.index(eot)] if eot in ids else ids)
+
+
+class Judge:
+    """Answers sampled for held-out prompts, and, on the synthetic task, the judge's verdicts:
+    a win is an answer scored above the pair's chosen one (a tie counts half), as the paper
+    counts reward-model wins against a reference. pairs: (prompt, chosen, rejected) token
+    arrays (prepare_data.pairs); enc: their tokenizer. Call it with the model to judge."""
+
+    def __init__(self, pairs, enc, meta, cfg, device, amp):
+        self.pairs, self.enc, self.meta, self.cfg, self.device, self.amp = list(pairs), enc, meta, cfg, device, amp
+
+    def text(self, ids):
+        return decode(self.enc, [int(i) for i in ids], self.meta["eot"])
+
+    @torch.no_grad()
+    def __call__(self, model):
+        cfg, eot, by_len, out = self.cfg, self.meta["eot"], {}, []
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        for r, (prompt, _, _) in enumerate(self.pairs):  # prompts of one length: one batch
+            by_len.setdefault(len(prompt), []).append(r)
+        model.eval()
+        for p, group in sorted(by_len.items()):
+            for i in range(0, len(group), cfg.batch_size):
+                rs = group[i:i + cfg.batch_size]
+                prompts = torch.from_numpy(np.stack([self.pairs[r][0] for r in rs]).astype(np.int64))
+                with self.amp:
+                    ids = model.generate(prompts.to(self.device), cfg.max_new_tokens, cfg.temperature,
+                                         cfg.top_k or None, eot, gen)
+                out += [dict(row=r, prompt=self.text(self.pairs[r][0]), sample=self.text(new),
+                             chosen=self.text(self.pairs[r][1])) for r, new in zip(rs, ids[:, p:].tolist())]
+        model.train()
+        out.sort(key=lambda s: s["row"])
+        if self.meta["tokenizer"] != "synthetic":  # a file's pairs: no judge
+            return out
         try:
-            verdicts = [synthetic.verdict(s["prompt"], s["sample"], s["chosen"]) for s in out]
+            return [dict(s, **synthetic.verdict(s["prompt"], s["sample"], s["chosen"])) for s in out]
         except ValueError as e:  # prompts cut short (a small block_size) cannot be judged
             print(f"note: the judge cannot score these answers: {one_line(e)}")
             return out
-        for s, v in zip(out, verdicts):
-            s.update(v)
-    return out
 
 
 def open_log(out_dir, resume_at=None):
@@ -96,18 +98,14 @@ def write(log, rec):
             die(f"could not write {log.name}: {one_line(e)}")
 
 
-def print_step(it, vals, lr, toks, flops, dt):
-    print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
-          f"lr {lr:.2e} | {toks / dt:,.0f} tok/s | {flops / dt / 1e9:,.1f} GFLOP/s")
-
-
-def record_eval(log, history, it, m):
-    """An eval's held-out means: into the run's history, the log, and one printed line."""
-    history.append(dict(iter=it, **m))
+def record_eval(log, it, m):
+    """An eval's held-out means: into the log, and one printed line; returned as the run's
+    history holds it."""
     write(log, dict(kind="eval", iter=it, **m))
     print(f"eval {it:5d} | L_SFT {m['l_sft']:.4f} | L_OR {m['l_or']:.4f} | log P chosen "
           f"{m['ell_w']:.3f} | log P rejected {m['ell_l']:.3f} | log OR {m['log_or']:.3f} | "
           f"acc {m['acc']:.3f} | margin {m['margin']:.3f}")
+    return dict(iter=it, **m)
 
 
 def record_samples(log, it, title, samples, k=3):
@@ -117,6 +115,7 @@ def record_samples(log, it, title, samples, k=3):
     for s in samples[:k]:
         judged = f"   judge {s['score']:.2f}" if "score" in s else ""
         print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}")
+    return samples
 
 
 def peak_mem_mb(dev_type):
@@ -128,16 +127,18 @@ def peak_mem_mb(dev_type):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def summarize(cfg, preset, history, s0, s1, seconds, wall, pairs):
+def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
     """Print the held-out terms at the start and the end, and the judge's verdicts on the
     samples before (s0) and after (s1) training, each ± 1 standard error; return them as
-    the dict that summary.json holds. A note says what this run's numbers show, or nothing."""
+    the dict that summary.json holds. The run is named by its loss (orpo.LOSSES' entry); a
+    note says what this run's numbers show, or nothing."""
     a, b = history[0], history[-1]
-    what = (f"DPO (beta={cfg.beta})" if cfg.loss == "dpo" else "SimPO" if cfg.ratio == "simpo"
-            else "SFT baseline (lam=0)" if cfg.lam == 0 else f"ORPO (lam={cfg.lam})")
+    sft = loss.lam and cfg.lam == 0  # an ORPO-like loss without its L_OR: plain SFT
+    what = (f"{loss.name} (beta={cfg.beta})" if loss.ref else "SFT baseline (lam=0)" if sft
+            else f"{loss.name} (lam={cfg.lam})" if loss.lam else loss.name)
     moved = lambda k: "rose" if b[k] > a[k] else "fell" if b[k] < a[k] else ""
-    sft_lifts = cfg.lam == 0 and cfg.loss == "orpo" and moved("ell_w") == moved("ell_l") == "rose"
-    pushed = cfg.lam > 0 and moved("ell_l") == "fell"
+    sft_lifts = sft and moved("ell_w") == moved("ell_l") == "rose"
+    pushed = not sft and moved("ell_l") == "fell"
     note_l = moved("ell_l") + (" with the chosen, as in the paper's Fig. 3" if sft_lifts else
                                f": {what.split()[0]} pushed it down" if pushed else "")
     row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
@@ -168,10 +169,12 @@ def summarize(cfg, preset, history, s0, s1, seconds, wall, pairs):
     return out
 
 
-def finish(log, cfg, preset, *, history, s0, s1, seconds, wall, pairs, cost):
-    """Close the log; print the summary and write it to out_dir/summary.json."""
+def finish(log, cfg, preset, loss, history, s0, s1, seconds, wall, pairs, processes, dev_type):
+    """Close the log; print the summary and write it to out_dir/summary.json, with what the
+    run took: its processes and this one's peak memory."""
     log.close()
-    summary = dict(summarize(cfg, preset, history, s0, s1, seconds, wall, pairs), cost=cost)
+    summary = dict(summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs),
+                   processes=processes, peak_mem_mb=round(peak_mem_mb(dev_type)))
     with atomic_write(os.path.join(cfg.out_dir, "summary.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -179,9 +182,9 @@ def finish(log, cfg, preset, *, history, s0, s1, seconds, wall, pairs, cost):
 
 def batch_tokens(index, rows, sft_on_prompt):
     """(non-pad input tokens, positions the loss scores) of a batch, counted on the host."""
-    lens = index[rows].astype(np.int64)
-    real = int((2 * lens[:, PROMPT] + lens[:, CHOSEN] + lens[:, REJECTED] - 2).sum())
-    return real, real if sft_on_prompt else int(lens[:, CHOSEN:].sum())
+    p, c, r = index[rows][:, 1:].astype(np.int64).T  # prepare_data's columns 1-3: the lengths
+    real = int((2 * p + c + r - 2).sum())
+    return real, real if sft_on_prompt else int((c + r).sum())
 
 
 def print_start(preset, raw, dev, dtype, cfg, n_train, world):
@@ -191,52 +194,18 @@ def print_start(preset, raw, dev, dtype, cfg, n_train, world):
           f"micro-steps x {cfg.batch_size} pairs")
 
 
-class Meter:
-    """What the training loop costs: its steps, forward passes and FLOPs, kept in the run's
-    Progress (summary.json's cost), and the tokens/s and FLOP/s of the printed line. Counted
-    on the host from the data's index: no device sync. Made as the loop starts."""
+class Speed:
+    """The printed loss line, every log_interval steps, with the tokens per second of every
+    process since the last one, counted on the host from the data's index (no device sync)."""
 
-    def __init__(self, model, index, cfg, world, progress, ref):
-        self.model, self.index, self.sft_on_prompt = model, index, cfg.sft_on_prompt
-        self.world, self.ref, self.cost = world, ref, progress.cost
-        self.t_start = time.time() - progress.seconds  # the clock goes on from a checkpoint's
-        self.t_log, self.toks, self.flops = time.time(), 0, 0
-        self.cpu, self.hinted = time.process_time(), False
+    def __init__(self, index, world):
+        self.index, self.world, self.t, self.toks, self.n = index, world, time.time(), 0, 0
 
-    def step(self, rows, batches, t0):
-        """Count one optimizer step on this process: its batches' rows, begun at time t0."""
-        n, f = 0, 0  # this step's tokens and FLOPs
-        for r, b in zip(rows, batches):
-            real, n_scored = batch_tokens(self.index, r, self.sft_on_prompt)
-            fb = self.model.flops(real, n_scored, b[0].size(1))
-            n, f = n + real, f + fb + (fb / 3 if self.ref else 0)  # ref: a forward pass alone
-            self.cost["policy_passes"] += len(b[0])
-            self.cost["ref_passes"] += len(b[0]) if self.ref else 0
-        self.toks, self.flops = self.toks + n, self.flops + f
-        self.cost["steps"], self.cost["flops"] = self.cost["steps"] + 1, self.cost["flops"] + f
-        self.cost["train_seconds"] += time.time() - t0
-
-    def print_step(self, it, vals, lr):
-        """The log line, with every process's tokens and FLOPs since the last one; once, a
-        note if the CPU ran this process's threads far less than the time they had."""
-        dt, cpu = time.time() - self.t_log, time.process_time() - self.cpu
-        print_step(it, vals, lr, self.toks * self.world, self.flops * self.world, dt)
-        share = cpu / (dt * torch.get_num_threads())  # ~1 when each thread had its core
-        if self.model.wte.weight.device.type == "cpu" and share < 0.75 and not self.hinted:
-            self.hinted = True
-            print(f"note: this process's {torch.get_num_threads()} threads got {share:.0%} of "
-                  "the CPU time they had: other programs are using the cores. An idle machine, "
-                  "or fewer threads (OMP_NUM_THREADS=1), runs faster")
-        self.t_log, self.toks, self.flops, self.cpu = time.time(), 0, 0, time.process_time()
-
-    def seconds(self):
-        """Seconds in the training loop, the resumed run's included."""
-        return time.time() - self.t_start
-
-    def total(self, dev_type):
-        """The cost as summary.json holds it: the passes and FLOPs of all the processes, as
-        the log line counts them (each process runs as many micro-batches as process 0, whose
-        counts these are); steps and seconds are the run's, shared by all."""
-        per = {k: self.cost[k] * self.world for k in ("policy_passes", "ref_passes", "flops")}
-        return dict(self.cost, **per, processes=self.world,
-                    peak_mem_mb=round(peak_mem_mb(dev_type)))
+    def step(self, rows, it, vals, lr, show):
+        self.toks += sum(batch_tokens(self.index, r, False)[0] for r in rows) * self.world
+        self.n += 1
+        if show:
+            dt = time.time() - self.t
+            print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
+                  f"lr {lr:.2e} | {self.toks / dt:,.0f} tok/s | {1000 * dt / self.n:,.0f} ms/iter")
+            self.t, self.toks, self.n = time.time(), 0, 0
