@@ -431,7 +431,7 @@ def train(cfg, preset="custom"):
                 rng = procs.rng_states(world, dev_type)  # every process takes part
                 if master:
                     history.append(report.record_eval(log, it, evaluate(raw, val, cfg, dev, amp)))
-                    run.save(raw, cfg, meta, opt, scaler, rng, it=it, epoch=epoch, pos=pos,
+                    run.save(raw, cfg, meta, opt, scaler, rng, iter=it, epoch=epoch, pos=pos,
                              history=history, seconds=time.time() - t_loop)
         if master:  # sample after training; print and write the summary
             seconds, s1 = time.time() - t_loop, report.record_samples(log, it, "after training", judge(raw))

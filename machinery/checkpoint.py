@@ -252,7 +252,7 @@ class RunDir:
         return ck["iter"], ck["epoch"], ck["pos"], ck["history"], ck["seconds"]
 
     def save(self, raw, cfg, meta, opt, scaler, rng, **progress):
-        """The checkpoint at this point of the run (progress: it, epoch, pos, history,
+        """The checkpoint at this point of the run (progress: iter, epoch, pos, history,
         seconds): whole, or the last one kept."""
         save_checkpoint(self.path, model=raw.state_dict(), model_args=dataclasses.asdict(raw.cfg),
                         config=dataclasses.asdict(cfg), meta=meta, optimizer=opt.state_dict(),
