@@ -209,6 +209,8 @@ class TokenLogProbs(torch.autograd.Function):
 
 
 class GPT(nn.Module):
+    chunk = 1024  # vocabulary columns per slice of TokenLogProbs
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
@@ -262,7 +264,7 @@ class GPT(nn.Module):
         if need is not None:
             x = x[need]  # (N, C)
         if targets is not None:
-            return TokenLogProbs.apply(x, self.lm_head.weight, targets, 1024, self.n_vocab)  # (N,)
+            return TokenLogProbs.apply(x, self.lm_head.weight, targets, self.chunk, self.n_vocab)  # (N,)
         return F.linear(x, self.lm_head.weight[:self.n_vocab])  # (..., n_vocab): no padding id
 
     def flops(self, tokens, n_logits, T):

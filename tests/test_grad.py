@@ -20,7 +20,7 @@ def rel_err(a, b):
 
 def autograd_ell_grad(ell_w, ell_l, lam):
     ell = torch.cat([ell_w, ell_l]).detach().requires_grad_()
-    loss, _ = orpo.orpo_loss(None, ell, None, lam=lam)
+    loss, _ = orpo.orpo_loss(ell, -ell[:ell_w.numel()], lam=lam)
     (g,) = torch.autograd.grad(loss, ell)
     B = ell_w.numel()
     return g[:B], g[B:]
@@ -90,7 +90,7 @@ def test_grad_wrt_logits_equals_autograd(lam, sft_on_prompt):
         need = (seq if sft_on_prompt else resp).bool()
         a = logits.clone().requires_grad_()  # autograd, from the logits at every position
         logp, ell = orpo.response_logps(orpo.logps_from_logits(a[need], y[need]), resp, need)
-        loss, _ = orpo.orpo_loss(logp, ell, seq, lam=lam, sft_on_prompt=sft_on_prompt)
+        loss, _ = orpo.orpo_loss(ell, orpo.sft_loss(logp, ell, seq, sft_on_prompt), lam=lam)
         (ga,) = torch.autograd.grad(loss, a)
         h = logits.clone().requires_grad_()
         loss_h, _, _ = orpo.HandORPO.apply(h[need], y, resp, seq, need, lam, sft_on_prompt)

@@ -41,13 +41,13 @@ def test_logps_same_alone_and_padded_in_a_batch():
     split = toy_split(ROWS)
     x, y, resp, _ = orpo.make_batch(split, [0, 1, 2], "cpu")
     need = resp.bool()
-    _, ell = orpo.response_logps(model.token_logps(x, need, y[need]), resp, need)
+    _, ell = orpo.response_logps(model(x, need, y[need]), resp, need)
     every = torch.ones_like(need)
     _, dense = orpo.response_logps(orpo.logps_from_logits(model(x).flatten(0, 1), y.flatten()), resp, every)
     torch.testing.assert_close(dense, ell, rtol=0, atol=1e-5)  # logits at every position agree
     for i in range(3):
         x, y, resp, _ = orpo.make_batch(split, [i], "cpu")  # no padding at all
-        _, alone = orpo.response_logps(model.token_logps(x, resp.bool(), y[resp.bool()]), resp, resp.bool())
+        _, alone = orpo.response_logps(model(x, resp.bool(), y[resp.bool()]), resp, resp.bool())
         torch.testing.assert_close(alone, ell[[i, 3 + i]], rtol=0, atol=1e-6)
 
 
@@ -72,7 +72,7 @@ def test_loss_float32_finite_where_the_naive_form_fails():
     ells = -torch.logspace(-12, 4, 200)
     w, l = torch.meshgrid(ells, ells, indexing="ij")
     w, l = w.flatten().float().requires_grad_(), l.flatten().float().requires_grad_()
-    loss, _ = orpo.orpo_loss(None, torch.cat([w, l]), None, lam=1.0)
+    loss, _ = orpo.orpo_loss(torch.cat([w, l]), -w, lam=1.0)
     loss.backward()
     for what, t in (("the loss", loss), ("dL/dl_w", w.grad), ("dL/dl_l", l.grad)):
         bad = (~torch.isfinite(t)).nonzero().flatten()[:1].tolist()
@@ -88,7 +88,7 @@ def test_loss_matches_the_paper_by_hand():
     logp = torch.zeros(4, 3, dtype=torch.float64)
     seq = torch.ones(4, 3, dtype=torch.float64)
     lam = 0.7
-    loss, parts = orpo.orpo_loss(logp, ell, seq, lam=lam, sft_on_prompt=False)
+    loss, parts = orpo.orpo_loss(ell, orpo.sft_loss(logp, ell, seq), lam=lam)
     want = 0.0
     for w, l in ((-0.5, -1.5), (-2.0, -0.3)):
         odds = lambda v: math.exp(v) / (1 - math.exp(v))
@@ -101,9 +101,8 @@ def test_sft_on_prompt_uses_the_whole_sequence():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
     seq = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
     ell = torch.tensor([-3.0, -1.0], dtype=torch.float64)
-    _, parts = orpo.orpo_loss(logp, ell, seq, lam=0.0, sft_on_prompt=True)
-    assert parts["l_sft"].item() == 2.5  # mean of -2, -3 over the chosen row's sequence mask
-    _, parts = orpo.orpo_loss(logp, ell, seq, lam=0.0, sft_on_prompt=False)
+    assert orpo.sft_loss(logp, ell, seq, on_prompt=True).item() == 2.5  # mean of -2, -3 over the chosen row's sequence mask
+    _, parts = orpo.orpo_loss(ell, orpo.sft_loss(logp, ell, seq), lam=0.0)
     assert parts["l_sft"].item() == 3.0
 
 
@@ -114,8 +113,8 @@ def test_overfits_one_batch():
     batch = orpo.make_batch(toy_split(ROWS), [0, 1, 2], "cpu")
     for _ in range(300):
         need = batch[2].bool()
-        logp, ell = orpo.response_logps(model.token_logps(batch[0], need, batch[1][need]), batch[2], need)
-        loss, parts = orpo.orpo_loss(logp, ell, batch[3], lam=1.0)
+        logp, ell = orpo.response_logps(model(batch[0], need, batch[1][need]), batch[2], need)
+        loss, parts = orpo.orpo_loss(ell, orpo.sft_loss(logp, ell, batch[3]), lam=1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -125,7 +124,7 @@ def test_overfits_one_batch():
 
 
 def test_probability_ratio_and_summed_logp():
-    """--ratio=prob contrasts log P_w - log P_l (Sec. 7.1); --logp=sum drops Eq. 3's 1/m."""
+    """--loss=prob contrasts log P_w - log P_l (Sec. 7.1); --loss=sum drops Eq. 3's 1/m."""
     tok = torch.log(torch.tensor([0.5, 0.5, 0.2, 0.1, 0.1, 0.9], dtype=torch.float64))
     resp = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float64)  # B=1: chosen, rejected
     need = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
@@ -134,8 +133,8 @@ def test_probability_ratio_and_summed_logp():
     _, total = orpo.response_logps(tok, resp, need, mean=False)
     torch.testing.assert_close(total, mean * resp.sum(1))
     torch.testing.assert_close(total, torch.log(torch.tensor([0.25, 0.2 * 0.1 * 0.1], dtype=torch.float64)))
-    _, odds = orpo.orpo_loss(None, mean, None, lam=1.0)
-    _, prob = orpo.prob_ratio_loss(None, mean, None, lam=1.0)
+    _, odds = orpo.orpo_loss(mean, -mean[:1], lam=1.0)
+    _, prob = orpo.prob_ratio_loss(mean, -mean[:1], lam=1.0)
     torch.testing.assert_close(prob["log_or"], mean[0] - mean[1])
     P = mean.exp()
     torch.testing.assert_close(odds["log_or"], torch.log(P[0] / (1 - P[0]) / (P[1] / (1 - P[1]))))

@@ -101,7 +101,8 @@ def padded_model():
 def test_token_logps_are_forwards_log_softmax_over_the_real_ids():
     model = padded_model()
     x, need, y = ids_and_targets(50, 3, 10)
-    got = model.token_logps(x, need, y, chunk=16)  # 4 vocabulary slices, the last one short
+    model.chunk = 16  # 4 vocabulary slices, the last one short
+    got = model(x, need, y)
     got.sum().backward()
     grad, model.wte.weight.grad = model.wte.weight.grad, None
     logits = model(x, need)
@@ -166,7 +167,7 @@ def train_losses(dtype, attn="auto", steps=6):
     losses = []
     for _ in range(steps):
         with ctx:
-            loss = -model.token_logps(x, need, y).mean()
+            loss = -model(x, need, y).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -318,7 +319,7 @@ def test_padding_ids_take_no_probability_from_gpt2(tmp_path):
             logits = h @ sd["wte.weight"].double().t()  # (N, 50257), independently of the model
             assert -61 < logits.mean() < -59
             want = logits.log_softmax(-1).gather(1, y[:, None])[:, 0]
-            got = model.token_logps(idx, need, y)
+            got = model(idx, need, y)
             via_logits = model(idx, need).log_softmax(-1).gather(1, y[:, None])[:, 0]
         assert -13 < want.mean() < -9  # about -log(50257): with the padding ids, -64
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)

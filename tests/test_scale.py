@@ -89,7 +89,7 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_loss(tmp_path, data_dir, hand_gra
     resp = torch.ones(4, 8)
     with ctx:
         logits = model(x, resp.bool())
-        tok = model.token_logps(x, resp.bool(), x.flatten())
+        tok = model(x, resp.bool(), x.flatten())
     assert logits.dtype == torch.bfloat16  # the matmuls ran in bf16 ...
     assert tok.dtype == torch.float32      # ... the log-probs in fp32
     logp, ell = orpo.response_logps(tok, resp, resp.bool())

@@ -17,7 +17,7 @@ import pytest
 
 import orpo
 import prepare_data
-from machinery import safe, synthetic
+from machinery import report, safe, synthetic
 from conftest import ROOT, run
 
 SMALL = dict(n_train=200, n_val=20)
@@ -228,7 +228,7 @@ def test_a_data_file_without_a_dataset_name_is_named_for_itself_not_the_syntheti
     f = pairs_file(tmp_path / "pairs.jsonl", ["dog", "owl", "hen", "fox", "elk"] * 4)
     monkeypatch.chdir(tmp_path)  # data/<name> is relative to where the run starts
     cfg = orpo.Config(**orpo.PRESETS["tiny"], data_file=f)
-    meta, _ = orpo.load_data(cfg)
+    meta, _ = prepare_data.for_run(cfg)
     assert meta["source"] == "pairs"  # not "synthetic": the synthetic judge never scores it
     assert sorted(os.listdir(tmp_path / "data")) == ["pairs"]  # data/synthetic left alone
     assert [prepare_data.named("synthetic", f) for f in
@@ -300,8 +300,8 @@ def test_a_cut_prompt_is_not_judged_and_decode_stops_at_end_of_text():
         synthetic.judge("user: 3 more like zebra and dog\nassistant:", " sure : fox .")
     enc = prepare_data.synthetic_encoding()
     ids = enc.encode_ordinary(" sure : cat .")
-    assert prepare_data.decode(enc, ids + [enc.eot_token] + ids, enc.eot_token) == " sure : cat ."
-    assert prepare_data.decode(enc, ids, enc.eot_token) == " sure : cat ."
+    assert report.decode(enc, ids + [enc.eot_token] + ids, enc.eot_token) == " sure : cat ."
+    assert report.decode(enc, ids, enc.eot_token) == " sure : cat ."
 
 
 # --- exports ---
