@@ -1,8 +1,7 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
-Top to bottom: the loss and its gradient by hand, the ablations and compared methods and
-their registry, the config, batching, one step, eval, train(). machinery/ holds what a
-student need not read.
+Top to bottom: the loss and its gradient by hand, the ablations and compared methods, the
+config, batching, one step, eval, train(). machinery/ holds what a student need not read.
 
     python orpo.py --config small     # the CPU demo (prepares its data itself); --lam=0: SFT
     python orpo.py --help             # every key, what it does, and the presets
@@ -123,8 +122,8 @@ class HandORPO(torch.autograd.Function):
         return (g * (g_loss * g_tok[scored])[:, None]).to(logits.dtype), *[None] * 6
 
 # ----------------------------------------------------------------------------------------
-# Ablations and compared methods, each a loss of its own, and the registry --loss picks from:
-# the probability ratio (Sec. 7.1), summed log-probs (Eq. 3 without its 1/m), SimPO, DPO.
+# Ablations (Sec. 7.1's probability ratio, summed log P) and compared methods (SimPO, DPO):
+# each a loss of its own, in LOSSES, the registry that --loss picks from.
 
 def prob_ratio_loss(ell, l_sft, *, lam):
     """Eq. 6 with the probability ratio for the odds ratio (Sec. 7.1): log P_w/P_l = ℓ_w - ℓ_l."""
@@ -165,7 +164,7 @@ class Loss:
     ref: bool = False   # trains against a frozen reference model (--ref), as DPO does
     lam: bool = True    # uses lam
 
-LOSSES = {  # --loss
+LOSSES = {
     "orpo": Loss(orpo_loss, "ORPO"),
     "prob": Loss(prob_ratio_loss, "ORPO with the probability ratio (Sec. 7.1)"),
     "sum": Loss(orpo_loss, "ORPO on summed log-probs", mean=False),
@@ -297,34 +296,33 @@ def step_rows(index, cfg, epoch, pos, rank, world):
         yield rows, epoch, pos
 
 # ----------------------------------------------------------------------------------------
-# One training step. model.Scorer returns the token log-probs at the scored positions, fused
-# (no (2B, T, V) logits). amp is the autocast context (a no-op in fp32).
+# One training step: the model gives the fused token log-probs; amp: autocast (fp32: none)
 
-def forward(model, batch, amp, *, loss, lam, sft_on_prompt=False, hand_grad=False, ref=None,
-            beta=None):
+def forward(model, batch, amp, cfg, loss, ref=None, hand_grad=False):
     """A batch's loss under `loss`, a LOSSES entry, and ORPO's terms (parts) for the log."""
     x, y, resp_mask, seq_mask = batch
-    scored = (seq_mask if sft_on_prompt else resp_mask).bool()  # where the loss reads
+    scored = (seq_mask if cfg.sft_on_prompt else resp_mask).bool()  # where the loss reads
     if hand_grad:  # the hand-derived backward starts from the logits
         with amp:
             logits = model(x, scored)
-        out, l_sft, l_or = HandORPO.apply(logits, y, resp_mask, seq_mask, scored, lam, sft_on_prompt)
+        out, l_sft, l_or = HandORPO.apply(logits, y, resp_mask, seq_mask, scored, cfg.lam,
+                                          cfg.sft_on_prompt)
         return out, dict(l_sft=l_sft, l_or=l_or)
     with amp:
         tok = model(x, scored, y[scored])  # log P(y_t) where the loss reads
     logp, ell = response_logps(tok, resp_mask, scored, mean=loss.mean)
-    l_sft = sft_loss(logp, ell, seq_mask, sft_on_prompt)  # Eq. 1
+    l_sft = sft_loss(logp, ell, seq_mask, cfg.sft_on_prompt)  # Eq. 1
     if not loss.ref:
-        return loss.fn(ell, l_sft, lam=lam)
+        return loss.fn(ell, l_sft, lam=cfg.lam)
     with torch.no_grad(), amp:  # the frozen reference: a forward pass, every batch
         ref_tok = ref(x, scored, y[scored])
     total = lambda t: response_logps(t, resp_mask, scored, mean=False)[1]  # DPO sums, no 1/m
-    return loss.fn(ell, l_sft, lam=lam, pi=total(tok), ref=total(ref_tok), beta=beta)
+    return loss.fn(ell, l_sft, lam=cfg.lam, pi=total(tok), ref=total(ref_tok), beta=cfg.beta)
 
 def objective(cfg, amp, ref=None):
     """The loss that cfg trains on, as loss_fn(model, batch) -> (loss, parts)."""
-    return functools.partial(forward, amp=amp, loss=LOSSES[cfg.loss], lam=cfg.lam, ref=ref,
-                             beta=cfg.beta, sft_on_prompt=cfg.sft_on_prompt, hand_grad=cfg.hand_grad)
+    return functools.partial(forward, amp=amp, cfg=cfg, loss=LOSSES[cfg.loss], ref=ref,
+                             hand_grad=cfg.hand_grad)
 
 def lr_at(it, cfg):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
@@ -364,7 +362,7 @@ def train_step(model, opt, scaler, batches, loss_fn, lr, grad_clip):
     return vals
 
 # ----------------------------------------------------------------------------------------
-# Eval: ORPO's terms on held-out pairs (report.sample_and_judge samples answers for the judge)
+# Eval: ORPO's terms on held-out pairs (report.Judge samples answers for the judge)
 
 @torch.no_grad()
 def evaluate(model, split, cfg, device, amp):
@@ -373,8 +371,7 @@ def evaluate(model, split, cfg, device, amp):
     n, sums = min(cfg.eval_pairs, len(split[1])), {}
     for i in range(0, n, cfg.batch_size):
         rows = range(i, min(i + cfg.batch_size, n))
-        _, parts = forward(model, make_batch(split, rows, device), amp, loss=LOSSES["orpo"],
-                           lam=cfg.lam, sft_on_prompt=cfg.sft_on_prompt)
+        _, parts = forward(model, make_batch(split, rows, device), amp, cfg, LOSSES["orpo"])
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(rows)
     model.train()
@@ -395,7 +392,7 @@ def train(cfg, preset="custom"):
         dev, dev_type, dtype, amp = setup_device(device, cfg.dtype)
         ck = run.resume_state(cfg) if cfg.init_from == "resume" else None
         with procs.rank0_first(world, rank):  # the first process prepares the data
-            meta, data = prepare_data.for_run(cfg)
+            meta, data, enc = prepare_data.for_run(cfg)
         (tokens, index), val = data["train"], data["val"]
         # raw: the GPT itself, which eval, sampling and checkpoints read; model: what trains,
         # raw under torch.compile and DDP where asked (they wrap forward, the fused log-probs)
@@ -406,17 +403,25 @@ def train(cfg, preset="custom"):
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
         it, epoch, pos, history, seconds = run.restore(ck, opt, scaler, rank, dev_type)
         model = procs.wrap(torch.compile(raw) if cfg.compile else raw, world, dev, dev_type)
-        loss_fn, steps = objective(cfg, amp, ref), step_rows(index, cfg, epoch, pos, rank, world)
-        judge = report.Judge(prepare_data.pairs(val, range(min(cfg.n_samples, len(val[1])))),
-                             prepare_data.get_encoding(meta["tokenizer"]), meta, cfg, dev, amp)
+        judge = report.Judge(val, enc, meta, cfg, dev, amp)  # samples answers; judges them
         if master:  # a resumed run keeps its log up to the checkpoint, and the samples before
             log, s0 = report.open_log(cfg.out_dir, it if ck else None)
             report.print_start(preset, raw, dev, dtype, cfg, len(index), world)
-        if master and it == 0:
-            history.append(report.record_eval(log, 0, evaluate(raw, val, cfg, dev, amp)))
-            s0 = report.record_samples(log, 0, "before training", judge(raw))
-        t_loop, speed = time.time() - seconds, report.Speed(index, world)  # the clock goes on
-        while it < cfg.max_iters:
+        loss_fn, steps = objective(cfg, amp, ref), step_rows(index, cfg, epoch, pos, rank, world)
+        start, t_loop, speed = it, time.time() - seconds, report.Speed(index, world)  # resumed: start > 0
+        while True:
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it == 0 or it > start):
+                rng = procs.rng_states(world, dev_type) if it else None  # every process takes part
+                m = evaluate(raw, val, cfg, dev, amp) if master else None  # the held-out eval
+                if master:  # then the samples before training, or a checkpoint
+                    history.append(report.record_eval(log, it, m))
+                if master and it == 0:
+                    s0 = report.record_samples(log, 0, "before training", judge(raw))
+                elif master:
+                    run.save(raw, cfg, meta, opt, scaler, rng, iter=it, epoch=epoch, pos=pos,
+                             history=history, seconds=time.time() - t_loop)
+            if it == cfg.max_iters:
+                break
             lr = lr_at(it, cfg)
             rows, epoch, pos = next(steps)
             batches = [make_batch((tokens, index), r, dev) for r in rows]
@@ -427,12 +432,6 @@ def train(cfg, preset="custom"):
             it += 1
             report.write(log, dict(kind="train", iter=it, loss=vals[0], l_sft=vals[1], l_or=vals[2], lr=lr))
             speed.step(rows, it, vals, lr, master and (it % cfg.log_interval == 0 or it == cfg.max_iters))
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                rng = procs.rng_states(world, dev_type)  # every process takes part
-                if master:
-                    history.append(report.record_eval(log, it, evaluate(raw, val, cfg, dev, amp)))
-                    run.save(raw, cfg, meta, opt, scaler, rng, iter=it, epoch=epoch, pos=pos,
-                             history=history, seconds=time.time() - t_loop)
         if master:  # sample after training; print and write the summary
             seconds, s1 = time.time() - t_loop, report.record_samples(log, it, "after training", judge(raw))
             summary = report.finish(log, cfg, preset, loss, history, s0, s1, seconds,
@@ -443,7 +442,7 @@ def train(cfg, preset="custom"):
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear as they happen, piped too
     preset, cfg, _ = parse_args(sys.argv[1:], Config, PRESETS, rules=RULES)
-    if LOSSES[cfg.loss].ref and not cfg.ref:
+    if LOSSES[cfg.loss].ref and not cfg.ref:  # before any work
         die(f"--loss={cfg.loss} needs --ref=PATH, the frozen reference: a checkpoint, usually the SFT run's")
     train(cfg, preset)
 

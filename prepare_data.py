@@ -383,14 +383,16 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
 
 
 def for_run(cfg):
-    """The data a run of orpo.py's config cfg reads: meta and {split: (tokens, index)}.
+    """The data a run of orpo.py's config cfg reads: meta, {split: (tokens, index)}, and the
+    tokenizer it is written in.
     data/<name> is prepared on first use (ensure); a --data_dir of other data is refused, and
     so is data with fewer training pairs than a batch. Every error is one line."""
     name = named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
     d = cfg.data_dir or os.path.join("data", name)
     tok = tokenizer(name, cfg.data_file)
     try:
-        n_vocab = get_encoding(tok).n_vocab if cfg.vocab_size else 0
+        enc = get_encoding(tok)
+        n_vocab = enc.n_vocab if cfg.vocab_size else 0
         if cfg.vocab_size < n_vocab:
             die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
         meta, data = ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
@@ -401,15 +403,7 @@ def for_run(cfg):
         die(f"interrupted while reading the data; {holds(d)}", 130)
     if len(data["train"][1]) < cfg.batch_size:
         die(f"{len(data['train'][1])} training pairs are fewer than --batch_size={cfg.batch_size}")
-    return meta, data
-
-
-def pairs(split, rows):
-    """The (prompt, chosen, rejected) token arrays of each of a split's rows."""
-    tokens, index = split
-    for r in rows:
-        off, p, c, n = (int(v) for v in index[r])
-        yield tokens[off:off + p], tokens[off + p:off + p + c], tokens[off + p + c:off + p + c + n]
+    return meta, data, enc
 
 
 if __name__ == "__main__":

@@ -89,18 +89,18 @@ def on_disk(path):
         return "no checkpoint was written yet"
 
 
-def finite(model, where):
-    """The model, if every weight is a number: NaN or inf weights (a run that diverged) are
-    named before they train, sample or export anything."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+def finite(weights, where):
+    """NaN or inf weights (a run that diverged) are named before they train, sample or export
+    anything; weights: a state dict."""
+    for name, p in weights.items() if isinstance(weights, dict) else ():
+        if isinstance(p, torch.Tensor) and p.is_floating_point() and not torch.isfinite(p).all():
             die(f"{where}: the weights are not finite ({name} holds NaN or inf); the run "
                 f"that wrote them diverged: use an earlier checkpoint, or train anew")
-    return model
 
 
 def model_from_checkpoint(ck, path):
     """The GPT a checkpoint holds: its shape (model_args), its weights, all finite."""
+    finite(ck["model"], path)
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     args = dict_or_none(ck["model_args"])
     odd = sorted(set(args) - known) or sorted(k for k in ("n_layer", "n_head", "n_embd")
@@ -113,7 +113,7 @@ def model_from_checkpoint(ck, path):
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ValueError, AssertionError) as e:
         die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
-    return finite(model, path)
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -131,26 +131,27 @@ def model_config(cfg, meta):
 def build_model(cfg, meta, path, ck=None):
     """The model to train: from scratch, resumed from the checkpoint ck (read from path),
     the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
-    if ck is not None:  # resume: its config was checked against the run's; now its data
-        if ck["meta"].get("id") != meta["id"]:  # the same names, but other tokens
-            die(f"checkpoint {path} was trained on other data than {cfg.data_dir or 'data/' + meta['source']} "
-                f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
-                f"data, or start a new --out_dir")
+    shape = model_config(cfg, meta)  # from scratch: what the run's config asks for
+    if ck is None and cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from SFT's
+        path, ck = cfg.init_from, load_checkpoint(cfg.init_from, meta=meta)
+    elif ck is not None and ck["meta"].get("id") != meta["id"]:  # resumed: the same names, other tokens
+        die(f"checkpoint {path} was trained on other data than {cfg.data_dir or 'data/' + meta['source']} "
+            f"holds now (data id {ck['meta'].get('id')}, now {meta['id']}); resume on that "
+            f"data, or start a new --out_dir")
+    if ck is not None:
         return model_from_checkpoint(ck, path)
     if cfg.init_from == "scratch":
         try:
-            return GPT(model_config(cfg, meta))
+            return GPT(shape)
         except (RuntimeError, MemoryError) as e:  # the allocator's, in its own words
             die(f"the model does not fit in memory (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
                 f"vocab_size={cfg.vocab_size}): {one_line(e, 100)}")
-    if cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from the SFT run
-        return model_from_checkpoint(load_checkpoint(cfg.init_from, meta=meta), cfg.init_from)
     if meta["tokenizer"] != "gpt2":
         die(f"--init_from={cfg.init_from} needs data tokenized with gpt2, but "
             f"{cfg.dataset} uses {meta['tokenizer']!r}")
     try:
-        return finite(gpt2.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout), cfg.init_from)
-    except ValueError as e:
+        return gpt2.from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout)
+    except ValueError as e:  # unreadable, of another shape, or not finite
         die(str(e))
 
 

@@ -151,6 +151,8 @@ def load_state_dict(model, sd):
             v = v[:model.cfg.block_size]
         if dst.shape != v.shape:
             raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(dst.shape)}")
+        if not torch.isfinite(v).all():  # weights of a run that diverged: named, not used
+            raise ValueError(f"{k} holds NaN or inf: the weights are not finite")
         dst.copy_(v)
     missing = set(own) - set(sd) - {"lm_head.weight"}  # lm_head is wte
     if missing:

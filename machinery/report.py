@@ -23,13 +23,16 @@ def decode(enc, ids, eot):
 
 
 class Judge:
-    """Answers sampled for held-out prompts, and, on the synthetic task, the judge's verdicts:
-    a win is an answer scored above the pair's chosen one (a tie counts half), as the paper
-    counts reward-model wins against a reference. pairs: (prompt, chosen, rejected) token
-    arrays (prepare_data.pairs); enc: their tokenizer. Call it with the model to judge."""
+    """Answers sampled for the first n_samples held-out prompts of a split, and, on the
+    synthetic task, the judge's verdicts: a win is an answer scored above the pair's chosen
+    one (a tie counts half), as the paper counts reward-model wins against a reference.
+    enc: the split's tokenizer. Call it with the model to judge."""
 
-    def __init__(self, pairs, enc, meta, cfg, device, amp):
-        self.pairs, self.enc, self.meta, self.cfg, self.device, self.amp = list(pairs), enc, meta, cfg, device, amp
+    def __init__(self, split, enc, meta, cfg, device, amp):
+        tokens, index = split  # index columns, prepare_data.py's: offset, prompt, chosen, rejected
+        self.pairs = [(tokens[o:o + p], tokens[o + p:o + p + c])
+                      for o, p, c, _ in index[:min(cfg.n_samples, len(index))].tolist()]
+        self.enc, self.meta, self.cfg, self.device, self.amp = enc, meta, cfg, device, amp
 
     def text(self, ids):
         return decode(self.enc, [int(i) for i in ids], self.meta["eot"])
@@ -38,7 +41,7 @@ class Judge:
     def __call__(self, model):
         cfg, eot, by_len, out = self.cfg, self.meta["eot"], {}, []
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        for r, (prompt, _, _) in enumerate(self.pairs):  # prompts of one length: one batch
+        for r, (prompt, _) in enumerate(self.pairs):  # prompts of one length: one batch
             by_len.setdefault(len(prompt), []).append(r)
         model.eval()
         for p, group in sorted(by_len.items()):

@@ -228,7 +228,7 @@ def test_a_data_file_without_a_dataset_name_is_named_for_itself_not_the_syntheti
     f = pairs_file(tmp_path / "pairs.jsonl", ["dog", "owl", "hen", "fox", "elk"] * 4)
     monkeypatch.chdir(tmp_path)  # data/<name> is relative to where the run starts
     cfg = orpo.Config(**orpo.PRESETS["tiny"], data_file=f)
-    meta, _ = prepare_data.for_run(cfg)
+    meta, _, _ = prepare_data.for_run(cfg)
     assert meta["source"] == "pairs"  # not "synthetic": the synthetic judge never scores it
     assert sorted(os.listdir(tmp_path / "data")) == ["pairs"]  # data/synthetic left alone
     assert [prepare_data.named("synthetic", f) for f in
