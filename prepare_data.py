@@ -245,8 +245,9 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
             max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
     """Write the source's train and val splits, and meta.json with each file's size and hash, to
     out; return the meta. Bad input is a one-line ValueError. With out locked, the files go into
-    out/.tmp, then into place, meta.json last: a preparation that fails or is killed leaves the
-    previous data or none, never a mix, and a trainer that has the old files mapped keeps them."""
+    a new folder that then takes out's place (safe.staged): a preparation that fails or is
+    killed leaves the previous data whole, and a trainer that has the old files mapped keeps
+    them; a folder that holds other files than these is refused."""
     if not 1 <= max_prompt_len < max_len:  # a kept row needs a prompt token and a response's
         raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 1 and below max_len "
                          f"{max_len}, to leave room for the prompt and the responses")
@@ -272,7 +273,7 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
                 file_id=file and fingerprint(file), val_file_id=val_file and fingerprint(val_file))
     with lock(out):
         try:
-            with staged(out, "meta.json", FILES) as tmp:
+            with staged(out, FILES + ["meta.json"]) as tmp:
                 for split, (rows, name, first_row) in splits.items():
                     meta["splits"][split] = write_split(rows, enc, tmp, split, max_len,
                                                         max_prompt_len, name, shape, first_row)
@@ -391,12 +392,12 @@ def for_run(cfg):
     d = cfg.data_dir or os.path.join("data", name)
     tok = tokenizer(name, cfg.data_file)
     try:
-        enc = get_encoding(tok)
-        n_vocab = enc.n_vocab if cfg.vocab_size else 0
+        n_vocab = get_encoding(tok).n_vocab if cfg.vocab_size else 0
         if cfg.vocab_size < n_vocab:
             die(f"--vocab_size={cfg.vocab_size} is below the {tok} tokenizer's {n_vocab}")
         meta, data = ensure(d, name, cfg.data_file or None, cfg.block_size + 1,
                             (cfg.block_size + 1) // 2, explicit=bool(cfg.data_dir))
+        enc = get_encoding(meta["tokenizer"])
     except ValueError as e:
         die(str(e))
     except KeyboardInterrupt:

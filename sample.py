@@ -8,9 +8,9 @@ It takes orpo.py's --config NAME and --key=value overrides: temperature, top_k,
 max_new_tokens, n_samples (at most 5 are printed), seed, device, dtype.
 
 An export goes into a new or empty folder, or over an earlier export (which
-orpo_export.json marks): never over files it did not write. It is written beside, then
-moved in, config.json last: an export that fails or is stopped leaves the earlier one, or a
-folder that does not load, never a new config.json beside old weights.
+orpo_export.json marks, listing its files): never over files it did not write. It is
+written in a folder beside, which then takes the export's place in one rename: an export
+that fails or is stopped leaves the earlier one whole.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import json
@@ -28,22 +28,38 @@ from machinery.safe import die, lock, one_line, staged
 MARK = "orpo_export.json"  # in an export: which checkpoint, and the files written
 
 
+def earlier_export(d):
+    """The files an earlier export wrote in d, as its orpo_export.json lists them: plain names
+    of plain files in d, each checked, so that a manifest edited to name `../x`, `/abs/x` or
+    a link out of d cannot make a re-export touch what is not its own; [] for a new folder."""
+    found = sorted(set(os.listdir(d)) - {".lock"}) if os.path.isdir(d) else []
+    if found and MARK not in found:
+        die(f"--export={d} holds files that no export wrote ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}); give a new or empty folder")
+    if not found:
+        return []
+    try:
+        with open(os.path.join(d, MARK)) as f:
+            names = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f"--export={d}: its {MARK} is not readable ({one_line(e, typed=True)}); give a new folder")
+    for n in names if isinstance(names, list) else [names]:
+        if not isinstance(n, str) or n in ("", ".", "..") or os.path.basename(n) != n or \
+                os.path.islink(os.path.join(d, n)) or os.path.isdir(os.path.join(d, n)):
+            die(f"--export={d}: its {MARK} names {n!r}, not a file of the export; nothing was "
+                f"touched: give a new folder")
+    return names
+
+
 def export(model, meta, ck_path, d):
     """Write model as a Hugging Face GPT-2 folder d (see the docstring); die in one line."""
     if os.path.exists(d) and not os.path.isdir(d):
         die(f"--export={d} is a file, not a folder")
-    found = sorted(set(os.listdir(d)) - {".lock", ".tmp"}) if os.path.isdir(d) else []
-    if found and MARK not in found:
-        die(f"--export={d} holds files that no export wrote ({', '.join(found[:3])}"
-            f"{', ...' if len(found) > 3 else ''}); give a new or empty folder")
+    old = earlier_export(d)
     try:
-        old = []
-        if found:  # an earlier export's files go, all of them
-            with open(os.path.join(d, MARK)) as f:
-                old = json.load(f)["files"]
-        with lock(d), staged(d, "config.json", old, MARK) as tmp:
+        with lock(d), staged(d, old) as tmp:
             gpt2.export_hf(model, tmp, eot=meta["eot"])
-            files = sorted(os.listdir(tmp) + [MARK])
+            files = sorted(set(os.listdir(tmp)) - {".lock"} | {MARK})
             with open(os.path.join(tmp, MARK), "w") as f:
                 json.dump({"checkpoint": os.path.abspath(ck_path), "files": files}, f, indent=1)
     except (Exception, KeyboardInterrupt) as e:  # a full disk (OSError, SafetensorError), Ctrl-C

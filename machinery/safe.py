@@ -5,6 +5,7 @@ this file imports nothing of the project's.
 """
 import atexit
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -94,36 +95,41 @@ class lock:
         self.release()
 
 
-def replace_files(tmp, folder, last, old=(), mark=None):
-    """Move every file of the folder tmp into folder, then remove tmp. `last` is the file
-    whose presence says the set is whole (meta.json, config.json): it goes first, with the
-    files `old` of the previous set and those about to be replaced, and comes back last, so
-    a kill in between leaves a folder that does not load, never old files beside new ones.
-    `mark`, a file that says the set is this project's, goes after all and comes back
-    before all, so a folder that holds any file of a set holds it too. Renames in one file
-    system do not fail for want of space."""
-    new = sorted(os.listdir(tmp))
-    first = [mark] if mark in new else []
-    for name in dict.fromkeys([last, *old, *new, *first]):
-        if name != mark:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
-    for name in first + [n for n in new if n not in (last, mark)] + [last]:
-        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    os.rmdir(tmp)
+def exchange(a, b):
+    """Swap two folders' names in one atomic rename (Linux's renameat2 RENAME_EXCHANGE), so
+    that b is at every moment the old folder or the new one, never absent; where the kernel
+    or libc lacks it, in three renames (a kill between them leaves b missing, a beside it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD
+            return
+        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS):  # not merely unsupported
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), b)
+    os.rename(b, b + ".old")
+    os.rename(a, b)
+    os.rename(b + ".old", a)
 
 
 @contextlib.contextmanager
-def staged(folder, last, old=(), mark=None):
-    """A fresh folder, folder/.tmp, for the block to write a whole set of files into; they
-    then replace folder's (replace_files). On any exception, Ctrl-C included, it is removed
-    and folder is as it was. The caller holds folder's lock, so a .tmp found there is a
-    killed writer's, and goes."""
-    tmp = os.path.join(folder, ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
+def staged(folder, own):
+    """A fresh folder beside folder, folder.new, for the block to write a whole new version
+    of folder's files into; then the two folders change places (exchange) and the old
+    version is removed. A kill or Ctrl-C at any moment leaves folder whole, the old version
+    or the new, and a reader that has an old file open or mapped keeps reading it. A folder
+    that holds anything but the names `own` (the set's files) is refused with ValueError
+    before anything is written: its other files are not ours to move. The caller holds
+    folder's lock; the new version's own lock is held too, so that the folder stays locked as
+    it changes. A folder.new found is a killed writer's, and goes."""
+    foreign = sorted(set(os.listdir(folder)) - set(own) - {".lock"})
+    if foreign:
+        raise ValueError(f"{folder} holds files that it did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder")
+    new = folder.rstrip("/") + ".new"
+    shutil.rmtree(new, ignore_errors=True)
+    held = lock(new)
     try:
-        yield tmp
-        replace_files(tmp, folder, last, old, mark)
+        yield new
+        exchange(new, folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
+        held.release()

@@ -67,16 +67,21 @@ def old_data(tmp_path):
 
 
 @pytest.mark.parametrize("module, fn, at", [("numpy", "save", 2), ("numpy", "save", 4),
-                                            ("os", "replace", 1), ("os", "replace", 3)])
-def test_a_preparation_killed_mid_write_leaves_the_old_data_or_none(tmp_path, module, fn, at):
+                                            ("machinery.safe", "exchange", 1),
+                                            ("shutil", "rmtree", 2)])
+def test_a_preparation_killed_mid_write_leaves_the_old_data_or_the_new(tmp_path, module, fn, at):
+    """Killed before the new version is whole, at the swap, or after it: the folder holds the
+    earlier data, whole, or the new data, whole; never none, never a mix."""
     d, before = old_data(tmp_path)
+    new = str(tmp_path / "new")
+    prepare_data.prepare("synthetic", new, seed=2, **SMALL)
     r = driver(HOOK.format(module=module, fn=fn, at=at, sig="SIGKILL") + PREPARE, d)
     assert r.returncode == -signal.SIGKILL, r.stderr
     after = snapshot(d)
-    assert after == before or "holds no readable prepared data" in after, after
+    assert after == (snapshot(new) if fn == "rmtree" else before), after
     prepare_data.prepare("synthetic", d, seed=1, **SMALL)  # the next preparation cleans up
     assert snapshot(d) == before and sorted(os.listdir(d)) == sorted(
-        [".lock", "meta.json"] + prepare_data.FILES)
+        [".lock", "meta.json"] + prepare_data.FILES) and not os.path.exists(d + ".new")
 
 
 def test_preparing_again_under_a_reader_leaves_its_mapped_files_whole(tmp_path):
@@ -350,11 +355,10 @@ needs_st = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
 @pytest.mark.parametrize("hook", [
     pytest.param(HOOK.format(module="safetensors.torch", fn="save_file", at=1, sig="SIGKILL"),
                  marks=needs_st),
-    HOOK.format(module="os", fn="replace", at=2, sig="SIGKILL"),
-    pytest.param(HOOK.format(module="os", fn="replace", at=4, sig="SIGKILL"), marks=needs_st),
+    HOOK.format(module="machinery.safe", fn="exchange", at=1, sig="SIGKILL"),
+    HOOK.format(module="shutil", fn="rmtree", at=2, sig="SIGKILL"),
 ])
-def test_an_export_killed_mid_write_leaves_the_old_export_or_one_that_does_not_mix(
-        tmp_path, two_runs, hook):
+def test_an_export_killed_mid_write_leaves_the_old_export_or_the_new(tmp_path, two_runs, hook):
     a = tmp_path / "a"
     shutil.copytree(two_runs / "a", a)
     old, new = files(a), files(two_runs / "b")
@@ -362,12 +366,29 @@ def test_an_export_killed_mid_write_leaves_the_old_export_or_one_that_does_not_m
     r = export(two_runs / "o2", a, hook)
     assert r.returncode == -signal.SIGKILL, r.stderr
     now = files(a)
-    differ = [n for n in now if old.get(n) != new.get(n)]  # the weights and the mark
-    assert all(now[n] in (old.get(n), new.get(n)) for n in now), sorted(now)
-    assert all(now[n] == old.get(n) for n in differ) or all(now[n] == new.get(n) for n in differ)
-    if now.get("config.json") is not None and now != old:
-        assert now == new  # loadable (config.json there) means whole
-    assert export(two_runs / "o2", a).returncode == 0 and files(a) == new  # and it is redone
+    assert now == old or now["orpo_export.json"] != old["orpo_export.json"] and all(
+        now[n] == new[n] for n in now if n != "orpo_export.json"), sorted(now)  # whole, old or new
+    assert export(two_runs / "o2", a).returncode == 0 and files(a).keys() == new.keys()
+    assert not os.path.exists(f"{a}.new")  # a killed writer's folder goes
+
+
+@pytest.mark.parametrize("name", ["../victim.txt", "ABS", "link"])
+def test_a_manifest_that_names_a_file_out_of_the_export_is_refused(tmp_path, two_runs, name):
+    """orpo_export.json edited to list a path out of the export, or a link out of it: the
+    re-export refuses in one line and touches nothing, inside the folder or out of it."""
+    a, victim = tmp_path / "a", tmp_path / "victim.txt"
+    shutil.copytree(two_runs / "a", a)
+    victim.write_text("mine")
+    if name == "link":
+        os.symlink(victim, a / "link")
+    name = str(victim) if name == "ABS" else name
+    mark = json.loads((a / "orpo_export.json").read_text())
+    (a / "orpo_export.json").write_text(json.dumps(dict(mark, files=mark["files"] + [name])))
+    old = files(a) if name != "link" else None
+    r = export(two_runs / "o2", a)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"names {name!r}, not a file of the export; nothing was touched" in r.stderr
+    assert victim.read_text() == "mine" and (old is None or files(a) == old)
 
 
 @needs_st
