@@ -1,7 +1,8 @@
 """Reading preference rows from where people keep them: a local .jsonl(.gz), .json or
 .parquet file, or the Hugging Face hub through `datasets`. Rows come back raw, in the
 source's own shape (prepare_data.py finds the shape and tokenizes them); everything that
-cannot be read is a one-line ValueError naming the file.
+cannot be read is a one-line ValueError naming the file. Local files need no cache and no
+network: Python reads the JSON, pyarrow the Parquet.
 """
 import collections
 import json
@@ -14,7 +15,6 @@ FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 # A .jsonl line that is not JSON (msg: why), or BLANK: kept in place, so row numbers stay right
 BrokenLine = collections.namedtuple("BrokenLine", "msg")
 BLANK = BrokenLine("a blank line")
-
 
 
 def read_jsonl(path):
@@ -33,38 +33,71 @@ def read_jsonl(path):
                     rows.append(BrokenLine(f"not UTF-8 text ({e.reason} at byte {e.start})"))
                 except (json.JSONDecodeError, RecursionError) as e:  # or nested too deep
                     rows.append(BrokenLine(f"broken JSON ({getattr(e, 'msg', 'nested too deep')})"))
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt or cut-off .gz
-        raise ValueError(f"{path}: cannot read it ({one_line(e, typed=True)})") from e
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt, cut or junk-tailed .gz
+        raise ValueError(f"{path}: cannot read it" + (f" past line {len(rows)}" if rows else "")
+                         + f" ({one_line(e, typed=True)})") from e
     return rows
 
 
+def read_json(path):
+    """A .json file's rows: an array of row objects, or an object holding one such array (as
+    {"data": [...]}). JSON lines under a .json name, as `datasets` writes them, read as .jsonl."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+        data = json.loads(text) if text.strip() else []
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or not JSON
+        if isinstance(e, json.JSONDecodeError) and e.msg == "Extra data":  # a row, then more:
+            return read_jsonl(path)  # JSON lines
+        raise ValueError(f"{path}: cannot read it as json ({one_line(e, typed=True)})") from e
+    if isinstance(data, dict) and len(data) == 1:  # rows under one key, as {"data": [...]}
+        data = [*data.values()][0]
+    return data if isinstance(data, list) else [data]
+
+
+def read_parquet(path):
+    """A .parquet file's rows. Its columns are checked first: a column of the wrong type, or with
+    nulls where rows need text, is one line about the column, not a complaint about every row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        with open(path, "rb") as f:
+            table = pq.read_table(f)
+    except (OSError, pa.ArrowException) as e:  # not parquet, cut short, or unreadable
+        raise ValueError(f"{path}: cannot read it as parquet ({one_line(e, typed=True)})") from e
+    LIST = "a list of {role, content} messages"
+
+    def kind(t):  # "text" (pandas may write it dictionary-encoded), "messages", or None
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return "text"
+        if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type):
+            fields = {f.name: kind(f.type) for f in t.value_type}
+            return "messages" if fields.get("role") == fields.get("content") == "text" else None
+    cols = {c: table.column(c) for c in ("chosen", "rejected", "prompt") if c in table.column_names}
+    kinds = {c: kind(col.type) for c, col in cols.items()}
+    for c, col in cols.items():
+        if not kinds[c] or c == "prompt" and kinds[c] != "text":
+            raise ValueError(f"{path}: column {c!r} is {col.type}, not text" +
+                             ("" if c == "prompt" else f" or {LIST}"))
+        if col.null_count and (c != "prompt" or kinds.get("chosen") == "text"):  # prompt needed
+            raise ValueError(f"{path}: column {c!r} is null in {col.null_count} of {table.num_rows}"
+                             f" rows (the first: row {col.is_null().to_pylist().index(True) + 1})")
+    if len({kinds.get("chosen"), kinds.get("rejected")} - {None}) == 2:  # text and messages
+        raise ValueError(f"{path}: column 'chosen' is {cols['chosen'].type} but 'rejected' is "
+                         f"{cols['rejected'].type}: both must be text, or both {LIST}")
+    return table.to_pylist()
+
+
 def read_file(path):
-    """A local file's raw rows, or a one-line ValueError: a .jsonl(.gz) line by line (read_jsonl),
-    .json and .parquet through datasets' loaders, which number their rows by position."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        rows = read_jsonl(path)
-    elif os.path.getsize(path) == 0:  # datasets fails on it with an empty StopIteration
-        rows = []
-    else:
-        import datasets
-        # our error says it all: datasets' own log lines and progress bars would make it three
-        level, bars_off = datasets.logging.get_verbosity(), datasets.are_progress_bars_disabled()
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-        datasets.disable_progress_bars()
-        try:
-            kind = "parquet" if path.endswith(".parquet") else "json"
-            rows = list(datasets.load_dataset(kind, data_files=path, split="train"))
-        except Exception as e:  # a corrupt file, or one not of its extension's format
-            cause = e.__cause__ or e  # datasets wraps the reader's error in a vaguer one
-            raise ValueError(f"{path}: cannot read it as {kind} "
-                             f"({type(cause).__name__}: {one_line(cause)})") from e
-        finally:
-            datasets.logging.set_verbosity(level)
-            if not bars_off:
-                datasets.enable_progress_bars()
-    if all(isinstance(r, BrokenLine) for r in rows):  # BLANK is one too
-        raise ValueError(f"{path}: no rows to read: " + ("the file is empty" if all(
-            r is BLANK for r in rows) else "no line of it is JSON (is it a .jsonl file?)"))
+    """A local file's raw rows, numbered from 1 by position (a .jsonl's by line), or a one-line
+    ValueError."""
+    rows = (read_jsonl if path.endswith((".jsonl", ".jsonl.gz")) else
+            read_json if path.endswith(".json") else read_parquet)(path)
+    if all(isinstance(r, BrokenLine) for r in rows):  # none, or blank and broken lines only
+        why = ("no line of it is JSON (is it a .jsonl file?)" if any(r is not BLANK for r in rows)
+               else "the file is empty" if rows or not os.path.getsize(path) else "it has none")
+        raise ValueError(f"{path}: no rows to read: {why}")
     return rows
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import prepare_data
 from conftest import ROOT, SHARED
-from machinery import synthetic
+from machinery import readers, synthetic
 
 HH = os.path.join(SHARED, "hh-rlhf-harmless-base", "test.jsonl.gz")
 UF = os.path.join(SHARED, "ultrafeedback-sample")
@@ -126,7 +126,7 @@ def write_jsonl(path, rows):
 
 def split_rows(path, **kw):
     """Every row of a file as one train split (synthetic tokenizer): (counts, triples)."""
-    rows = prepare_data.read_file(path)
+    rows = readers.read_file(path)
     shape = prepare_data.detect_shape(next(r for r in rows if isinstance(r, dict)), path)
     out = os.path.dirname(path)
     counts = prepare_data.write_split(rows, prepare_data.get_encoding("synthetic"), out, "train",
@@ -149,9 +149,8 @@ def test_hub_schemas_are_detected_and_converted(tmp_path, row, shape, want):
 
 
 @pytest.mark.parametrize("ext", ["json", "parquet"])
-def test_json_and_parquet_load_through_datasets(tmp_path, monkeypatch, ext):
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+def test_json_and_parquet_files_written_by_datasets_are_read(tmp_path, ext):
+    import datasets  # an independent writer: its .json is JSON lines, its .parquet has lists of structs
     path = str(tmp_path / f"f.{ext}")
     ds = datasets.Dataset.from_list([UF_ROW, UF_ROW, UF_ROW])
     ds.to_parquet(path) if ext == "parquet" else ds.to_json(path)
@@ -348,6 +347,15 @@ def truncated_gz(path):
     ("f.jsonl", lambda p: p.write_bytes(gzip.compress(b"x" * 1000)), ["no line of it is JSON"]),
     ("f.parquet", lambda p: p.write_bytes(b"not parquet\n"), ["cannot read it as parquet"]),
     ("missing.jsonl", lambda p: None, ["no file at"]),
+    ("f.jsonl.gz", lambda p: p.write_bytes(gzip.compress(b'{"a": 1}\n' * 40) + b"junk"),
+     ["cannot read it past line 40", "BadGzipFile"]),  # rows, then what is not gzip
+    ("f.json", lambda p: p.write_bytes(b'[{"prompt": "q"'), ["cannot read it as json", "line 1"]),
+    ("f.json", lambda p: p.write_text("[]", encoding="utf-16"),  # as Windows PowerShell writes
+     ["cannot read it as json", "UnicodeDecodeError: 'utf-8'"]),
+    ("f.json", lambda p: p.write_bytes(b"[]"), ["no rows to read: it has none"]),
+    ("f.json", lambda p: p.write_text(json.dumps({"train": [TRIPLE], "test": [TRIPLE]})),
+     ["keys ['test', 'train']"]),  # two lists of rows: which one is not ours to guess
+    ("f.parquet", lambda p: p.write_bytes(b""), ["cannot read it as parquet"]),
 ])
 def test_a_file_that_cannot_be_read_is_one_line_exit_2(tmp_path, name, make, words):
     path = tmp_path / name
@@ -361,6 +369,134 @@ def test_an_unreadable_val_file_is_named(tmp_path):
     f = write_jsonl(tmp_path / "f.jsonl", pairs(3))
     r = cli(tmp_path, "--file", f, "--val_file", str(tmp_path / "v.csv"), "--out", str(tmp_path / "o"))
     fails_in_one_line(r, "no file at", "v.csv")
+
+
+# --- files as people have them: BOMs, CRLF, .gz oddities, long lines, typed columns ---
+
+def write_rows(path, rows, bom_crlf=False):
+    """rows as a file of path's format, written without prepare_data's readers: a .json as an
+    array; bom_crlf: with a byte order mark and CRLF line ends, as Windows editors save."""
+    path = str(path)
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    text = json.dumps(rows, indent=1) if path.endswith(".json") else "".join(
+        json.dumps(r) + "\n" for r in rows)
+    data = (b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode()) if bom_crlf else text.encode()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if path.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".jsonl.gz", ".json"])
+def test_a_bom_and_crlf_line_ends_read_like_plain_lf(tmp_path, ext):
+    rows = pairs(3)
+    assert readers.read_file(write_rows(tmp_path / f"lf{ext}", rows)) == rows
+    assert readers.read_file(write_rows(tmp_path / f"crlf{ext}", rows, bom_crlf=True)) == rows
+
+
+def test_json_rows_under_a_key_and_json_lines_named_json_are_read(tmp_path):
+    rows = pairs(3)
+    for name, text in (("under a key", json.dumps({"data": rows})),
+                       ("json lines", "\r\n".join(json.dumps(r) for r in rows)),
+                       ("one row", json.dumps(rows[0]))):
+        (tmp_path / "f.json").write_text(text)
+        assert readers.read_file(str(tmp_path / "f.json")) == rows[:1 if name == "one row" else 3]
+
+
+def test_a_multi_member_or_zero_padded_gz_is_read_whole(tmp_path):
+    lines = [json.dumps(r).encode() + b"\n" for r in pairs(4)]
+    path = tmp_path / "f.jsonl.gz"
+    path.write_bytes(gzip.compress(b"".join(lines[:2])) + gzip.compress(b"".join(lines[2:])))
+    assert readers.read_file(str(path)) == pairs(4)  # as `cat a.gz b.gz > f.gz` makes
+    path.write_bytes(gzip.compress(b"".join(lines)) + b"\0" * 512)  # padded to a block
+    assert readers.read_file(str(path)) == pairs(4)
+
+
+def test_a_line_of_200_mb_is_read(tmp_path):
+    path = tmp_path / "long.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:  # 200 MB on disk would be 200 KB here
+        f.write(b'{"prompt": "q", "chosen": "')
+        for _ in range(200):
+            f.write(b"a" * 2**20)
+        f.write(b'", "rejected": "b"}\n' + json.dumps(TRIPLE).encode() + b"\n")
+    rows = readers.read_file(str(path))
+    assert len(rows) == 2 and len(rows[0]["chosen"]) == 200 * 2**20 and rows[1] == TRIPLE
+
+
+@pytest.mark.parametrize("ext", readers.FORMATS)
+def test_paths_with_spaces_and_non_ascii_letters(tmp_path, offline, ext):
+    (tmp_path / "my dätä ü").mkdir()
+    path = write_rows(tmp_path / "my dätä ü" / f"pärs 1{ext}", pairs(12))
+    meta = prepare_data.prepare("mine", str(tmp_path / "out dïr é"), file=path)
+    assert sum(s["kept"] for s in meta["splits"].values()) == 12
+    assert os.path.isfile(tmp_path / "out dïr é" / "meta.json")
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".json"])
+def test_a_home_that_cannot_be_written_needs_no_cache_for_a_file(tmp_path, gpt2, ext):
+    """HOME lies under a regular file (unwritable even by root) and no HF_HOME is set: reading
+    a local file needs no cache, so a good file is prepared."""
+    (tmp_path / "home").write_text("")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path / "home" / "me")
+    path = write_rows(tmp_path / f"pärs{ext}", [UF_ROW] * 10)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--file", path,
+                        "--out", str(tmp_path / "ö ut")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "ö ut" / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["shape"] == "messages" and sum(s["kept"] for s in meta["splits"].values()) == 10
+
+
+MSGS = UF_ROW["chosen"]
+COLUMN_BUG = "not text or a list of {role, content} messages"
+
+
+@pytest.mark.parametrize("columns, words", [
+    ({"prompt": ["q"] * 3, "chosen": [b"y"] * 3, "rejected": ["n"] * 3},
+     ["column 'chosen' is binary, " + COLUMN_BUG]),
+    ({"prompt": ["q"] * 3, "chosen": ["y"] * 3, "rejected": [[1, 2]] * 3},
+     ["column 'rejected' is list<", "int64>, " + COLUMN_BUG]),
+    ({"prompt": [{"text": "q"}] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3},
+     ["column 'prompt' is struct<text: string>, not text"]),
+    ({"chosen": [[{"role": "assistant", "content": 1}]] * 3, "rejected": [MSGS] * 3},
+     ["column 'chosen' is list<", "content: int64>>, " + COLUMN_BUG]),
+    ({"chosen": [MSGS] * 3, "rejected": ["n"] * 3}, ["column 'chosen' is list<", "but 'rejected' is string"]),
+    ({"prompt": ["q"] * 3, "chosen": ["y", None, None], "rejected": ["n"] * 3},
+     ["column 'chosen' is null in 2 of 3 rows (the first: row 2)"]),
+    ({"prompt": [None, "q", "r"], "chosen": ["y"] * 3, "rejected": ["n"] * 3},
+     ["column 'prompt' is null in 1 of 3 rows (the first: row 1)"]),
+    ({"prompt": ["q"] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3}, ["no rows to read"]),
+])
+def test_a_parquet_column_of_the_wrong_type_or_with_nulls_is_one_line(tmp_path, columns, words):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table(columns)
+    path = str(tmp_path / "pairs.parquet")
+    pq.write_table(table if words != ["no rows to read"] else table.slice(0, 0), path)
+    out = tmp_path / "o"  # data prepared before: a failed preparation leaves it as it was
+    prepare_data.prepare("synthetic", str(out), n_train=20, n_val=5)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    r = cli(tmp_path, "--source", "mine", "--file", path, "--out", str(out))
+    fails_in_one_line(r, path, *words)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_parquet_columns_that_hold_text_are_read_however_typed(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = pairs(3)
+    pq.write_table(pa.table({"prompt": pa.array([r["prompt"] for r in rows]).dictionary_encode(),
+                             "chosen": pa.array([r["chosen"] for r in rows], pa.large_string()),
+                             "rejected": [r["rejected"] for r in rows]}), tmp_path / "f.parquet")
+    assert readers.read_file(str(tmp_path / "f.parquet")) == rows  # a categorical, a large_string
+    msgs = [dict(UF_ROW, prompt=None), UF_ROW]  # the messages hold the prompt: its column may be null
+    assert readers.read_file(write_rows(tmp_path / "m.parquet", msgs)) == msgs
 
 
 # --- meta.json records what the data was prepared from ---
