@@ -1,19 +1,20 @@
-"""The graded assignment: a student copy of this project (the handout) cut from orpo.py, and
-an autograder that checks a copy against frozen reference values. TEACHING.md says how to
-use both in a class.
+"""The graded assignment: a student copy of this project (the handout) cut from orpo.py, a
+grader that checks a copy against frozen reference values, and the package that runs that
+grader on Gradescope. course/TEACHING.md says how to use them in a class. From the root:
 
-    python assignment.py make DIR    # write the handout to DIR (a new or empty folder)
-    python assignment.py grade DIR   # grade the copy in DIR: a table, and DIR/results.json
-    python assignment.py freeze      # recompute tests/assignment_ref.json from orpo.py
+    python -m course.assignment make DIR         # write the handout to DIR (new or empty)
+    python -m course.assignment grade DIR        # grade the copy in DIR: a table, DIR/results.json
+    python -m course.assignment autograder OUT   # Gradescope's package, OUT/autograder.zip
 
 The handout is orpo.py with the bodies of the graded functions replaced by
 `raise NotImplementedError("exercise N: ...")` (signature, docstring and the paper's equation
-tags kept), without the worked solutions, and with a README of its own for the student
-(teacher/handout-README.md). The grader reads only the student's orpo.py
-(and answers.txt), runs each graded function alone on the frozen inputs, with every other
-graded function it calls replaced by a stand-in that returns the frozen values, so that one
-wrong or missing function costs its own points only. It never calls this project's solution:
-`freeze` does, once, to write the reference file, and a test checks that file against it.
+tags kept), without the worked solutions, the written answers or the results that state
+them, and with a README of its own (teacher/handout-README.md). The grader reads only the
+copy's orpo.py and answers.txt, and runs each graded function alone on the frozen inputs,
+with every other graded function it calls replaced by a stand-in that returns the frozen
+values, so that one wrong or missing function costs its own points only. It never calls
+this project's solution: tests/assignment_freeze.py does, once, to write the reference
+file, and a test checks that file against it.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import ast
@@ -26,11 +27,13 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 
 from machinery.safe import atomic_write, die, one_line
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's root
 REF = os.path.join(ROOT, "tests", "assignment_ref.json")
+TEACHER = os.path.join(ROOT, "course", "teacher")  # the teacher's kit: never in a handout
 
 # ----------------------------------------------------------------------------------------
 # What is graded: one row per check, (id, exercise, what, points); 100 points in all
@@ -49,6 +52,7 @@ ROWS = [
     ("10b", 10, "simpo_objective", 5),
     ("11", 11, "dpo_loss", 10),
 ]
+BY_HAND = ("1a", "3a")  # the rows of answers.txt; the others run orpo.py's functions
 
 # The holes: function (or Class.method) -> the message its NotImplementedError carries
 HOLES = {
@@ -66,51 +70,48 @@ HOLES = {
 MASKS = ("resp_mask", "seq_mask")  # make_batch's lines that set these are exercise 3's hole
 MASK_HOLE = "exercise 3: set resp_mask and seq_mask for row i"
 TAG = re.compile(r"#.*\b(Eqs?|Sec)\. ?\d")  # comments that cite the paper stay
-# Left out of the handout: worked solutions, the answer key, the grader's own tests
-LEAVE_OUT = ("GRADIENT.md", "TEACHING.md", "teacher/", "tests/test_assignment.py")
-STUDENT_README = os.path.join(ROOT, "teacher", "handout-README.md")  # the handout's README.md
+# Left out of the handout: the worked solutions, the teacher's kit (the answer key, the
+# rubric's written answers), the grader's own tests, and the results and figures, which
+# state what exercises 5-11 ask the student to predict and explain
+LEAVE_OUT = ("GRADIENT.md", "course/TEACHING.md", "course/teacher/", "tests/test_assignment.py",
+             "tests/assignment_freeze.py", "experiments/RESULTS.md")
+STUDENT_README = os.path.join(TEACHER, "handout-README.md")  # the handout's README.md
+KEY = os.path.join(TEACHER, "answers.txt")  # answers.txt, filled in; the handout's is blank
 LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)[^)]*\)")  # a Markdown link: [text](target#part)
 DROP_TESTS = {"tests/test_loss.py": ("test_loss_matches_the_paper_by_hand",  # spell answers out
                                      "test_probability_ratio_and_summed_logp",
                                      "test_dpo_loss_by_hand",
-                                     "test_dpo_gradient_agrees_with_finite_differences"),
+                                     "test_dpo_gradient_agrees_with_finite_differences",
+                                     "test_dpo_forward_scores_summed_logps"),
               "tests/test_train.py": ("test_dpo_trains_the_policy_and_never_touches_the_reference",),
               "tests/test_scale.py": ("test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft",)}
 HOLES_LEFT = '''\
 def holes_left(cfg):
     """Stop, with one line naming the first, if a run of cfg would reach a hole: exercises
-    1-3 are in every run, 4 in --hand_grad's, 10 in --ratio=simpo's, 11 in --loss=dpo's."""
+    1-3 are in every run, 4 in --hand_grad's, 10 in --loss=simpo's, 11 in --loss=dpo's."""
     with open(__file__) as f:  # a hole's line: raise NotImplementedError('exercise N: ...')
         left = [l.strip()[27:-2] for l in f if l.strip().startswith("raise NotImplementedError(")]
     number = lambda m: int(m.split()[1][:-1])
-    flag = {4: cfg.hand_grad, 10: cfg.ratio == "simpo", 11: cfg.loss == "dpo"}
+    flag = {4: cfg.hand_grad, 10: cfg.loss == "simpo", 11: cfg.loss == "dpo"}
     left = [m for m in left if flag.get(number(m), True)]
     if left:
         die(f"fill the holes first, from {min(left, key=number)}; "
-            "`python assignment.py grade .` checks them")
+            "`python -m course.assignment grade .` checks them")
+
+def hole_reached(kind, value, tb, hook=sys.excepthook):
+    """A hole that a command reached with no run to check first (a figure, sample.py, a
+    test): one line, exit status 2; any other error keeps its traceback."""
+    if issubclass(kind, NotImplementedError) and str(value).startswith("exercise "):
+        die(f"this needs a hole filled first, {value}; `python -m course.assignment grade .` "
+            "checks it")
+    return hook(kind, value, tb)
+
+sys.excepthook = hole_reached  # the handout's holes, wherever a command reaches one
 '''
-ANSWERS = """\
-# Exercises 1 and 3, answered by hand: fill in each value after the `=`.
-# Exercise 1: P_w = 0.6, P_l = 0.3. Numbers to at least three significant digits.
-odds_w =
-odds_l =
-odds_ratio =
-log_or =
-l_or =
-delta =
-prob_ratio =
-# Exercise 3: prompt `a b c`, response `d e <eot>`. Tokens separated by spaces; masks as
-# 0s and 1s, one per position of x.
-x =
-y =
-resp_mask =
-seq_mask =
-"""
 
 # ----------------------------------------------------------------------------------------
 # The handout: holes cut into orpo.py with ast, so that the cut follows the code wherever
 # the functions sit
-
 
 def find(tree, qualname):
     """The def node of a top-level function, or of Class.method."""
@@ -119,7 +120,6 @@ def find(tree, qualname):
     if cls:
         body = next((n.body for n in body if isinstance(n, ast.ClassDef) and n.name == cls[0]), [])
     return next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == name), None)
-
 
 def hole_edits(src, tree):
     """(first line, last line, new lines) of each hole, 1-based and inclusive."""
@@ -134,15 +134,11 @@ def hole_edits(src, tree):
         tags = [pad + l[l.index("#"):] for l in lines[a - 1:b] if TAG.search(l)]
         edits.append((a, b, tags + [f"{pad}raise NotImplementedError({msg!r})"]))
         if qualname == "orpo_grad":  # the derivation: the comment block right above the def
-            end = node.lineno - 1  # (blank lines between it and the def kept)
-            while end > 0 and not lines[end - 1].strip():
-                end -= 1
-            top = end
-            while top > 0 and lines[top - 1].lstrip().startswith("#"):
+            top = node.lineno - 1
+            while top > 0 and lines[top - 1].startswith("#"):
                 top -= 1
-            if top < end:  # a section's rule stays
-                rule = [lines[top]] if lines[top].startswith("# ---") else []
-                edits.append((top + 1, end, rule + ["# The gradient by hand: exercise 4."]))
+            rule = [lines[top]] if lines[top].startswith("# ---") else []  # a section's rule stays
+            edits.append((top + 1, node.lineno - 1, rule + ["# The gradient by hand: exercise 4."]))
     sets = [n for n in ast.walk(find(tree, "make_batch")) if isinstance(n, ast.Assign) and any(
         isinstance(t, ast.Subscript) and getattr(t.value, "id", "") in MASKS for t in n.targets)]
     if len(sets) != len(MASKS):
@@ -157,7 +153,6 @@ def hole_edits(src, tree):
                   [" " * first.col_offset + "holes_left(cfg)  # the handout's holes: one line"]))
     return edits
 
-
 def cut(src):
     """orpo.py's source -> the handout's."""
     lines = src.splitlines()
@@ -166,7 +161,6 @@ def cut(src):
     out = "\n".join(lines) + "\n"
     ast.parse(out)  # still Python
     return out
-
 
 def drop_tests(src, names):
     """A test file without the named test functions (and the blank lines before each)."""
@@ -178,7 +172,6 @@ def drop_tests(src, names):
             a -= 1
         del lines[a:node.end_lineno]
     return "\n".join(lines) + "\n"
-
 
 def project_files():
     """The project's tracked files (git ls-files), or, outside a git checkout, every file
@@ -192,110 +185,103 @@ def project_files():
         files += [os.path.relpath(os.path.join(d, f), ROOT) for f in names if not f.endswith(".pyc")]
     return files
 
-
 def left_out(name):
-    return any(name == x or name.startswith(x) for x in LEAVE_OUT)
+    """Whether the handout leaves out the project's file `name` (a figure: it shows a result)."""
+    return name.endswith(".png") or any(name == x or name.startswith(x) for x in LEAVE_OUT)
 
+def unlink(md, name):
+    """The Markdown file `name` with its links to what the handout leaves out as plain text
+    that says so (a link's target is relative to the file's own folder)."""
+    gone = lambda t: left_out(os.path.normpath(os.path.join(os.path.dirname(name), t)))
+    return LINK.sub(lambda m: f"{m[1]} (not in the handout)" if gone(m[2]) else m[0], md)
 
-def unlink(md):
-    """Markdown whose links to the files a handout leaves out are text, saying so."""
-    return LINK.sub(lambda m: f"{m[1]} (not in the handout)" if left_out(m[2]) else m[0], md)
-
-
-def write_files(dst, handout):
-    """The project's files into dst, the handout's own (cut) ones instead of theirs; how many."""
-    n = 0
-    for name in project_files():
-        if left_out(name) or name in handout:
-            continue
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
-        n += 1
-    for name, text in handout.items():
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        with open(os.path.join(dst, name), "w") as f:
-            f.write(text)
-    return n + len(handout)
-
-
-def make(dst):
-    """Write the handout to dst; the solution here is not touched."""
-    if os.path.exists(dst) and os.listdir(dst):
-        die(f"{dst} is not empty: make writes the handout into a new or empty folder")
-    if not os.path.isfile(STUDENT_README):  # a handout has no teacher/: cut from the solution
-        die(f"{STUDENT_README} is missing: make a handout from the full project, not from a handout")
-    with open(os.path.join(ROOT, "orpo.py")) as f:
-        handout = {"orpo.py": cut(f.read()), "answers.txt": ANSWERS}
+def write_handout(dst):
+    """The handout into the new folder dst: the project's files, the cut and unlinked ones
+    in place of theirs, the student's README and a blank answers.txt; how many files."""
+    with open(os.path.join(ROOT, "orpo.py")) as f, open(KEY) as k:
+        handout = {"orpo.py": cut(f.read()), "answers.txt": re.sub(r"(?m)^(\w+) =.*$", r"\1 =", k.read())}
     for name in project_files():  # the Markdown files, their links to what is left out unlinked
         if name.endswith(".md") and not left_out(name):
             with open(os.path.join(ROOT, name)) as f:
-                handout[name] = unlink(f.read())
+                handout[name] = unlink(f.read(), name)
     with open(STUDENT_README) as f:
-        handout["README.md"] = unlink(f.read())  # the student's, for the project's
+        handout["README.md"] = unlink(f.read(), "README.md")  # the student's, for the project's
     for name, tests in DROP_TESTS.items():
         with open(os.path.join(ROOT, name)) as f:
             handout[name] = drop_tests(f.read(), tests)
-    tmp = os.path.abspath(dst) + ".tmp"  # beside dst, then renamed: whole or not at all
+    copied = [n for n in project_files() if not left_out(n) and n not in handout]
+    for name in copied + list(handout):
+        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+        if name in handout:
+            with open(os.path.join(dst, name), "w") as f:
+                f.write(handout[name])
+        else:
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+    return len(copied) + len(handout)
+
+def fresh(dst, write, what):
+    """write(folder) into a folder beside dst, renamed to dst when whole: dst (new or empty)
+    holds all of it or nothing. Only the full project can write it: a handout has no key."""
+    if os.path.exists(dst) and os.listdir(dst):
+        die(f"{dst} is not empty: write {what} into a new or empty folder")
+    if not os.path.isfile(STUDENT_README):
+        die(f"{STUDENT_README} is missing: write {what} from the full project, not from a handout")
+    tmp = os.path.abspath(dst) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        n = write_files(tmp, handout)
+        os.makedirs(tmp)
+        n = write(tmp)
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty, as checked
         os.rename(tmp, dst)
+        return n
     except (OSError, KeyboardInterrupt) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(e)
-        die(f"could not write the handout to {dst}: {why}; nothing was left there",
+        die(f"could not write {what} to {dst}: {why}; nothing was left there",
             130 if isinstance(e, KeyboardInterrupt) else 2)
-    print(f"wrote the handout to {dst}: {n} files, {len(HOLES) + 1} holes in "
-          f"orpo.py; grade it with `python assignment.py grade {dst}`")
+
+def make(dst):
+    """Write the handout to dst; the solution here is not touched."""
+    n = fresh(dst, write_handout, "the handout")
+    print(f"wrote the handout to {dst}: {n} files, {len(HOLES) + 1} holes in orpo.py; "
+          f"grade it with `python -m course.assignment grade {dst}`")
 
 # ----------------------------------------------------------------------------------------
 # Grading, inside a worker process: the student's graded functions, run one at a time
 
-
 class Frozen(Exception):
     """A stand-in was called at an input the reference file does not hold."""
 
-
 def standins(torch, refs):
     """The graded functions as the other graded functions see them while graded: each
-    returns the frozen reference values at the frozen inputs, and refuses any other input."""
+    returns the frozen reference values at the frozen inputs, elementwise (at each l, or
+    each pair), and refuses any other input. orpo_grad's table holds B times its values."""
+    def stand_in(name, rows, n_in):
+        table = {tuple(r[:n_in]): r[n_in:] for r in rows}
+
+        def fn(*args):
+            out = []
+            for key in zip(*(a.detach().double().flatten().tolist() for a in args)):
+                if key not in table:
+                    raise Frozen(f"{name} was called at {key}, not at an input the reference "
+                                 "holds: pass it l_w, l_l (or l) as they are")
+                out.append(table[key])
+            cols = [torch.tensor(c, dtype=args[0].dtype).view_as(args[0]) for c in zip(*out)]
+            return cols[0] if len(cols) == 1 else tuple(cols)
+        return fn
     s = refs["standins"]
-    t1 = {x: y for x, y in s["log1mexp"]}
-    t2 = {(w, l): (a, b) for w, l, a, b in s["odds_ratio_loss"]}
-    t3 = {(w, l): a for w, l, a in s["simpo_loss"]}
-    t4 = {(tuple(c["ell_w"]), tuple(c["ell_l"]), c["lam"]): (c["g_w"], c["g_l"])
-          for c in refs["rows"]["4a"]}  # orpo_grad's own cases
-
-    def look(table, key, name):
-        if key not in table:
-            raise Frozen(f"{name} was called at {key}, not at an input the reference holds: "
-                         f"pass it l_w, l_l (or l) as they are")
-        return table[key]
-
-    def vals(t):
-        return t.detach().double().flatten().tolist()
-
-    def log1mexp(x):
-        return torch.tensor([look(t1, v, "log1mexp") for v in vals(x)], dtype=x.dtype).view_as(x)
-
-    def odds_ratio_loss(ell_w, ell_l):
-        out = [look(t2, k, "odds_ratio_loss") for k in zip(vals(ell_w), vals(ell_l))]
-        return tuple(torch.tensor(o, dtype=ell_w.dtype) for o in zip(*out))
+    simpo, grad = stand_in("simpo_loss", s["simpo_loss"], 2), stand_in("orpo_grad", s["orpo_grad"], 3)
 
     def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
         if (beta, gamma) != (2.0, 1.0):
             raise Frozen("simpo_loss was called with beta, gamma other than its defaults 2, 1")
-        return torch.tensor([look(t3, k, "simpo_loss") for k in zip(vals(ell_w), vals(ell_l))],
-                            dtype=ell_w.dtype)
+        return simpo(ell_w, ell_l)
 
     def orpo_grad(ell_w, ell_l, lam):
-        g = look(t4, (tuple(vals(ell_w)), tuple(vals(ell_l)), float(lam)), "orpo_grad")
-        return tuple(torch.tensor(v, dtype=ell_w.dtype) for v in g)
-    return dict(log1mexp=log1mexp, odds_ratio_loss=odds_ratio_loss, simpo_loss=simpo_loss,
-                orpo_grad=orpo_grad)
-
+        return tuple(g / ell_w.numel() for g in grad(ell_w, ell_l, torch.full_like(ell_w, lam)))
+    return dict(log1mexp=stand_in("log1mexp", s["log1mexp"], 1), simpo_loss=simpo_loss,
+                odds_ratio_loss=stand_in("odds_ratio_loss", s["odds_ratio_loss"], 2), orpo_grad=orpo_grad)
 
 def loader(path, refs):
     """A function that returns one graded function of the student's orpo.py, executed alone:
@@ -330,10 +316,8 @@ def loader(path, refs):
         return getattr(ns[name], qualname.split(".")[1]) if "." in qualname else ns[name]
     return load
 
-
 class Fail(Exception):
     """A graded value is wrong: the message says which, where, and by how much."""
-
 
 def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
     """got (a tensor) against the frozen want; a Fail names the first element that differs,
@@ -350,18 +334,16 @@ def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
     bad = ~(torch.isfinite(got) & ((got - want).abs() <= atol + rtol * want.abs()))
     if bad.any():
         i = int(bad.flatten().nonzero()[0])
-        if isinstance(at, str) and want.dim():
-            where = f" [{', '.join(str(int(v)) for v in torch.unravel_index(torch.tensor(i), want.shape))}]{at}"
-        elif not isinstance(at, str):
+        if not isinstance(at, str):
             where = at(i)
+        elif want.dim():  # the element's index, as [row, position]
+            where = f" {[int(v) for v in torch.unravel_index(torch.tensor(i), want.shape)]}{at}"
         raise Fail(f"{what}{where}: expected {want.flatten()[i].item():.10g}, "
                    f"got {got.flatten()[i].item():.10g}")
 
-
 def T(v, dtype="float64"):
     import torch
-    return None if v is None else torch.tensor(v, dtype=getattr(torch, dtype))
-
+    return torch.tensor(v, dtype=getattr(torch, dtype))
 
 def pairs(c, extra=""):
     """Where a per-pair value was wrong: its pair, and the batch it came in."""
@@ -369,23 +351,20 @@ def pairs(c, extra=""):
     return lambda i: (f" in a batch of {B} pair(s){extra}" if i is None else
                       f" at pair {i} (l_w={w[i]!r}, l_l={l[i]!r}) of a batch of {B}{extra}")
 
-
 def read_answers(d):
-    """answers.txt of the copy (the solution keeps its key in teacher/): key -> text."""
-    for path in (os.path.join(d, "answers.txt"), os.path.join(d, "teacher", "answers.txt")):
+    """answers.txt of the copy (the full project's is the key, in course/teacher/): key -> text."""
+    for path in (os.path.join(d, "answers.txt"), os.path.join(d, "course", "teacher", "answers.txt")):
         if os.path.exists(path):
             with open(path) as f:
                 return dict((k.strip(), v.strip()) for k, _, v in (
                     l.partition("=") for l in f if "=" in l and not l.lstrip().startswith("#")))
     raise Fail("no answers.txt in the copy")
 
-
 def sealed(key, text):
     """An answer as the reference file keeps it: a hash of the key and its text (a number's
     three significant digits, or tokens), so that a handout, which holds the file, can check
     answers.txt without holding the answers."""
     return hashlib.sha256(f"{key} = {' '.join(text.split())}".encode()).hexdigest()[:20]
-
 
 def check_answers(d, want):
     got = read_answers(d)
@@ -405,7 +384,6 @@ def check_answers(d, want):
         if all(sealed(k, f"{x * (1 + e):.3g}") != seal for e in (0, -2e-3, 2e-3)):  # rounded or cut
             raise Fail(f"answers.txt: {k} = {got[k]} is not right to three significant digits")
 
-
 def check_odds(load, cases):
     fn = load("odds_ratio_loss")
     for c in cases:
@@ -413,23 +391,18 @@ def check_odds(load, cases):
         compare("odds_ratio_loss: log OR", log_or, c["log_or"], pairs(c))
         compare("odds_ratio_loss: L_OR", l_or, c["l_or"], pairs(c))
 
-
-LOSS_OF = {"odds": "orpo_loss", "prob": "prob_ratio_loss", "simpo": "simpo_objective"}  # --ratio
-
-
-def check_orpo_loss(load, cases):
-    """orpo_loss and its ablation prob_ratio_loss (row 1c), or simpo_objective (10b)."""
+def check_objective(load, cases):
+    """orpo_loss and prob_ratio_loss (row 1c), or simpo_objective (10b): (ell, l_sft) -> (loss, parts)."""
     for c in cases:
-        name = LOSS_OF[c["ratio"]]
-        kw = {k: c[k] for k in ("lam", "sft_on_prompt")}
-        loss, parts = load(name)(T(c["logp"]), T(c["ell"]), T(c["seq"]), **kw)
-        at = f" with {', '.join(f'{k}={v!r}' for k, v in kw.items())}, B={len(c['ell']) // 2}"
+        name = c["fn"]
+        loss, parts = load(name)(T(c["ell"]), T(c["l_sft"]), lam=c["lam"])
+        at = f" with lam={c['lam']!r}, B={len(c['l_sft'])}" + (
+            ", L_SFT over the prompt too (sft_on_prompt)" if c["sft_on_prompt"] else "")
         compare(f"{name}: the loss", loss, c["loss"], at)
         for k, v in c["parts"].items():
             if k not in parts:
                 raise Fail(f"{name}: parts has no {k!r}{at}")
             compare(f"{name}: parts[{k!r}]", parts[k], v, at)
-
 
 def check_log1mexp(load, c):
     import torch
@@ -444,7 +417,6 @@ def check_log1mexp(load, c):
         if not torch.isfinite(v.grad).all():
             raise Fail(f"log1mexp: its gradient at x={x!r} (float32) is {v.grad.item()}, not finite")
 
-
 def check_masks(load, c):
     import numpy as np
     fn = load("make_batch")
@@ -455,7 +427,6 @@ def check_masks(load, c):
             compare(f"make_batch: {k}", g, call[k], f" (row, position) for the pairs (prompt, "
                     f"chosen, rejected) {[c['rows'][r] for r in call['rows']]}", rtol=0, atol=0)
 
-
 def check_response_logps(load, cases):
     fn = load("response_logps")
     for c in cases:
@@ -465,7 +436,6 @@ def check_response_logps(load, cases):
         compare("response_logps: logp", logp, c["logp"], at, rtol=1e-12)
         compare("response_logps: ell", ell, c["ell"], at, rtol=1e-12)
 
-
 def check_grad(load, cases):
     fn = load("orpo_grad")
     for c in cases:
@@ -474,7 +444,6 @@ def check_grad(load, cases):
         tol = dict(rtol=1e-8, atol=1e-300) if c["dtype"] == "float64" else dict(rtol=1e-3, atol=1e-30)
         compare("orpo_grad: dL/dl_w", g_w, c["g_w"], at, **tol)
         compare("orpo_grad: dL/dl_l", g_l, c["g_l"], at, **tol)
-
 
 def check_backward(load, cases):
     from types import SimpleNamespace
@@ -491,14 +460,12 @@ def check_backward(load, cases):
             raise Fail("HandORPO.backward: return the logits' gradient, then None for each of "
                        "forward's 6 other inputs")
 
-
 def check_simpo(load, cases):
     fn = load("simpo_loss")
     for c in cases:
         loss = fn(T(c["ell_w"]), T(c["ell_l"]), **c["kw"])
         compare("simpo_loss", loss, c["loss"], pairs(c, f", {c['kw']}" if c["kw"] else
                                                      " (beta, gamma: the defaults)"))
-
 
 def check_dpo(load, cases):
     fn = load("dpo_loss")
@@ -512,22 +479,9 @@ def check_dpo(load, cases):
         loss.backward()
         compare("dpo_loss: its gradient with respect to pi", pi.grad, c["grad"], at)
 
-
-CHECKS = {  # row -> its check, given the copy's folder, the loader, and the row's references
-    "1a": lambda d, load, ref: check_answers(d, ref),
-    "1b": lambda d, load, ref: check_odds(load, ref),
-    "1c": lambda d, load, ref: check_orpo_loss(load, ref),
-    "2": lambda d, load, ref: check_log1mexp(load, ref),
-    "3a": lambda d, load, ref: check_answers(d, ref),
-    "3b": lambda d, load, ref: check_masks(load, ref),
-    "3c": lambda d, load, ref: check_response_logps(load, ref),
-    "4a": lambda d, load, ref: check_grad(load, ref),
-    "4b": lambda d, load, ref: check_backward(load, ref),
-    "10a": lambda d, load, ref: check_simpo(load, ref),
-    "10b": lambda d, load, ref: check_orpo_loss(load, ref),
-    "11": lambda d, load, ref: check_dpo(load, ref),
-}
-
+CHECKS = {"1a": check_answers, "1b": check_odds, "1c": check_objective, "2": check_log1mexp,
+          "3a": check_answers, "3b": check_masks, "3c": check_response_logps, "4a": check_grad,
+          "4b": check_backward, "10a": check_simpo, "10b": check_objective, "11": check_dpo}
 
 def grade_rows(d, ids, refs):
     """Grade the copy in d, row by row: yields (row, points scored, message)."""
@@ -540,11 +494,11 @@ def grade_rows(d, ids, refs):
         load = None
         why = f"orpo.py cannot be read: {one_line(e, typed=True)}"
     for i in ids:
-        if load is None and i not in ("1a", "3a"):
+        if load is None and i not in BY_HAND:
             yield i, 0, why
             continue
         try:
-            CHECKS[i](d, load, refs["rows"][i])
+            CHECKS[i](d if i in BY_HAND else load, refs["rows"][i])
             yield i, points[i], ""
         except NotImplementedError as e:
             yield i, 0, f"NotImplementedError: {one_line(e, 300)}"
@@ -562,15 +516,14 @@ def grade_rows(d, ids, refs):
 
 WORKER_TIMEOUT = 60  # seconds for one worker; the whole grade takes a few seconds
 
-
 def run_workers(d, ref):
     """Grade every row in worker processes; a row whose worker dies or hangs scores 0, and
     a new worker grades the rows after it."""
     todo, got = [r[0] for r in ROWS], {}
     while todo:
-        cmd = [sys.executable, os.path.abspath(__file__), "_worker", d, ref, *todo]
+        cmd = [sys.executable, "-m", "course.assignment", "_worker", d, ref, *todo]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT)
             out, err, why = p.stdout, p.stderr, f"the grader's worker stopped (exit {p.returncode})"
         except subprocess.TimeoutExpired as e:
             out, err = (e.stdout or b"").decode(), (e.stderr or b"").decode()
@@ -585,7 +538,6 @@ def run_workers(d, ref):
             got[todo.pop(0)] = (0, why + (f": {one_line(tail[0])}" if tail else ""))
     return got
 
-
 def report(d, got, seconds):
     tests, total = [], 0
     print(f"{'exercise':<9}{'row':<5}{'what':<42}{'points':>7}  result")
@@ -597,8 +549,7 @@ def report(d, got, seconds):
             print(f"{'':14}{msg}")
         tests.append(dict(name=f"exercise {ex} ({i}): {what}", score=score, max_score=pts,
                           output=msg or "pass"))
-    full = sum(r[3] for r in ROWS)
-    print(f"total {total}/{full} ({seconds:.1f} s)")
+    print(f"total {total}/{sum(r[3] for r in ROWS)} ({seconds:.1f} s)")
     res = dict(score=total, tests=tests, execution_time=round(seconds, 1))
     path = os.path.join(d, "results.json")
     with atomic_write(path) as tmp, open(tmp, "w") as f:
@@ -606,197 +557,33 @@ def report(d, got, seconds):
     print(f"wrote {path}")
     return res
 
-
 def grade(d, ref=REF):
     if not os.path.isfile(os.path.join(d, "orpo.py")):
-        die(f"{d} has no orpo.py: give the folder of a copy made by `python assignment.py make`")
+        die(f"{d} has no orpo.py: give the folder of a copy made by `python -m course.assignment make`")
     if not os.path.isfile(ref):
-        die(f"no reference values at {ref}: run `python assignment.py freeze` in the full project")
+        die(f"no reference values at {ref}: run `python -m tests.assignment_freeze` in the full project")
     t0 = time.time()
     return report(d, run_workers(os.path.abspath(d), ref), time.time() - t0)
 
 # ----------------------------------------------------------------------------------------
-# The reference values: computed once from the solution, in float64, and checked in
+# Gradescope: its two scripts (teacher/gradescope/), beside a fresh handout whose frozen
+# references grade each submission, and the zip it takes, the scripts at its top
 
-EXT = [-1e-12, -1e-6, -1e-3, -0.5, -3.0, -20.0, -200.0]  # l: P near 1 ... P near 0
-TOY = [([1, 2, 3], [4, 5, 0], [4, 0]),  # a b c | d e <eot> | d <eot>: exercise 3's pair (3a)
-       ([2, 1], [3, 5, 4, 0], [0]),
-       ([7], [8, 9, 10, 11, 0], [12, 13, 0]),
-       ([2, 2, 2, 2, 2], [3, 0], [5, 5, 5, 0])]
-LETTERS = {0: "<eot>", 1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
-LENGTHS = [(1, 6), (2, 4), (0, 3), (3, 6)]  # (prompt, prompt + response) per row, B = 2
+def write_package(out):
+    """The package into the new folder out, and out/autograder.zip of it; the handout's files."""
+    n = write_handout(os.path.join(out, "handout"))
+    for name in ("setup.sh", "run_autograder"):
+        shutil.copy2(os.path.join(TEACHER, "gradescope", name), os.path.join(out, name))
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    with zipfile.ZipFile(os.path.join(out, "autograder.zip"), "w", zipfile.ZIP_DEFLATED) as z:
+        for name in files:  # each file with its mode: run_autograder stays executable
+            z.write(os.path.join(out, name), name)
+    return n
 
-
-def ell_pairs(torch):
-    """(l_w, l_l) batches: one pair, a random batch, and every pairing of the extremes."""
-    g = torch.Generator().manual_seed(0)
-    rand = (-3 * torch.rand(5, generator=g, dtype=torch.float64)).tolist()
-    rand_l = (-3 * torch.rand(5, generator=g, dtype=torch.float64)).tolist()
-    ext = [(w, l) for w in EXT for l in EXT]
-    return [([-0.7], [-1.3]), (rand, rand_l), ([w for w, _ in ext], [l for _, l in ext])]
-
-
-def padded(torch, B, lengths, seed, V=7, T=6):
-    """Random logits (2B, T, V), targets, and the masks of rows padded to unequal lengths."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2 * B, T, V, generator=g, dtype=torch.float64)
-    y = torch.randint(0, V, (2 * B, T), generator=g)
-    resp, seq = torch.zeros(2, 2 * B, T, dtype=torch.float64)
-    for i, (p, n) in enumerate(lengths):
-        seq[i, :n], resp[i, p:n] = 1, 1
-    return logits, y, resp, seq
-
-
-def freeze_losses(orpo, torch, batches):
-    """Rows 1b, 1c, 10a, 10b: the losses at the pairs, as the solution computes them."""
-    t = lambda v: torch.tensor(v, dtype=torch.float64)
-    odds, loss, simpo, branch = [], [], [], []
-    logp, _, _, seq = padded(torch, 2, LENGTHS, 1)
-    logp = torch.log_softmax(logp, -1)[..., 0] * seq
-    for n, (w, l) in enumerate(batches):
-        l_or, log_or = orpo.odds_ratio_loss(t(w), t(l))
-        odds.append(dict(ell_w=w, ell_l=l, l_or=l_or.tolist(), log_or=log_or.tolist()))
-        simpo.append(dict(ell_w=w, ell_l=l, kw={}, loss=orpo.simpo_loss(t(w), t(l)).tolist()))
-        kws = [dict(lam=lam, sft_on_prompt=False, ratio="odds") for lam in (0.0, 0.1, 1.0)]
-        kws += [dict(lam=1.0, sft_on_prompt=False, ratio="prob")]
-        if len(w) == 2:
-            kws += [dict(lam=0.3, sft_on_prompt=True, ratio="odds")]
-        for kw in kws + [dict(lam=lam, sft_on_prompt=False, ratio="simpo") for lam in (0.0, 1.0, 5.0)]:
-            lp, sq = (logp, seq) if len(w) == 2 else (None, None)
-            fn = getattr(orpo, LOSS_OF[kw["ratio"]])
-            out, parts = fn(lp, t(w + l), sq, lam=kw["lam"], sft_on_prompt=kw["sft_on_prompt"])
-            case = dict(ell=w + l, logp=None if lp is None else lp.tolist(),
-                        seq=None if sq is None else sq.tolist(), **kw, loss=out.item(),
-                        parts={k: v.item() for k, v in parts.items()})
-            if kw["ratio"] == "simpo":
-                case["parts"].pop("l_sft")  # logged only; exercise 10 leaves it open
-            (branch if kw["ratio"] == "simpo" else loss).append(case)
-    w, l = batches[1]
-    simpo.append(dict(ell_w=w, ell_l=l, kw=dict(beta=2.5, gamma=0.5),
-                      loss=orpo.simpo_loss(t(w), t(l), beta=2.5, gamma=0.5).tolist()))
-    return {"1b": odds, "1c": loss, "10a": simpo, "10b": branch}
-
-
-def freeze_grads(orpo, torch, batches):
-    """Rows 4a and 4b: the hand gradient per pair, and down to the logits."""
-    grads = []
-    for w, l in batches + [([w], [l]) for w in EXT for l in EXT]:
-        for lam in (0.0, 0.1, 1.0):
-            g_w, g_l = orpo.orpo_grad(torch.tensor(w, dtype=torch.float64),
-                                      torch.tensor(l, dtype=torch.float64), lam)
-            grads.append(dict(ell_w=w, ell_l=l, lam=lam, dtype="float64", g_w=g_w.tolist(),
-                              g_l=g_l.tolist()))
-    w32, l32 = (torch.tensor(v, dtype=torch.float32).double() for v in batches[-1])
-    g_w, g_l = orpo.orpo_grad(w32, l32, 1.0)  # float32's inputs, their gradient in float64
-    grads.append(dict(ell_w=w32.tolist(), ell_l=l32.tolist(), lam=1.0, dtype="float32",
-                      g_w=g_w.tolist(), g_l=g_l.tolist()))
-    back = []
-    for B, lengths, lam, sft, g_loss in ((1, [(1, 5), (2, 4)], 1.0, False, 1.0),
-                                         (2, LENGTHS, 0.0, False, 1.0), (2, LENGTHS, 1.0, False, 0.5),
-                                         (1, [(1, 5), (2, 4)], 0.5, True, 1.0), (2, LENGTHS, 0.5, True, 1.0)):
-        logits, y, resp, seq = padded(torch, B, lengths, B)
-        need = (seq if sft else resp).bool()
-        lg = logits[need].requires_grad_()
-        _, ell = orpo.response_logps(orpo.logps_from_logits(lg.detach(), y[need]), resp, need)
-        loss = orpo.HandORPO.apply(lg, y, resp, seq, need, lam, sft)[0]
-        (grad,) = torch.autograd.grad(loss * g_loss, lg)
-        back.append(dict(logits=lg.tolist(), y=y.tolist(), resp=resp.tolist(), seq=seq.tolist(),
-                         scored=need.int().tolist(), ell=ell.tolist(), lam=lam, sft_on_prompt=sft,
-                         g_loss=g_loss, grad=grad.tolist()))
-        g_w, g_l = orpo.orpo_grad(ell[:B], ell[B:], lam)
-        grads.append(dict(ell_w=ell[:B].tolist(), ell_l=ell[B:].tolist(), lam=lam, dtype="float64",
-                          g_w=g_w.tolist(), g_l=g_l.tolist()))
-    return {"4a": grads, "4b": back}
-
-
-def freeze_rest(orpo, torch):
-    """Rows 1a, 2, 3a, 3b, 3c and 11."""
-    import numpy as np
-    x = [-1e-12, -1e-8, -1e-6, -1e-3, -0.1, -0.6931, -0.6932, -1.0, -5.0, -20.0, -200.0, -1e4]
-    x32 = torch.tensor(x, dtype=torch.float32).double()
-    log1mexp = dict(x=x, y=orpo.log1mexp(torch.tensor(x, dtype=torch.float64)).tolist(),
-                    x32=x32.tolist(), y32=orpo.log1mexp(x32).tolist())
-    tokens, index = [], []
-    for p, c, r in TOY:
-        index.append((len(tokens), len(p), len(c), len(r)))
-        tokens += p + c + r
-    split = np.array(tokens, np.uint16), np.array(index, np.int64)
-    calls = []
-    for rows in ([1], [1, 2, 3], [3, 1]):  # not exercise 3's pair: its masks are 3a's answer
-        got = orpo.make_batch(split, rows, "cpu")
-        calls.append(dict(zip(("x", "y", "resp_mask", "seq_mask"), (t.tolist() for t in got)), rows=rows))
-    x0, y0, resp0, seq0 = (t[0].tolist() for t in orpo.make_batch(split, [0], "cpu"))
-    by_hand = dict(x=" ".join(LETTERS[v] for v in x0), y=" ".join(LETTERS[v] for v in y0),
-                   resp_mask=" ".join(str(int(v)) for v in resp0),
-                   seq_mask=" ".join(str(int(v)) for v in seq0))
-    by_hand = {k: ["tokens", sealed(k, v)] for k, v in by_hand.items()}
-    logps = []
-    for B, lengths, sft, mean in ((1, [(1, 5), (2, 4)], False, True), (2, LENGTHS, False, True),
-                                  (2, LENGTHS, False, False), (2, LENGTHS, True, True)):
-        logits, y, resp, seq = padded(torch, B, lengths, 10 + B)
-        need = (seq if sft else resp).bool()
-        tok = orpo.logps_from_logits(logits[need], y[need])
-        logp, ell = orpo.response_logps(tok, resp, need, mean=mean)
-        logps.append(dict(tok=tok.tolist(), resp=resp.tolist(), scored=need.int().tolist(),
-                          mean=mean, logp=logp.tolist(), ell=ell.tolist()))
-    dpo, g = [], torch.Generator().manual_seed(2)
-    for B in (1, 4):
-        pi, ref = (-1 - 59 * torch.rand(2, 2 * B, generator=g, dtype=torch.float64))
-        for beta in (0.01, 0.1, 1.0):
-            p = pi.clone().requires_grad_()
-            loss = orpo.dpo_loss(p, ref, beta=beta)
-            loss.backward()
-            dpo.append(dict(pi=pi.tolist(), ref=ref.tolist(), beta=beta, loss=loss.item(),
-                            grad=p.grad.tolist()))
-    P = torch.tensor([0.6, 0.3], dtype=torch.float64)
-    l_or, log_or = orpo.odds_ratio_loss(P[:1].log(), P[1:].log())
-    odds = P / (1 - P)
-    by_hand_1 = dict(odds_w=odds[0].item(), odds_l=odds[1].item(), odds_ratio=log_or.exp().item(),
-                     log_or=log_or.item(), l_or=l_or.item(), delta=torch.sigmoid(-log_or).item(),
-                     prob_ratio=(P[0] / P[1]).item())
-    by_hand_1 = {k: ["number", sealed(k, f"{v:.3g}")] for k, v in by_hand_1.items()}
-    return {"1a": by_hand_1, "2": log1mexp, "3a": by_hand, "3b": dict(tokens=tokens, index=index,
-            rows=[[p, c, r] for p, c, r in TOY], calls=calls), "3c": logps, "11": dpo}
-
-
-def compute_refs():
-    """Every reference value, from the solution in this folder, in float64."""
-    import torch
-    import orpo
-    import prepare_data
-    batches = ell_pairs(torch)
-    rows = {**freeze_losses(orpo, torch, batches), **freeze_grads(orpo, torch, batches),
-            **freeze_rest(orpo, torch)}
-    ells, prs = set(), set()  # every l and every pair a stand-in may be asked about
-    for c in rows["1b"] + rows["4a"]:
-        prs.update(zip(c["ell_w"], c["ell_l"]))
-        ells.update(c["ell_w"] + c["ell_l"])
-    for c in rows["4b"]:
-        B = len(c["ell"]) // 2
-        prs.update(zip(c["ell"][:B], c["ell"][B:]))
-        ells.update(c["ell"])
-    ells, prs = sorted(ells), sorted(prs)
-    t = lambda v: torch.tensor(v, dtype=torch.float64)
-    w, l = t([p[0] for p in prs]), t([p[1] for p in prs])
-    l_or, log_or = orpo.odds_ratio_loss(w, l)
-    standins = dict(log1mexp=[list(p) for p in zip(ells, orpo.log1mexp(t(ells)).tolist())],
-                    odds_ratio_loss=[list(p) for p in zip(w.tolist(), l.tolist(), l_or.tolist(),
-                                                          log_or.tolist())],
-                    simpo_loss=[list(p) for p in zip(w.tolist(), l.tolist(),
-                                                     orpo.simpo_loss(w, l).tolist())])
-    columns = {k: getattr(prepare_data, k) for k in ("OFF", "PROMPT", "CHOSEN", "REJECTED")}
-    return dict(about="assignment.py's frozen reference values, from `python assignment.py "
-                "freeze` (the solution, float64); the grader reads them and nothing else",
-                columns=columns, rows=rows, standins=standins)
-
-
-def freeze():
-    refs = compute_refs()
-    with atomic_write(REF) as tmp, open(tmp, "w") as f:
-        json.dump(refs, f, separators=(",", ":"))
-        f.write("\n")
-    print(f"wrote {REF} ({os.path.getsize(REF) // 1024} KiB)")
-
+def autograder(out):
+    n = fresh(out, write_package, "the autograder")
+    print(f"wrote {os.path.join(out, 'autograder.zip')}: setup.sh, run_autograder and a handout "
+          f"of {n} files; upload it to Gradescope as course/TEACHING.md says")
 
 def main():
     args = sys.argv[1:]
@@ -807,11 +594,10 @@ def main():
         for i, score, msg in grade_rows(d, ids, refs):
             print("@@ " + json.dumps([i, score, msg]), flush=True)
         return
-    if args[:1] == ["freeze"] and len(args) == 1:
-        return freeze()
-    if len(args) == 2 and args[0] in ("make", "grade"):
-        return make(args[1]) if args[0] == "make" else grade(args[1]) and None
-    die("usage: python assignment.py make DIR | grade DIR | freeze")
+    commands = dict(make=make, grade=grade, autograder=autograder)
+    if len(args) != 2 or args[0] not in commands:
+        die("usage: python -m course.assignment make DIR | grade DIR | autograder OUT")
+    commands[args[0]](args[1])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""assignment.py: the handout it cuts from orpo.py, with no answer in any of its files and
-each exercise checkable once it and the earlier ones are filled; the grader on the solution
-(full marks), on the handout as made (0, each row with its exercise's message) and on a
-catalogue of typical wrong answers (each costs its own row's points, and only those); and
-the frozen reference values against the solution that computed them."""
+"""course/assignment.py: the handout it cuts from orpo.py, with no answer in any of its files,
+written or coded, each exercise checkable once it and the earlier ones are filled, and a
+hole reached anywhere in it one line; the grader on the solution (full marks), on the
+handout as made (0, each row with its exercise's message) and on a catalogue of typical
+wrong answers (each costs its own row's points, and only those); the Gradescope package,
+end to end; and the frozen reference values against the solution that computed them."""
 import ast
 import json
 import math
@@ -11,16 +12,18 @@ import re
 import shlex
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
-import assignment
-from conftest import ROOT, cli
+import assignment_freeze
+from conftest import ROOT
+from course import assignment
 
 FULL = {r[0]: r[3] for r in assignment.ROWS}
 with open(os.path.join(ROOT, "orpo.py")) as f:
     SOLUTION = f.read()
-with open(os.path.join(ROOT, "teacher", "answers.txt")) as f:
+with open(assignment.KEY) as f:
     KEY = f.read()
 
 # (the row it must cost, the wrong answer, [(the solution's text, the wrong text), ...]);
@@ -36,7 +39,8 @@ WRONG = [
                       ("(lam * delta * inv_l) / B", "(lam * delta * inv_l)")]),
     ("4a", "1/(1 - e^l) computed naively", [("-1 / torch.expm1(ell_w)", "1 / (1 - torch.exp(ell_w))"),
                                            ("-1 / torch.expm1(ell_l)", "1 / (1 - torch.exp(ell_l))")]),
-    ("4b", "sft_on_prompt: the response-only L_SFT left in", [("g_w = g_w + 1 / B", "g_w = g_w")]),
+    ("4b", "sft_on_prompt: the response-only L_SFT left in",
+     [("g_tok[:B] += (per_tok(resp_mask[:B]) - per_tok(seq_mask[:B])) / B", "pass")]),
     ("2", "the naive log(1 - e^l)", [("    a = -math.log(2)\n", "    return torch.log(1 - torch.exp(x))\n")]),
     ("3b", "the response mask one position late", [("resp_mask[i, p - 1:n]", "resp_mask[i, p:n]")]),
     ("3c", "the sum in place of the mean (Eq. 3)", [("(resp_mask.sum(1) if mean else 1)", "1")]),
@@ -49,6 +53,25 @@ WRONG = [
     ("1a", "answers.txt: delta as sigma(log OR)", [("delta = 2/9", "delta = 7/9")]),
     ("3a", "answers.txt: the response mask one late", [("resp_mask = 0 0 1 1 1", "resp_mask = 0 0 0 1 1")]),
 ]
+
+
+def course(*args, cwd=ROOT, timeout=300):
+    """python -m course.assignment ARGS, as a teacher or a student runs it, from cwd."""
+    return subprocess.run([sys.executable, "-m", "course.assignment", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wrong(row, edits):
+    """The solution's orpo.py and answers.txt with one catalogued wrong answer made."""
+    src, key = SOLUTION, KEY
+    for old, new in edits:
+        text = key if row in assignment.BY_HAND else src
+        assert text.count(old) == 1, f"the catalogue no longer matches orpo.py: {old!r}"
+        if row in assignment.BY_HAND:
+            key = key.replace(old, new)
+        else:
+            src = src.replace(old, new)
+    return src, key
 
 
 def copy(d, src=SOLUTION, key=KEY):
@@ -69,39 +92,32 @@ def grade(d):
 
 @pytest.mark.parametrize("row, what, edits", WRONG, ids=[w[1] for w in WRONG])
 def test_each_wrong_answer_costs_its_row_only(tmp_path, row, what, edits):
-    src, key = SOLUTION, KEY
-    for old, new in edits:
-        text = key if row in ("1a", "3a") else src
-        assert text.count(old) == 1, f"the catalogue no longer matches orpo.py: {old!r}"
-        if row in ("1a", "3a"):
-            key = key.replace(old, new)
-        else:
-            src = src.replace(old, new)
-    got = grade(copy(tmp_path, src, key))
+    got = grade(copy(tmp_path, *wrong(row, edits)))
     assert got[row][0] == 0 and got[row][1], (what, got[row])
     assert {i: s for i, (s, _) in got.items() if i != row} == {i: p for i, p in FULL.items() if i != row}, got
 
 
 def test_solution_full_marks_handout_zero_from_the_command_line(tmp_path):
     sol = copy(tmp_path / "solution")
-    r = cli("assignment.py", "grade", sol)
+    r = course("grade", sol)
     assert r.returncode == 0 and "total 100/100" in r.stdout, r.stdout + r.stderr
     hand = str(tmp_path / "handout")
-    r = cli("assignment.py", "make", hand)
+    r = course("make", hand)
     assert r.returncode == 0, r.stderr
-    r = cli("assignment.py", "grade", hand)
+    r = course("grade", hand)
     assert r.returncode == 0 and "total 0/100" in r.stdout, r.stdout + r.stderr
     with open(os.path.join(hand, "results.json")) as f:
         res = json.load(f)
     assert res["score"] == 0 and len(res["tests"]) == len(FULL)
     for t, (i, ex, _, pts) in zip(res["tests"], assignment.ROWS):
         assert t["score"] == 0 and t["max_score"] == pts and t["name"].startswith(f"exercise {ex} ")
-        want = ["is blank"] if i in ("1a", "3a") else ["NotImplementedError: ", f"exercise {ex}:"]
+        want = ["is blank"] if i in assignment.BY_HAND else ["NotImplementedError: ", f"exercise {ex}:"]
         assert all(w in t["output"] for w in want), t
-    r = cli("assignment.py", "make", hand)  # never over a copy
+    r = course("grade", hand, cwd=hand)  # the handout grades itself
+    assert r.returncode == 0 and "total 0/100" in r.stdout, r.stdout + r.stderr
+    r = course("make", hand)  # never over a copy
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "not empty" in r.stderr
-    r = subprocess.run([sys.executable, "assignment.py", "make", str(tmp_path / "again")],
-                       cwd=hand, capture_output=True, text=True)  # nor from a handout
+    r = course("make", str(tmp_path / "again"), cwd=hand)  # nor from a handout
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "from the full project" in r.stderr
     assert not (tmp_path / "again").exists()
 
@@ -143,7 +159,7 @@ CATALOGUE = [
     (4, r"-1 ?/ ?(torch\.)?expm1\(", "inv_w = -1 / torch.expm1(ell_w)"),
     (4, r"drops? (the|its|a) minus", "the paper's Eqs. 8 and 20 drop the minus"),
     (4, r"minus sign that its Eqs", "with the minus sign that its Eqs. 8 and 20 drop"),
-    (4, r"g_w \+ 1 / B", "g_w = g_w + 1 / B"),
+    (4, r"per_tok\(resp_mask\[:B\]\) - per_tok\(seq_mask", "(per_tok(resp_mask[:B]) - per_tok(seq_mask[:B])) / B"),
     (4, r"onehot\(y_t\) - softmax", "dlogp_t/dlogits_t = onehot(y_t) - softmax_t"),
     # 10: SimPO's code, and the written answer
     (10, r"logsigmoid\(beta \* \(ell_w - ell_l\) - gamma\)", "-F.logsigmoid(beta * (ell_w - ell_l) - gamma)"),
@@ -158,56 +174,85 @@ CATALOGUE = [
     (11, r"1 \+ 1/3\)", "300 × (1 + 1/3) = 400"),
     (11, r"β ?/ ?2 ?[×*] ?∇", "the gradient is about β/2 × ∇(π_w − π_l)"),
 ]
+# The written answers of course/teacher/rubric.md, and the findings of the runs that the
+# exercises ask the student to predict or explain, as the rubric or experiments/RESULTS.md
+# state them
+WRITTEN = [
+    (1, r"1/\(1 - P\)`?,? which grows with `?P", "multiplies each P by 1/(1 − P), which grows with P"),
+    (2, r"lost in `?exp\(x\)`? itself", "the digits are lost in exp(x) itself"),
+    (5, r"\bshare most (of their )?tokens", "chosen and rejected answers share most tokens"),
+    (5, r"raises those shared tokens|shared template", "SFT learns the shared template"),
+    (5, r"rejected answers,? (which )?carry (the flaw much more|more of it)", "the rejected answers carry more of it"),
+    (6, r"does most of the work|gives a good part of the (λ|lam) = 1", "λ = 0.1 does most of the work"),
+    (6, r"likelihood over every token", "a likelihood over every token, flaws included"),
+    (6, r"2\.98, 4\.98, 5\.74, 6\.18", "final margin 2.98, 4.98, 5.74, 6.18"),
+    (7, r"share of `?L_SFT`?'s pull", "the response's share of L_SFT's pull falls"),
+    (8, r"log OR`? (has the wider spread|spreads about twice)", "log OR has the wider spread"),
+    (8, r"\b2\.56\b.{0,20}\b1\.41\b", "standard deviation 2.56 against 1.41"),
+    (8, r"log\(1 - P\) ≈ -P|nearly coincide", "there log(1 − P) ≈ −P ≈ 0"),
+    (8, r"(probability ratio|narrower contrast) needs the rejected", "the narrower contrast needs the rejected answer pushed further"),
+    (9, r"prefers whichever answer is shorter|sum measures length", "the sum measures length first"),
+    (9, r"(right|100%) (for every pair whose|of the time when the) chosen answer is shorter",
+     "right 100% of the time when the chosen answer is shorter"),
+    (9, r"saturates early|σ\(-contrast\)`?,? vanishes", "L_OR saturates early and stops pushing"),
+    (11, r"`?L_SFT`? (has no counterpart|trains the end-of-text)", "ORPO's L_SFT has no counterpart in DPO"),
+    (11, r"answers stop ending", "DPO's answers stop ending"),
+    (11, r"constant drops out", "the reference's constant drops out"),
+]
 
 
 def norm(text):
     return " ".join(text.replace("−", "-").replace("ℓ", "l").split())
 
 
-def answers_in(folder):
-    """(file, exercise, pattern) for each catalogue entry that a text file in folder holds."""
+def answers_in(folder, names=None):
+    """(file, exercise, pattern) for each catalogue entry that a text file in folder (or the
+    files `names` of it) holds."""
+    if names is None:
+        names = [os.path.relpath(os.path.join(d, n), folder) for d, _, ns in os.walk(folder) for n in ns]
     hits = []
-    for d, dirs, names in os.walk(folder):
-        dirs[:] = [x for x in dirs if x not in (".git", ".venv", "__pycache__")]
-        for name in names:
-            path = os.path.join(d, name)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = norm(f.read())
-            except UnicodeDecodeError:
-                continue
-            hits += [(os.path.relpath(path, folder), ex, pat) for ex, pat, _ in CATALOGUE
-                     if re.search(pat, text)]
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                text = norm(f.read())
+        except UnicodeDecodeError:
+            continue
+        hits += [(name, ex, pat) for ex, pat, _ in CATALOGUE + WRITTEN if re.search(pat, text)]
     return sorted(hits)
 
 
 def test_the_handout_holds_no_answer_and_a_planted_one_is_found(tmp_path):
     assert {ex for ex, _, _ in CATALOGUE} == {1, 2, 3, 4, 10, 11}
-    assert [e for e in CATALOGUE if not re.search(e[1], norm(e[2]))] == []
+    assert {ex for ex, _, _ in WRITTEN} == {1, 2, 5, 6, 7, 8, 9, 11}
+    assert [e for e in CATALOGUE + WRITTEN if not re.search(e[1], norm(e[2]))] == []
     hand = tmp_path / "handout"
     assignment.make(str(hand))
     assert answers_in(hand) == []
     readme = hand / "README.md"
     clean = readme.read_text()
-    for ex, pat, example in CATALOGUE:  # each entry, planted in the README, is found there
+    for ex, pat, example in CATALOGUE + WRITTEN:  # each entry, planted in the README, is found
         readme.write_text(f"{clean}\n{example}\n")
         hits = answers_in(hand)
         assert ("README.md", ex, pat) in hits and {h[0] for h in hits} == {"README.md"}, example
-    # the catalogue is of this solution's answers: each is in a file the handout leaves out
-    # or cuts (orpo.py, README.md, GRADIENT.md, teacher/)
-    found = {pat for _, _, pat in answers_in(ROOT)}
-    assert [pat for _, pat, _ in CATALOGUE if pat not in found] == []
+    # the catalogue is of this project's answers: each is in a file the handout leaves out
+    # or cuts (orpo.py, README.md, GRADIENT.md, course/teacher/, experiments/RESULTS.md)
+    found = {pat for _, _, pat in answers_in(ROOT, assignment.project_files())}
+    assert [pat for _, pat, _ in CATALOGUE + WRITTEN if pat not in found] == []
+    written = {pat for _, _, pat in answers_in(ROOT, ["course/teacher/rubric.md"])}
+    assert {ex for ex, pat, _ in WRITTEN if pat in written} == {ex for ex, _, _ in WRITTEN}
 
 
 def test_handout_leaves_out_the_solutions_and_keeps_the_rest(tmp_path):
     hand = str(tmp_path / "handout")
     assignment.make(hand)
-    for name in ("GRADIENT.md", "TEACHING.md", "teacher", "tests/test_assignment.py"):
+    for name in ("GRADIENT.md", "course/TEACHING.md", "course/teacher", "tests/test_assignment.py",
+                 "tests/assignment_freeze.py", "experiments/RESULTS.md"):
         assert not os.path.exists(os.path.join(hand, name)), name
+    assert [n for d, _, ns in os.walk(hand) for n in ns if n.endswith(".png")] == []  # results
     with open(os.path.join(hand, "orpo.py")) as f:
         src = f.read()
-    for answer in ("g_w + 1 / B", "-1 / torch.expm1", "dL_OR/dℓ_w", "p - 1:n", "logsigmoid"):
-        assert answer not in src, answer
+    for answer in ("per_tok(seq_mask", "-1 / torch.expm1", "dL_OR/dℓ_w", "p - 1:n", "logsigmoid"):
+        assert answer not in src and answer in SOLUTION, answer
     with open(os.path.join(hand, "README.md")) as f:  # the student's, with links that resolve
         readme = f.read()
     with open(assignment.STUDENT_README) as f:
@@ -218,16 +263,19 @@ def test_handout_leaves_out_the_solutions_and_keeps_the_rest(tmp_path):
                 for target in assignment.LINK.findall(f.read()):
                     assert target[1].startswith("https://") or os.path.exists(
                         os.path.join(d, target[1])), (name, target)
-    with open(os.path.join(hand, "tests", "test_loss.py")) as f:
-        kept = f.read()
-    assert all(t not in kept for t in assignment.DROP_TESTS["tests/test_loss.py"])
-    assert "test_masks_cover_exactly_the_response_tokens" in kept
-    # outside the holes the handout is the solution, statement for statement
-    holes = {q.split(".")[0] for q in assignment.HOLES} | {"make_batch", "train", "holes_left"}
+    for name, tests in assignment.DROP_TESTS.items():  # each named test exists, and goes
+        with open(os.path.join(ROOT, name)) as f, open(os.path.join(hand, name)) as g:
+            full, kept = f.read(), g.read()
+        assert all(f"def {t}(" in full and f"def {t}(" not in kept for t in tests), name
+    assert "test_masks_cover_exactly_the_response_tokens" in open(os.path.join(hand, "tests", "test_loss.py")).read()
+    # outside the holes the handout is the solution, statement for statement, and the code
+    # that names a hole reached
+    holes = {q.split(".")[0] for q in assignment.HOLES} | {"make_batch", "train"}
     rest = lambda s: [ast.dump(n) for n in ast.parse(s).body if getattr(n, "name", "") not in holes]
-    assert rest(src) == rest(SOLUTION)
-    r = cli("orpo.py", "--help", cwd=hand)  # what needs no hole runs
-    assert r.returncode == 0 and "--lam" in r.stdout
+    injected = rest(assignment.HOLES_LEFT)
+    assert [n for n in rest(src) if n not in injected] == rest(SOLUTION) and len(injected) == 3
+    r = subprocess.run([sys.executable, "orpo.py", "--help"], cwd=hand, capture_output=True, text=True)
+    assert r.returncode == 0 and "--lam" in r.stdout  # what needs no hole runs
 
 
 def test_a_crash_in_one_function_costs_its_row_only(tmp_path):
@@ -257,28 +305,41 @@ def same(a, b, path="refs"):
 
 def test_frozen_references_agree_with_the_solution():
     """The only place the solution meets the references: a change to orpo.py that changes an
-    answer fails here (then rerun `python assignment.py freeze`, on purpose)."""
+    answer fails here (then rerun `python -m tests.assignment_freeze`, on purpose)."""
     with open(assignment.REF) as f:
         frozen = json.load(f)
-    same(json.loads(json.dumps(assignment.compute_refs())), frozen)
+    same(json.loads(json.dumps(assignment_freeze.compute_refs())), frozen)
     assert os.path.getsize(assignment.REF) < 200_000
+    cases = frozen["rows"]["1c"]  # every objective, at lam 0, 0.1 and 1, and L_SFT over the prompt
+    assert {c["fn"] for c in cases} == {"orpo_loss", "prob_ratio_loss"} and any(c["sft_on_prompt"] for c in cases)
+    assert {c["lam"] for c in cases} >= {0.0, 0.1, 1.0} and {c["fn"] for c in frozen["rows"]["10b"]} == {"simpo_objective"}
 
 
-def test_grade_refuses_a_folder_without_orpo(tmp_path):
-    r = cli("assignment.py", "grade", str(tmp_path))
+def test_grade_refuses_a_folder_without_orpo_and_a_bad_command(tmp_path):
+    r = course("grade", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no orpo.py" in r.stderr
     assert os.listdir(tmp_path) == []
+    r = course("freeze")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "usage: python -m course.assignment" in r.stderr
 
 
-def test_a_run_in_a_handout_with_holes_is_one_line_naming_the_first_exercise(tmp_path):
+def test_a_hole_reached_in_a_handout_is_one_line_naming_its_exercise(tmp_path):
+    """A run stops before any work naming the first hole, and so does a figure; a hole that
+    another command reaches is one line too; any other error keeps its traceback."""
     d = tmp_path / "handout"
-    assert cli("assignment.py", "make", str(d)).returncode == 0
-    r = subprocess.run([sys.executable, "orpo.py", "--config", "tiny"], cwd=d, capture_output=True,
-                       text=True, timeout=300)  # the handout's own orpo.py
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("error: fill the holes first, from exercise 1: ")
-    assert not (d / "out-tiny").exists()  # before any work
-    r = subprocess.run([sys.executable, "orpo.py", "--help"], cwd=d, capture_output=True, text=True)
+    assert course("make", str(d)).returncode == 0
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=d, capture_output=True,
+                                       text=True, timeout=300)
+    for args in (["orpo.py", "--config", "tiny"], ["-m", "experiments.figures", "sft-vs-orpo", "--config", "tiny"]):
+        r = run(*args)  # the handout's own orpo.py, and a figure that trains with it
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: fill the holes first, from exercise 1: ")
+        assert not (d / "out-tiny").exists()  # before any work
+    r = run("-c", "import orpo, torch; orpo.log1mexp(-torch.ones(1))")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "exercise 2: log(1 - e^x)" in r.stderr
+    r = run("-c", "import orpo; raise NotImplementedError('not a hole')")
+    assert r.returncode == 1 and "Traceback" in r.stderr  # anything else: Python's own report
+    r = run("orpo.py", "--help")
     assert r.returncode == 0 and "--lam" in r.stdout
 
 
@@ -296,14 +357,14 @@ def checks(exercises, n):
     """The checks that section n of EXERCISES.md names: its pytest, python -c and grade lines."""
     text = exercises.split(f"\n## {n}. ")[1].split("\n## ")[0]
     lines = [l for b in re.findall(r"```bash\n(.*?)```", text, re.S) for l in b.splitlines()]
-    return [shlex.split(l.split("  #")[0]) for l in lines
-            if l.startswith(("python -m pytest", "python -c", "python assignment.py grade"))]
+    return [shlex.split(l.split("  #")[0]) for l in lines if l.startswith((
+        "python -m pytest", "python -c", "python -m course.assignment grade", "python assignment.py"))]
 
 
 def test_each_exercise_checks_out_once_it_and_the_earlier_ones_are_filled(tmp_path):
     hand = tmp_path / "handout"
     assignment.make(str(hand))
-    exercises = (hand / "EXERCISES.md").read_text()
+    exercises = (hand / "course" / "EXERCISES.md").read_text()
     names, rows = {}, {r[0]: r[1] for r in assignment.ROWS}
     for q, msg in assignment.HOLES.items():
         names.setdefault(int(msg.split()[1][:-1]), set()).add(q.split(".")[0])
@@ -319,7 +380,7 @@ def test_each_exercise_checks_out_once_it_and_the_earlier_ones_are_filled(tmp_pa
         for k in by_hand.get(n, ()):
             answers = answers.replace(f"\n{k} =\n", f"\n{k} = {key[k]}\n")
         (hand / "answers.txt").write_text(answers)
-        assert n in (1, 11) or [c for c in checks(exercises, n) if c[1] != "assignment.py"], n
+        assert n in (1, 11) or [c for c in checks(exercises, n) if "grade" not in c], n
         for cmd in checks(exercises, n):
             r = subprocess.run([sys.executable, *cmd[1:]], cwd=hand, capture_output=True,
                                text=True, timeout=600)
@@ -327,7 +388,8 @@ def test_each_exercise_checks_out_once_it_and_the_earlier_ones_are_filled(tmp_pa
         got = grade(str(hand))  # this exercise's rows and the earlier ones', and no other
         assert {i: s for i, (s, _) in got.items()} == {
             i: FULL[i] if rows[i] <= n else 0 for i in FULL}, (n, got)
-    r = cli("orpo.py", "--config", "tiny", "--n_samples=8", cwd=str(hand))  # filled: it trains
+    r = subprocess.run([sys.executable, "orpo.py", "--config", "tiny", "--n_samples=8"], cwd=hand,
+                       capture_output=True, text=True, timeout=300)  # filled: it trains
     assert r.returncode == 0 and "== summary" in r.stdout, r.stderr
 
 
@@ -342,3 +404,32 @@ def test_what_the_handout_readme_says_runs_before_the_holes_runs(tmp_path):
         r = subprocess.run([sys.executable, *cmd[1:]], cwd=hand, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stdout[-2000:] + r.stderr)
+
+
+def test_gradescope_package_grades_a_solution_a_blank_handout_and_a_mistake(tmp_path):
+    """The package as Gradescope unpacks it (AUTOGRADER_ROOT for /autograder; this Python
+    for the one setup.sh installs), run on three submissions."""
+    r = course("autograder", str(tmp_path / "package"))
+    assert r.returncode == 0 and "autograder.zip" in r.stdout, r.stderr
+    with zipfile.ZipFile(tmp_path / "package" / "autograder.zip") as z:
+        names = z.namelist()
+        assert {"setup.sh", "run_autograder", "handout/orpo.py", "handout/tests/assignment_ref.json"} <= set(names)
+        assert {n.split("/")[0] for n in names} == {"setup.sh", "run_autograder", "handout"}
+        assert z.getinfo("run_autograder").external_attr >> 16 & 0o111  # executable
+        hand = {n: z.read(f"handout/{n}").decode() for n in ("orpo.py", "answers.txt")}
+    assert subprocess.run(["bash", "-n", str(tmp_path / "package" / "setup.sh")]).returncode == 0
+    mistake = wrong("4a", WRONG[0][2])  # the paper's sign: row 4a's 10 points
+    for name, (src, key), want in (("solution", (SOLUTION, KEY), 100), ("mistake", mistake, 90),
+                                   ("blank", (hand["orpo.py"], hand["answers.txt"]), 0)):
+        root = tmp_path / name  # /autograder
+        with zipfile.ZipFile(tmp_path / "package" / "autograder.zip") as z:
+            z.extractall(root / "source")
+        copy(root / "submission", src, key)
+        r = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True,
+                           env={**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": sys.executable}, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        text = (root / "results" / "results.json").read_text()
+        res = json.loads(text)
+        assert res["score"] == want and "Traceback" not in text, (name, res)
+        assert [(t["score"], t["max_score"]) for t in res["tests"] if t["score"] < t["max_score"]] == (
+            [] if want == 100 else [(0, 10)] if want == 90 else [(0, p) for p in FULL.values()])

@@ -45,11 +45,7 @@ def test_other_errors_keep_their_traceback():
     assert r.returncode == 1 and "Traceback" in r.stderr and "RuntimeError: boom" in r.stderr
 
 
-def test_a_hole_and_a_closed_pipe_are_one_line_or_none():
-    r = run("from machinery import boot\nraise NotImplementedError('exercise 3: the masks')")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "exercise 3: the masks" in r.stderr
-    r = run("from machinery import boot\nraise NotImplementedError('not a hole')")
-    assert r.returncode == 1 and "Traceback" in r.stderr  # anything else: Python's own report
+def test_a_closed_pipe_ends_quietly():
     p = subprocess.run(f"{sys.executable} -c 'from machinery import boot\nwhile True: print(1)' | head -1",
                        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.stdout == "1\n" and p.stderr == "", p.stderr
