@@ -182,6 +182,7 @@ class Config:
     data_file: str = ""            # a local .jsonl(.gz)/.json/.parquet of pairs to prepare
     data_dir: str = ""             # the prepared files; default: data/<dataset or data_file's name>
     out_dir: str = "out"           # the checkpoint, log.jsonl and summary.json
+    fresh: bool = False            # start over: an earlier run in out_dir moves to out_dir/previous
     # model
     init_from: str = "scratch"     # scratch, resume, gpt2[-medium|-large|-xl], or a GPT-2 path
     n_layer: int = 4               # transformer blocks
@@ -264,8 +265,7 @@ def make_batch(split, rows, device):
         x[i, :n], y[i, :n] = s[:-1], s[1:]
         resp_mask[i, p - 1:n] = 1.0  # target t is token t+1: the response starts at target p-1
         seq_mask[i, :n] = 1.0
-    t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
-    return t(x), t(y), t(resp_mask), t(seq_mask)
+    return tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in (x, y, resp_mask, seq_mask))
 
 def batch_order(index, batch_size, seed, epoch):
     """One epoch's batches, a function of (seed, epoch) alone, so a resumed run sees what an
@@ -398,7 +398,7 @@ def train(cfg, preset="custom"):
         # raw under torch.compile and DDP where asked (they wrap forward, the fused log-probs)
         raw = checkpoint.build_model(cfg, meta, run.path, ck).to(dev)
         ref = checkpoint.load_reference(cfg, meta, raw).to(dev) if loss.ref else None
-        run.claim(resume=ck is not None)  # one run per out_dir
+        run.claim(cfg, resume=ck is not None)  # one run per out_dir
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
         it, epoch, pos, history, seconds = run.restore(ck, opt, scaler, rank, dev_type)

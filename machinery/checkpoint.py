@@ -5,12 +5,14 @@ another's checkpoint, and Ctrl-C or a non-finite loss is one line. build_model g
 the model to train: from scratch, resumed, another run's weights, or a pretrained GPT-2."""
 import dataclasses
 import errno
+import json
 import os
 import shutil
 
 import torch
 
 from machinery import gpt2
+from machinery.cli import settings
 from machinery.safe import atomic_write, die, lock, one_line
 from model import GPT, GPTConfig, padded_vocab
 
@@ -24,6 +26,7 @@ RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"
                "data_file", "batch_size", "seed", "lam", "sft_on_prompt", "loss",
                "beta", "ref", "dropout", "grad_accum", "weight_decay", "beta1", "beta2",
                "grad_clip")
+RUN_FILES = ("summary.json", "log.jsonl", "ckpt.pt")  # a run's, in out_dir: one run's at a time
 SCHEDULE = ("lr", "min_lr", "warmup_iters")  # and where the cosine ends: lr_decay_iters or max_iters
 
 
@@ -78,6 +81,19 @@ def check_same(path, have, want, who):
     for k, v in want.items():
         if have.get(k) != v:
             die(f"checkpoint {path} has {k}={have.get(k)}, but {who} {k}={v}")
+
+
+def move_aside(d, names):
+    """Move the files `names` of folder d into d/previous, replacing what it held: through
+    d/previous.new, so that a move cut short is finished by the next one, and the earlier
+    run's files are never left beside a new run's."""
+    new, prev = os.path.join(d, "previous.new"), os.path.join(d, "previous")
+    os.makedirs(new, exist_ok=True)
+    for n in names:
+        if os.path.exists(os.path.join(d, n)):
+            os.replace(os.path.join(d, n), os.path.join(new, n))
+    shutil.rmtree(prev, ignore_errors=True)
+    os.rename(new, prev)
 
 
 def on_disk(path):
@@ -223,19 +239,32 @@ class RunDir:
                 f"iteration {ck['iter']}, which the summary needs; start a new --out_dir")
         return ck
 
-    def claim(self, resume):
-        """The first process locks the folder; a new run never writes over another's files.
-        A log alone is of a run killed before it saved anything, and is started anew; a
-        summary with no checkpoint is a run that finished (--max_iters=0), and is kept."""
+    def claim(self, cfg, resume):
+        """The first process locks the folder, and a new run never writes beside another
+        run's files (RUN_FILES). An earlier run is moved aside to out_dir/previous (replacing
+        the one there), and that is said, when it finished with the same settings (the same
+        command, run again), when it saved nothing to go on from (a log alone), or when
+        --fresh asks; otherwise the run is refused, in one line that names the ways on."""
         if not self.master:
             return
         self.hold()
-        if not resume and os.path.exists(self.path):
-            die(f"{self.out_dir} holds another run ({on_disk(self.path)}): continue it with "
-                f"--init_from=resume, or give a new --out_dir")
-        if not resume and os.path.exists(os.path.join(self.out_dir, "summary.json")):
-            die(f"{self.out_dir} holds the summary.json of a run that saved no checkpoint; "
-                f"give a new --out_dir, or remove that folder's summary.json and log.jsonl")
+        found = [f for f in RUN_FILES if os.path.exists(os.path.join(self.out_dir, f))]
+        if resume or not found:
+            return
+        try:
+            with open(os.path.join(self.out_dir, "summary.json")) as f:
+                had = json.load(f).get("settings")
+        except (OSError, ValueError, AttributeError):
+            had = None
+        same = had == settings(cfg)
+        if not (cfg.fresh or same or found == ["log.jsonl"]):
+            what = on_disk(self.path) if "ckpt.pt" in found else f"its {', '.join(found)}"
+            die(f"{self.out_dir} holds another run ({what}): continue it with --init_from=resume, "
+                f"give another --out_dir, or start over with --fresh=true (the earlier run moves "
+                f"to {self.out_dir}/previous)")
+        move_aside(self.out_dir, RUN_FILES)
+        print(f"{self.out_dir}: the earlier run there ({', '.join(found)}) is now in "
+              f"{os.path.join(self.out_dir, 'previous')}")
 
     def restore(self, ck, opt, scaler, rank, dev_type):
         """(iteration, epoch, position in it, eval history, seconds in the loop) to go on from:

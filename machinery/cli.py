@@ -83,6 +83,12 @@ def check(cfg, rules):
                 "install one (gcc), or leave --compile off")
 
 
+def settings(cfg):
+    """A run's settings as summary.json keeps them, for a later run in its folder to compare:
+    every key but those that say where and how the folder is used."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "fresh")}
+
+
 def setup_device(device, dtype):
     """(device, device type, dtype name, autocast context) for --device and --dtype."""
     if device == "auto":

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from machinery import synthetic
+from machinery.cli import settings
 from machinery.safe import atomic_write, die, one_line
 
 
@@ -154,7 +155,7 @@ def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
              row("preference accuracy", "acc", "share of pairs with log odds chosen > rejected"),
              row("L_SFT                 (Eq. 1)", "l_sft"), row("L_OR                  (Eq. 7)", "l_or")]
     out = dict(config=preset, loss=cfg.loss, lam=cfg.lam, iters=b["iter"], seconds=seconds,
-               wall_seconds=wall, start=a, end=b)
+               wall_seconds=wall, start=a, end=b, settings=settings(cfg))
     if s0 and s1 and "win" in s1[0]:  # the synthetic task: its judge scored the samples
         j, pm = synthetic.judged(s0, s1), lambda m_se: f"{m_se[0]:.3f} ± {m_se[1]:.3f}"
         lines += [f"judge, {len(s1)} sampled answers (T={cfg.temperature}), ± 1 standard error:",

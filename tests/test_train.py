@@ -74,6 +74,52 @@ def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_mixes_nothing(tmp
     assert [r["iter"] for r in first if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_the_same_command_again_moves_the_first_run_aside_and_says_so(tmp_path, data_dir):
+    """The README's first command, run twice: both exit 0; the first run is kept whole in
+    out_dir/previous, and one line says so. A log alone (a run killed before it saved
+    anything) goes there too; --fresh=true moves a run of other settings."""
+    args = ["--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=2",
+            "--n_samples=2", "--eval_pairs=8"]
+    assert cli("orpo.py", *args).returncode == 0
+    first = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "summary.json")}
+    r = cli("orpo.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path}: the earlier run there (summary.json, log.jsonl, ckpt.pt) is now in " \
+           f"{tmp_path / 'previous'}" in r.stdout
+    assert {f: (tmp_path / "previous" / f).read_bytes() for f in first} == first
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl", "previous", "summary.json"]
+    for f in ("ckpt.pt", "summary.json"):  # a run killed before its first save: its log alone
+        os.remove(tmp_path / f)
+    log = (tmp_path / "log.jsonl").read_bytes()
+    assert cli("orpo.py", *args[:-2], "--lam=0.5", "--n_samples=2", "--eval_pairs=8").returncode == 0
+    assert (tmp_path / "previous" / "log.jsonl").read_bytes() == log
+    assert not (tmp_path / "previous" / "ckpt.pt").exists()  # previous: that run alone
+    r = cli("orpo.py", *args)  # other settings than the lam=0.5 run there: refused, then moved
+    assert r.returncode == 2 and "or start over with --fresh=true" in r.stderr, r.stderr
+    assert cli("orpo.py", *args, "--fresh=true").returncode == 0
+    assert json.loads((tmp_path / "previous" / "summary.json").read_text())["lam"] == 0.5
+
+
+def test_a_move_aside_cut_short_is_finished_by_the_next_run(tmp_path, data_dir):
+    """Killed while it moved the earlier run aside: the folder holds no new run's files
+    beside the old one's, and the next run with --fresh=true finishes the move."""
+    args = ["--config=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=2",
+            "--n_samples=2", "--eval_pairs=8"]
+    assert cli("orpo.py", *args).returncode == 0
+    first = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "summary.json")}
+    hook = ("import os, signal, sys; sys.path.insert(0, {root!r}); import machinery.checkpoint as c\n"
+            "n, real = [0], os.replace\n"
+            "def once(*a):\n    n[0] += 1\n    if n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(*a)\n"
+            "c.os.replace = once\nimport runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", hook.format(root=ROOT), os.path.join(ROOT, "orpo.py"),
+                        *args, "--lam=0.5", "--fresh=true"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not (tmp_path / "previous").exists()  # the move was cut short: nothing new written
+    assert cli("orpo.py", *args, "--lam=0.5", "--fresh=true").returncode == 0
+    assert {f: (tmp_path / "previous" / f).read_bytes() for f in first} == first
+
+
 def test_two_runs_on_one_out_dir_the_second_is_refused_naming_the_first(tmp_path, data_dir):
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "orpo.py"), "--config=tiny",
                               f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000",

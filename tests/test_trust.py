@@ -17,7 +17,7 @@ import pytest
 
 import orpo
 import prepare_data
-from machinery import report, safe, synthetic
+from machinery import readers, report, safe, synthetic
 from conftest import ROOT, run
 
 SMALL = dict(n_train=200, n_val=20)
@@ -434,7 +434,8 @@ def test_a_second_run_over_a_finished_run_without_a_checkpoint_mixes_nothing(tmp
     time.sleep(3)
     second.kill()  # whether it has stopped by now or not
     _, err = second.communicate()
-    assert "holds the summary.json of a run that saved no checkpoint" in err, err
+    assert f"{tmp_path} holds another run (its summary.json, log.jsonl): continue it" in err, err
+    assert "or start over with --fresh=true" in err
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
     assert after == before  # the first run's files, whole, and none of the second's
 
@@ -529,7 +530,7 @@ def test_bad_data_options_and_files_are_one_line(tmp_path):
     good = json.dumps(dict(prompt="a", chosen="b", rejected="c"))
     rows = [good] * 30 + ["[" * 100_000 + "]" * 100_000, json.dumps(dict(prompt="", chosen="b", rejected="c"))]
     (tmp_path / "deep.jsonl").write_text("\n".join(rows) + "\n")
-    got = prepare_data.read_jsonl(str(tmp_path / "deep.jsonl"))  # line 31 nested, 32 no prompt
+    got = readers.read_jsonl(str(tmp_path / "deep.jsonl"))  # line 31 nested, 32 no prompt
     assert len(got) == 32 and got[30] == prepare_data.BrokenLine("broken JSON (nested too deep)")
     assert prepare_data.check(got[31], "triple") == ("malformed", "the prompt is empty")
 
