@@ -9,12 +9,13 @@ running, and a step runs at half the speed of one thread (BENCHMARKS.md, "A busy
 The options, measured there: OMP_WAIT_POLICY=PASSIVE (threads sleep as they wait) keeps
 its speed when busy but costs a third of it on an idle machine, at every op; one thread
 is as fast as PASSIVE when busy and 25-45% slower idle. So the wait policy stays OpenMP's,
-and the count follows the load as the script starts: one thread per core that no other
-program is running on, at least one. On an idle machine nothing is set and the run is as
-fast, and its numbers the same, as before. A thread count can change the order of a
-matmul's sums, and so fp32 results in the last bit: a busy start may give slightly
-different losses. To fix the numbers, or to choose yourself, set OMP_NUM_THREADS (and
-OMP_WAIT_POLICY if you like): a count you set is never changed.
+and the count follows the load while the run goes (Threads): one thread per core that no
+other program is using, at least one, changed between steps with a line that says so. On
+an idle machine nothing changes, and the run is as fast, and its numbers the same, as
+ever. A thread count can change the order of a matmul's sums, and so fp32 results in the
+last bit: a run that shared its machine may give slightly different losses. To fix the
+numbers, or to choose yourself, set OMP_NUM_THREADS (and OMP_WAIT_POLICY if you like): a
+count you set is never changed.
 """
 import os
 import sys
@@ -35,27 +36,6 @@ def one_line_exit(kind, value, tb, hook=sys.excepthook):
 sys.excepthook = one_line_exit
 
 
-def busy_threads(samples=5, gap=0.01):
-    """Threads of other programs running now: the fewest over a few looks at /proc/loadavg
-    (its 4th field, running/total, counts this one too), so that a short job's moment does
-    not count. 0 where there is no /proc (macOS, Windows)."""
-    try:
-        seen = []
-        for _ in range(samples):
-            with open("/proc/loadavg") as f:
-                seen.append(int(f.read().split()[3].split("/")[0]) - 1)
-            time.sleep(gap)
-        return max(0, min(seen))
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def choose_threads(n_cores, busy):
-    """The OpenMP thread count for n_cores usable cores while `busy` of them run other
-    programs' threads: one per free core, at least one; None (torch's own choice) if idle."""
-    return None if busy == 0 else max(1, n_cores - busy)
-
-
 def cores():
     """The physical cores this process may run on (torch's own count: one thread each).
     Two hyperthreads of one core list the same siblings."""
@@ -68,10 +48,40 @@ def cores():
         return len(cpus)
 
 
-THREADS = None  # what this module set OMP_NUM_THREADS to, if it did (the log line's hint reads it)
-if "OMP_NUM_THREADS" not in os.environ:
-    THREADS = choose_threads(cores(), busy_threads())
-    if THREADS is not None and THREADS < cores():
-        os.environ["OMP_NUM_THREADS"] = str(THREADS)
-    else:
-        THREADS = None
+def cpu_times():
+    """(now, the machine's busy CPU seconds, this process's CPU seconds); None without /proc."""
+    try:
+        with open("/proc/stat") as f:
+            t = [int(x) for x in f.readline().split()[1:]]  # user nice system idle iowait ...
+    except (OSError, ValueError):
+        return None
+    mine = os.times()
+    return time.time(), (sum(t) - t[3] - t[4]) / os.sysconf("SC_CLK_TCK"), mine[0] + mine[1]
+
+
+class Threads:
+    """The thread count as the load goes, while the script runs: at most every `every`
+    seconds, check() reads what other programs' threads took of the machine's CPUs since the
+    last look (its busy time, less this process's) and gives torch one thread per core they
+    left free, at least one. A program that starts beside the run and then waits (a reader of
+    its output) takes nothing, so costs nothing; a CPU-bound one gets its core. A count the
+    user set (OMP_NUM_THREADS) is never changed. check() says a change and why, or None."""
+
+    def __init__(self, every=2.0, times=cpu_times):
+        self.every, self.times, self.last = every, times, times()
+        self.fixed = "OMP_NUM_THREADS" in os.environ or self.last is None
+        self.cores, self.cpus = cores(), os.cpu_count() or 1
+
+    def check(self):
+        now = None if self.fixed else self.times()
+        if now is None or now[0] - self.last[0] < self.every:
+            return None
+        (dt, busy, mine), self.last = (a - b for a, b in zip(now, self.last)), now
+        others = min(self.cpus, max(0.0, (busy - mine) / dt))  # CPUs' worth of their work
+        import torch  # loaded by now: this module only ever runs before it
+        old, n = torch.get_num_threads(), max(1, round(self.cores * (1 - others / self.cpus)))
+        if n == old:
+            return None
+        torch.set_num_threads(n)
+        return (f"note: {n} thread(s), not {old}: other programs used {others:.1f} of the "
+                f"{self.cpus} CPUs over the last {dt:.0f} s")

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from machinery import synthetic
+from machinery import boot, synthetic
 from machinery.cli import settings
 from machinery.safe import atomic_write, die, one_line
 
@@ -200,10 +200,12 @@ def print_start(preset, raw, dev, dtype, cfg, n_train, world):
 
 class Speed:
     """The printed loss line, every log_interval steps, with the tokens per second of every
-    process since the last one, counted on the host from the data's index (no device sync)."""
+    process since the last one, counted on the host from the data's index (no device sync);
+    and a line when the thread count changes with the machine's load (boot.Threads)."""
 
     def __init__(self, index, world):
         self.index, self.world, self.t, self.toks, self.n = index, world, time.time(), 0, 0
+        self.threads = boot.Threads()  # the thread count follows the machine's load
 
     def step(self, rows, it, vals, lr, show):
         self.toks += sum(batch_tokens(self.index, r, False)[0] for r in rows) * self.world
@@ -212,4 +214,6 @@ class Speed:
             dt = time.time() - self.t
             print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
                   f"lr {lr:.2e} | {self.toks / dt:,.0f} tok/s | {1000 * dt / self.n:,.0f} ms/iter")
+            if note := self.threads.check():
+                print(note)
             self.t, self.toks, self.n = time.time(), 0, 0

@@ -1,5 +1,5 @@
-"""machinery/boot.py: the thread count it picks, that a user's own is kept, and Ctrl-C while
-torch imports as one line and exit status 130."""
+"""machinery/boot.py: the thread count as the load goes, that a user's own is kept, and
+Ctrl-C while torch imports as one line and exit status 130."""
 import os
 import signal
 import subprocess
@@ -10,11 +10,34 @@ from machinery import boot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_threads_follow_the_free_cores():
-    assert boot.choose_threads(2, 0) is None  # idle: torch's own choice, today's numbers
-    assert boot.choose_threads(2, 1) == 1  # one core busy: one thread, not two spinning
-    assert boot.choose_threads(2, 5) == 1  # at least one
-    assert boot.choose_threads(8, 3) == 5
+def test_threads_follow_the_load_while_the_run_goes(monkeypatch):
+    """Between steps, one thread per core that other programs left free, from what they took
+    since the last look: a reader that waits costs nothing; a busy program gets its core,
+    and when it ends the threads come back; each change is a line; a user's count stays."""
+    import torch
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    clock = [(0.0, 0.0, 0.0)]  # (now, machine busy CPU s, this process's CPU s)
+    th = boot.Threads(every=2.0, times=lambda: clock[-1])
+    th.cores, th.cpus = 2, 2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        clock.append((1.0, 2.0, 2.0))
+        assert th.check() is None  # too soon to say
+        clock.append((4.0, 8.0, 7.9))  # 4 s: this run used both CPUs, a reader ~nothing
+        assert th.check() is None and torch.get_num_threads() == 2
+        clock.append((8.0, 16.0, 11.9))  # another program took 1 CPU of the 2
+        note = th.check()
+        assert torch.get_num_threads() == 1 and note.startswith("note: 1 thread(s), not 2: other "
+                                                                 "programs used 1.0 of the 2 CPUs")
+        clock.append((12.0, 20.0, 15.8))  # it ended: this run alone again
+        assert th.check().startswith("note: 2 thread(s), not 1") and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        fixed = boot.Threads(every=0.0, times=lambda: clock[-1])
+        clock.append((20.0, 36.0, 16.0))
+        assert fixed.check() is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def run(code, **env):
@@ -23,12 +46,6 @@ def run(code, **env):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def test_a_thread_count_the_user_set_is_kept():
-    r = run("from machinery import boot; import os\n"
-            "print(os.environ['OMP_NUM_THREADS'], boot.THREADS)", OMP_NUM_THREADS="7")
-    assert r.stdout.split() == ["7", "None"]
 
 
 def test_ctrl_c_while_torch_imports_is_one_line_exit_130():
