@@ -113,12 +113,18 @@ def record_eval(log, it, m):
 
 
 def record_samples(log, it, title, samples, k=3):
-    """Sampled answers: into the log, and the first k printed."""
+    """Sampled answers: into the log, and k printed. After training, where the judge has
+    scored them, the first k whose pair's chosen answer has a flaw, with that answer: does
+    the model copy the flaw, as SFT learns to, or leave it, as the pairs teach? Every run on
+    the same data shows the same prompts, so that two runs' lines compare side by side."""
     write(log, dict(kind="samples", iter=it, samples=samples))
-    print(f"samples {title}:")
-    for s in samples[:k]:
+    flawed = [s for s in samples if any(s.get("chosen_flaws", {}).values())][:k] if it else []
+    print(f"samples {title}" + (" (prompts whose chosen answer has a flaw):" if flawed else ":"))
+    for s in flawed or samples[:k]:
         judged = f"   judge {s['score']:.2f}" if "score" in s else ""
-        print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}")
+        chosen = f"   (chosen:{s['chosen']!r}, " + ", ".join(
+            f.replace("_", " ") for f, bad in s["chosen_flaws"].items() if bad) + ")" if flawed else ""
+        print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}{chosen}")
     return samples
 
 
