@@ -41,7 +41,9 @@ def test_grad_wrt_mean_logps_equals_autograd(lam):
         ell_w, ell_l = ell_w.double(), ell_l.double()
         hw, hl = orpo.orpo_grad(ell_w, ell_l, lam)
         aw, al = autograd_ell_grad(ell_w, ell_l, lam)
-        assert rel_err(torch.cat([hw, hl]), torch.cat([aw, al])) <= 1e-10, (ell_w, ell_l, lam)
+        assert rel_err(torch.cat([hw, hl]), torch.cat([aw, al])) <= 1e-10, (
+            f"orpo_grad at l_w={ell_w.tolist()}, l_l={ell_l.tolist()}, lam={lam}: dL/dl_w "
+            f"{hw.tolist()}, dL/dl_l {hl.tolist()}; autograd: {aw.tolist()}, {al.tolist()}")
 
 
 def test_grad_matches_the_frozen_reference_values():
@@ -56,7 +58,8 @@ def test_grad_matches_the_frozen_reference_values():
         g_w, g_l = orpo.orpo_grad(torch.tensor(c["ell_w"], dtype=dt), torch.tensor(c["ell_l"], dtype=dt), c["lam"])
         got, want = torch.cat([g_w, g_l]).double(), torch.tensor(c["g_w"] + c["g_l"], dtype=torch.float64)
         rtol, atol = (1e-8, 1e-300) if c["dtype"] == "float64" else (1e-3, 1e-30)  # f32 underflows
-        assert torch.isfinite(got).all() and ((got - want).abs() <= rtol * want.abs() + atol).all(), c
+        assert torch.isfinite(got).all() and ((got - want).abs() <= rtol * want.abs() + atol).all(), (
+            f"orpo_grad against the frozen values: got {got.tolist()}, expected {want.tolist()} at {c}")
 
 
 def logits_case(B, T, V, lengths, targets=None, seed=0):
@@ -91,14 +94,17 @@ def test_grad_wrt_logits_equals_autograd(lam, sft_on_prompt):
         a = logits.clone().requires_grad_()  # autograd, from the logits at every position
         logp, ell = orpo.response_logps(orpo.logps_from_logits(a[need], y[need]), resp, need)
         loss, _ = orpo.orpo_loss(ell, orpo.sft_loss(logp, ell, seq, sft_on_prompt), lam=lam)
-        (ga,) = torch.autograd.grad(loss, a)
+        up = torch.tensor(0.37, dtype=torch.float64)  # dJ/dloss: the backward must scale by it
+        (ga,) = torch.autograd.grad(loss, a, up)
         h = logits.clone().requires_grad_()
         loss_h, _, _ = orpo.HandORPO.apply(h[need], y, resp, seq, need, lam, sft_on_prompt)
-        (gh,) = torch.autograd.grad(loss_h, h)
+        (gh,) = torch.autograd.grad(loss_h, h, up)
+        at = f"lam={lam}, sft_on_prompt={sft_on_prompt}, B={B}, dJ/dloss=0.37"
         assert loss_h.item() == loss.item()
-        assert rel_err(gh, ga) <= 1e-10
-        assert gh[seq == 0].abs().max() == 0  # padding gets no gradient
-        assert gh[resp == 0].abs().max() == 0 or sft_on_prompt  # nor do prompt tokens (paper)
+        assert rel_err(gh, ga) <= 1e-10, f"HandORPO.backward's dJ/dlogits differs from autograd's ({at})"
+        assert gh[seq == 0].abs().max() == 0, f"HandORPO.backward: padding gets a gradient ({at})"
+        assert gh[resp == 0].abs().max() == 0 or sft_on_prompt, (  # nor do prompt tokens (paper)
+            f"HandORPO.backward: a prompt token gets a gradient ({at})")
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
@@ -123,7 +129,9 @@ def test_grad_float32_finite_where_the_naive_form_fails():
     ells = -torch.logspace(-12, 4, 200)  # -1e-12 ... -1e4
     w, l = torch.meshgrid(ells, ells, indexing="ij")
     hw, hl = orpo.orpo_grad(w.flatten().float(), l.flatten().float(), 1.0)
-    assert torch.isfinite(hw).all() and torch.isfinite(hl).all()
+    bad = ~(torch.isfinite(hw) & torch.isfinite(hl))
+    assert not bad.any(), (f"orpo_grad is not finite in float32 at l_w={w.flatten()[bad][0].item():.3g}, "
+                           f"l_l={l.flatten()[bad][0].item():.3g}")
     assert not torch.isfinite(1 / (1 - torch.exp(w.float()))).all()  # what it is for
 
 
