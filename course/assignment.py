@@ -1,20 +1,14 @@
-"""The graded assignment: a student copy of this project (the handout) cut from orpo.py, a
-grader that checks a copy against frozen reference values, and the package that runs that
-grader on Gradescope. course/TEACHING.md says how to use them in a class. From the root:
+"""The graded assignment, from the project's root (course/TEACHING.md says how to use it):
 
-    python -m course.assignment make DIR         # write the handout to DIR (new or empty)
+    python -m course.assignment make DIR         # the handout, a student copy, into DIR
     python -m course.assignment grade DIR        # grade the copy in DIR: a table, DIR/results.json
-    python -m course.assignment autograder OUT   # Gradescope's package, OUT/autograder.zip
+    python -m course.assignment autograder OUT   # the grader for Gradescope, OUT/autograder.zip
 
-The handout is orpo.py with the bodies of the graded functions replaced by
-`raise NotImplementedError("exercise N: ...")` (signature, docstring and the paper's equation
-tags kept), without the worked solutions, the written answers or the results that state
-them, and with a README of its own (teacher/handout-README.md). The grader reads only the
-copy's orpo.py and answers.txt, and runs each graded function alone on the frozen inputs,
-with every other graded function it calls replaced by a stand-in that returns the frozen
-values, so that one wrong or missing function costs its own points only. It never calls
-this project's solution: tests/assignment_freeze.py does, once, to write the reference
-file, and a test checks that file against it.
+The handout cuts the graded functions' bodies out of orpo.py (each raises NotImplementedError
+naming its exercise) and leaves out every file that holds an answer. The grader reads a
+copy's orpo.py and answers.txt and runs each graded function alone on frozen inputs, with
+stand-ins for the graded functions it calls: one wrong or missing function costs its own
+points only. It never calls the solution; tests/assignment_freeze.py does, to freeze them.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import ast
@@ -27,7 +21,13 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from machinery.safe import atomic_write, die, one_line
 
@@ -70,9 +70,8 @@ HOLES = {
 MASKS = ("resp_mask", "seq_mask")  # make_batch's lines that set these are exercise 3's hole
 MASK_HOLE = "exercise 3: set resp_mask and seq_mask for row i"
 TAG = re.compile(r"#.*\b(Eqs?|Sec)\. ?\d")  # comments that cite the paper stay
-# Left out of the handout: the worked solutions, the teacher's kit (the answer key, the
-# rubric's written answers), the grader's own tests, and the results and figures, which
-# state what exercises 5-11 ask the student to predict and explain
+# Left out of the handout: the worked solutions, the teacher's kit (answer key, rubric), the
+# grader's tests, and the results and figures, which state what exercises 5-11 ask about
 LEAVE_OUT = ("GRADIENT.md", "course/TEACHING.md", "course/teacher/", "tests/test_assignment.py",
              "tests/assignment_freeze.py", "experiments/RESULTS.md")
 STUDENT_README = os.path.join(TEACHER, "handout-README.md")  # the handout's README.md
@@ -102,8 +101,7 @@ def hole_reached(kind, value, tb, hook=sys.excepthook):
     """A hole that a command reached with no run to check first (a figure, sample.py, a
     test): one line, exit status 2; any other error keeps its traceback."""
     if issubclass(kind, NotImplementedError) and str(value).startswith("exercise "):
-        die(f"this needs a hole filled first, {value}; `python -m course.assignment grade .` "
-            "checks it")
+        die(f"this needs a hole filled first, {value}; `python -m course.assignment grade .` checks it")
     return hook(kind, value, tb)
 
 sys.excepthook = hole_reached  # the handout's holes, wherever a command reaches one
@@ -113,19 +111,15 @@ sys.excepthook = hole_reached  # the handout's holes, wherever a command reaches
 # The handout: holes cut into orpo.py with ast, so that the cut follows the code wherever
 # the functions sit
 
-def find(tree, qualname):
-    """The def node of a top-level function, or of Class.method."""
-    *cls, name = qualname.split(".")
-    body = tree.body
-    if cls:
-        body = next((n.body for n in body if isinstance(n, ast.ClassDef) and n.name == cls[0]), [])
-    return next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == name), None)
-
-def hole_edits(src, tree):
-    """(first line, last line, new lines) of each hole, 1-based and inclusive."""
-    lines, edits = src.splitlines(), []
+def cut(src):
+    """orpo.py's source -> the handout's: the edits (first line, last line, new lines), 1-based
+    and inclusive, made from the bottom up, so that the line numbers above each hold."""
+    tree, lines, edits = ast.parse(src), src.splitlines(), []
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}  # and Class.method's
+    defs.update({f"{c.name}.{n.name}": n for c in tree.body if isinstance(c, ast.ClassDef)
+                 for n in c.body if isinstance(n, ast.FunctionDef)})
     for qualname, msg in HOLES.items():
-        node = find(tree, qualname)
+        node = defs.get(qualname)
         if node is None:
             die(f"orpo.py has no {qualname}: the handout cannot be cut")
         doc = ast.get_docstring(node) is not None  # kept; what follows it goes, comments too
@@ -139,33 +133,27 @@ def hole_edits(src, tree):
                 top -= 1
             rule = [lines[top]] if lines[top].startswith("# ---") else []  # a section's rule stays
             edits.append((top + 1, node.lineno - 1, rule + ["# The gradient by hand: exercise 4."]))
-    sets = [n for n in ast.walk(find(tree, "make_batch")) if isinstance(n, ast.Assign) and any(
+    sets = [n for n in ast.walk(defs["make_batch"]) if isinstance(n, ast.Assign) and any(
         isinstance(t, ast.Subscript) and getattr(t.value, "id", "") in MASKS for t in n.targets)]
     if len(sets) != len(MASKS):
         die(f"make_batch does not set {' and '.join(MASKS)} one line each: the handout cannot be cut")
-    pad = " " * sets[0].col_offset
-    edits.append((sets[0].lineno, sets[0].end_lineno, [f"{pad}raise NotImplementedError({MASK_HOLE!r})"]))
-    edits += [(n.lineno, n.end_lineno, []) for n in sets[1:]]
-    train = find(tree, "train")  # a run that would reach a hole: one line, before any work
+    hole = [" " * sets[0].col_offset + f"raise NotImplementedError({MASK_HOLE!r})"]
+    edits += [(n.lineno, n.end_lineno, hole if n is sets[0] else []) for n in sets]
+    train = defs["train"]  # a run that would reach a hole: one line, before any work
     edits.append((train.lineno, train.lineno - 1, HOLES_LEFT.splitlines() + [""]))
     first = train.body[1]  # after the docstring
     edits.append((first.lineno, first.lineno - 1,
                   [" " * first.col_offset + "holes_left(cfg)  # the handout's holes: one line"]))
-    return edits
-
-def cut(src):
-    """orpo.py's source -> the handout's."""
-    lines = src.splitlines()
-    for a, b, new in sorted(hole_edits(src, ast.parse(src)), reverse=True):
+    for a, b, new in sorted(edits, reverse=True):
         lines[a - 1:b] = new
     out = "\n".join(lines) + "\n"
     ast.parse(out)  # still Python
     return out
 
-def drop_tests(src, names):
-    """A test file without the named test functions (and the blank lines before each)."""
+def drop_tests(src, name):
+    """The test file `name` without the tests DROP_TESTS names (and the blank lines before each)."""
     lines = src.splitlines()
-    for node in sorted((n for n in ast.parse(src).body if getattr(n, "name", "") in names),
+    for node in sorted((n for n in ast.parse(src).body if getattr(n, "name", "") in DROP_TESTS[name]),
                        key=lambda n: -n.lineno):
         a = min([n.lineno for n in node.decorator_list] + [node.lineno]) - 1
         while a > 0 and not lines[a - 1].strip():
@@ -174,16 +162,11 @@ def drop_tests(src, names):
     return "\n".join(lines) + "\n"
 
 def project_files():
-    """The project's tracked files (git ls-files), or, outside a git checkout, every file
-    but the hidden, the ignored and the generated ones."""
+    """The project's files: those git tracks, so that no run's output or scratch file goes."""
     r = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode == 0 and r.stdout.strip():
-        return [f for f in r.stdout.splitlines() if os.path.isfile(os.path.join(ROOT, f))]
-    files = []
-    for d, dirs, names in os.walk(ROOT):
-        dirs[:] = [x for x in dirs if not x.startswith((".", "out", "data", "__pycache__"))]
-        files += [os.path.relpath(os.path.join(d, f), ROOT) for f in names if not f.endswith(".pyc")]
-    return files
+    if r.returncode != 0 or not r.stdout.strip():
+        die(f"{ROOT} is not a git checkout: the handout is made of the files git tracks")
+    return [f for f in r.stdout.splitlines() if os.path.isfile(os.path.join(ROOT, f))]
 
 def left_out(name):
     """Whether the handout leaves out the project's file `name` (a figure: it shows a result)."""
@@ -196,28 +179,26 @@ def unlink(md, name):
     return LINK.sub(lambda m: f"{m[1]} (not in the handout)" if gone(m[2]) else m[0], md)
 
 def write_handout(dst):
-    """The handout into the new folder dst: the project's files, the cut and unlinked ones
-    in place of theirs, the student's README and a blank answers.txt; how many files."""
-    with open(os.path.join(ROOT, "orpo.py")) as f, open(KEY) as k:
-        handout = {"orpo.py": cut(f.read()), "answers.txt": re.sub(r"(?m)^(\w+) =.*$", r"\1 =", k.read())}
-    for name in project_files():  # the Markdown files, their links to what is left out unlinked
-        if name.endswith(".md") and not left_out(name):
+    """The handout into the new folder dst: the project's files but those left out, orpo.py
+    cut, the Markdown unlinked, the student's README and a blank answers.txt; how many."""
+    with open(os.path.join(ROOT, "orpo.py")) as f, open(KEY) as k, open(STUDENT_README) as r:
+        own = {"orpo.py": cut(f.read()), "answers.txt": re.sub(r"(?m)^(\w+) =.*$", r"\1 =", k.read()),
+               "README.md": unlink(r.read(), "README.md")}  # the student's, for the project's
+    files = [n for n in project_files() if not left_out(n)]
+    for name in files:
+        if name not in own and (name.endswith(".md") or name in DROP_TESTS):
+            fix = unlink if name.endswith(".md") else drop_tests
             with open(os.path.join(ROOT, name)) as f:
-                handout[name] = unlink(f.read(), name)
-    with open(STUDENT_README) as f:
-        handout["README.md"] = unlink(f.read(), "README.md")  # the student's, for the project's
-    for name, tests in DROP_TESTS.items():
-        with open(os.path.join(ROOT, name)) as f:
-            handout[name] = drop_tests(f.read(), tests)
-    copied = [n for n in project_files() if not left_out(n) and n not in handout]
-    for name in copied + list(handout):
+                own[name] = fix(f.read(), name)
+    files = list(dict.fromkeys(files + list(own)))
+    for name in files:
         os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        if name in handout:
+        if name in own:
             with open(os.path.join(dst, name), "w") as f:
-                f.write(handout[name])
+                f.write(own[name])
         else:
             shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
-    return len(copied) + len(handout)
+    return len(files)
 
 def fresh(dst, write, what):
     """write(folder) into a folder beside dst, renamed to dst when whole: dst (new or empty)
@@ -237,9 +218,9 @@ def fresh(dst, write, what):
         return n
     except (OSError, KeyboardInterrupt) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else one_line(e)
-        die(f"could not write {what} to {dst}: {why}; nothing was left there",
-            130 if isinstance(e, KeyboardInterrupt) else 2)
+        ctrl_c = isinstance(e, KeyboardInterrupt)
+        die(f"could not write {what} to {dst}: {'interrupted' if ctrl_c else one_line(e)}; "
+            "nothing was left there", 130 if ctrl_c else 2)
 
 def make(dst):
     """Write the handout to dst; the solution here is not touched."""
@@ -250,49 +231,38 @@ def make(dst):
 # ----------------------------------------------------------------------------------------
 # Grading, inside a worker process: the student's graded functions, run one at a time
 
-class Frozen(Exception):
-    """A stand-in was called at an input the reference file does not hold."""
+class Fail(Exception):
+    """A graded value is wrong, or a stand-in was asked for one the reference does not hold:
+    the message says which, where, and by how much."""
 
-def standins(torch, refs):
+def standins(refs):
     """The graded functions as the other graded functions see them while graded: each
-    returns the frozen reference values at the frozen inputs, elementwise (at each l, or
-    each pair), and refuses any other input. orpo_grad's table holds B times its values."""
-    def stand_in(name, rows, n_in):
-        table = {tuple(r[:n_in]): r[n_in:] for r in rows}
+    returns the frozen reference values at the frozen inputs, element by element (at each
+    l, or each pair), and refuses any other input, and any keyword but its defaults."""
+    def stand_in(name, n_in, **defaults):
+        table = {tuple(r[:n_in]): r[n_in:] for r in refs["standins"][name]}
 
-        def fn(*args):
-            out = []
-            for key in zip(*(a.detach().double().flatten().tolist() for a in args)):
-                if key not in table:
-                    raise Frozen(f"{name} was called at {key}, not at an input the reference "
-                                 "holds: pass it l_w, l_l (or l) as they are")
-                out.append(table[key])
-            cols = [torch.tensor(c, dtype=args[0].dtype).view_as(args[0]) for c in zip(*out)]
+        def fn(x, *args, **kw):
+            if not kw.items() <= defaults.items():
+                raise Fail(f"{name} was called with {kw}, not with its defaults {defaults}")
+            keys = list(zip(*(a.detach().double().flatten().tolist() if torch.is_tensor(a) else
+                              [float(a)] * x.numel() for a in (x, *args))))  # a number: everywhere
+            if missing := [k for k in keys if k not in table]:
+                raise Fail(f"{name} was called at {missing[0]}, not at an input the reference "
+                           "holds: pass it l_w, l_l (or l) as they are")
+            cols = [torch.tensor(c, dtype=x.dtype).view_as(x) for c in zip(*(table[k] for k in keys))]
             return cols[0] if len(cols) == 1 else tuple(cols)
         return fn
-    s = refs["standins"]
-    simpo, grad = stand_in("simpo_loss", s["simpo_loss"], 2), stand_in("orpo_grad", s["orpo_grad"], 3)
-
-    def simpo_loss(ell_w, ell_l, *, beta=2.0, gamma=1.0):
-        if (beta, gamma) != (2.0, 1.0):
-            raise Frozen("simpo_loss was called with beta, gamma other than its defaults 2, 1")
-        return simpo(ell_w, ell_l)
-
-    def orpo_grad(ell_w, ell_l, lam):
-        return tuple(g / ell_w.numel() for g in grad(ell_w, ell_l, torch.full_like(ell_w, lam)))
-    return dict(log1mexp=stand_in("log1mexp", s["log1mexp"], 1), simpo_loss=simpo_loss,
-                odds_ratio_loss=stand_in("odds_ratio_loss", s["odds_ratio_loss"], 2), orpo_grad=orpo_grad)
+    return dict(log1mexp=stand_in("log1mexp", 1), odds_ratio_loss=stand_in("odds_ratio_loss", 2),
+                simpo_loss=stand_in("simpo_loss", 2, beta=2.0, gamma=1.0),
+                orpo_grad=stand_in("orpo_grad", 3))
 
 def loader(path, refs):
     """A function that returns one graded function of the student's orpo.py, executed alone:
     with torch, numpy and math, the data's column numbers, the student's own helpers and
     imports, and stand-ins for the other graded functions; no other code of the copy runs."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
     with open(path) as f:
-        src = f.read()
-    tree = ast.parse(src)
+        tree = ast.parse(f.read())
     top = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     graded = {q.split(".")[0] for q in HOLES} | {"make_batch"}
     project = {"model", "prepare_data", "machinery", "orpo"}
@@ -303,10 +273,10 @@ def loader(path, refs):
             if isinstance(n, (ast.Import, ast.ImportFrom)) and not {
                     (getattr(n, "module", None) or a.name).split(".")[0] for a in n.names} & project:
                 exec(compile(ast.Module([n], []), path, "exec"), ns)
-        ns.update({k: v for k, v in standins(torch, refs).items() if k != qualname.split(".")[0]})
+        ns.update({k: v for k, v in standins(refs).items() if k != qualname.split(".")[0]})
         name, todo, done = qualname.split(".")[0], [qualname.split(".")[0]], set()
         if name not in top:
-            raise Frozen(f"orpo.py has no {name}")
+            raise Fail(f"orpo.py has no {name}")
         while todo:  # the graded function, and the helpers of the student's it names
             n = top[todo.pop()]
             done.add(n.name)
@@ -316,14 +286,10 @@ def loader(path, refs):
         return getattr(ns[name], qualname.split(".")[1]) if "." in qualname else ns[name]
     return load
 
-class Fail(Exception):
-    """A graded value is wrong: the message says which, where, and by how much."""
-
 def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
     """got (a tensor) against the frozen want; a Fail names the first element that differs,
     and where: at is a text, or a function of that element's flat index that says which
     input it belongs to."""
-    import torch
     want = torch.tensor(want, dtype=torch.float64)
     where = at if isinstance(at, str) else at(None)
     if not isinstance(got, torch.Tensor):
@@ -342,7 +308,6 @@ def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
                    f"got {got.flatten()[i].item():.10g}")
 
 def T(v, dtype="float64"):
-    import torch
     return torch.tensor(v, dtype=getattr(torch, dtype))
 
 def pairs(c, extra=""):
@@ -369,20 +334,19 @@ def sealed(key, text):
 def check_answers(d, want):
     got = read_answers(d)
     for k, (kind, seal) in want.items():
-        if not got.get(k):
+        v = got.get(k)
+        if not v:
             raise Fail(f"answers.txt: {k} is blank")
         if kind == "tokens":
-            if sealed(k, got[k]) != seal:
-                raise Fail(f"answers.txt: {k} = {got[k]} is not right (compare with your other rows)")
+            if sealed(k, v) != seal:
+                raise Fail(f"answers.txt: {k} = {v} is not right (compare with your other rows)")
             continue
-        if not re.fullmatch(r"[-+*/().0-9eE ]+", got[k]):
-            raise Fail(f"answers.txt: {k} = {got[k]} is not a number")
-        try:
-            x = float(eval(got[k], {"__builtins__": {}}))
-        except (SyntaxError, ZeroDivisionError, TypeError):
-            raise Fail(f"answers.txt: {k} = {got[k]} is not a number")
+        try:  # arithmetic of numbers only, as 3/7 (TypeError: no match)
+            x = float(eval(re.fullmatch(r"[-+*/().0-9eE ]+", v)[0], {"__builtins__": {}}))
+        except (TypeError, SyntaxError, ZeroDivisionError):
+            raise Fail(f"answers.txt: {k} = {v} is not a number")
         if all(sealed(k, f"{x * (1 + e):.3g}") != seal for e in (0, -2e-3, 2e-3)):  # rounded or cut
-            raise Fail(f"answers.txt: {k} = {got[k]} is not right to three significant digits")
+            raise Fail(f"answers.txt: {k} = {v} is not right to three significant digits")
 
 def check_odds(load, cases):
     fn = load("odds_ratio_loss")
@@ -392,7 +356,7 @@ def check_odds(load, cases):
         compare("odds_ratio_loss: L_OR", l_or, c["l_or"], pairs(c))
 
 def check_objective(load, cases):
-    """orpo_loss and prob_ratio_loss (row 1c), or simpo_objective (10b): (ell, l_sft) -> (loss, parts)."""
+    """orpo_loss and prob_ratio_loss (row 1c), simpo_objective (10b): (ℓ, L_SFT) -> (loss, parts)."""
     for c in cases:
         name = c["fn"]
         loss, parts = load(name)(T(c["ell"]), T(c["l_sft"]), lam=c["lam"])
@@ -405,7 +369,6 @@ def check_objective(load, cases):
             compare(f"{name}: parts[{k!r}]", parts[k], v, at)
 
 def check_log1mexp(load, c):
-    import torch
     fn = load("log1mexp")
     for x, y in zip(c["x"], c["y"]):
         compare("log1mexp", fn(T([x])), [y], f" at x={x!r} (float64)", rtol=1e-12, atol=1e-30)
@@ -418,7 +381,6 @@ def check_log1mexp(load, c):
             raise Fail(f"log1mexp: its gradient at x={x!r} (float32) is {v.grad.item()}, not finite")
 
 def check_masks(load, c):
-    import numpy as np
     fn = load("make_batch")
     split = np.array(c["tokens"], np.uint16), np.array(c["index"], np.int64)
     for call in c["calls"]:
@@ -446,7 +408,6 @@ def check_grad(load, cases):
         compare("orpo_grad: dL/dl_l", g_l, c["g_l"], at, **tol)
 
 def check_backward(load, cases):
-    from types import SimpleNamespace
     fn = load("HandORPO.backward")
     for c in cases:
         scored = T(c["scored"]).bool()
@@ -464,8 +425,7 @@ def check_simpo(load, cases):
     fn = load("simpo_loss")
     for c in cases:
         loss = fn(T(c["ell_w"]), T(c["ell_l"]), **c["kw"])
-        compare("simpo_loss", loss, c["loss"], pairs(c, f", {c['kw']}" if c["kw"] else
-                                                     " (beta, gamma: the defaults)"))
+        compare("simpo_loss", loss, c["loss"], pairs(c, f", {c['kw'] or 'the default beta, gamma'}"))
 
 def check_dpo(load, cases):
     fn = load("dpo_loss")
@@ -485,7 +445,6 @@ CHECKS = {"1a": check_answers, "1b": check_odds, "1c": check_objective, "2": che
 
 def grade_rows(d, ids, refs):
     """Grade the copy in d, row by row: yields (row, points scored, message)."""
-    import torch
     torch.set_num_threads(1)
     points = {r[0]: r[3] for r in ROWS}
     try:
@@ -502,10 +461,9 @@ def grade_rows(d, ids, refs):
             yield i, points[i], ""
         except NotImplementedError as e:
             yield i, 0, f"NotImplementedError: {one_line(e, 300)}"
-        except (Fail, Frozen) as e:
+        except Fail as e:
             yield i, 0, one_line(e, 400)
         except Exception as e:  # the student's code raised: say what and where
-            import traceback
             tb = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith("orpo.py")]
             where = f" (orpo.py line {tb[-1].lineno}: {tb[-1].line})" if tb else ""
             yield i, 0, f"{one_line(e, 300, typed=True)}{where}"
@@ -528,10 +486,8 @@ def run_workers(d, ref):
         except subprocess.TimeoutExpired as e:
             out, err = (e.stdout or b"").decode(), (e.stderr or b"").decode()
             why = f"no result in {WORKER_TIMEOUT} s (an endless loop?)"
-        for line in out.splitlines():
-            if line.startswith("@@ "):
-                i, score, msg = json.loads(line[3:])
-                got[i] = (score, msg)
+        rows = [json.loads(line[3:]) for line in out.splitlines() if line.startswith("@@ ")]
+        got.update({i: (score, msg) for i, score, msg in rows})
         todo = [i for i in todo if i not in got]
         if todo:  # the first row left is the one that stopped the worker
             tail = [l for l in err.splitlines() if l.strip()][-1:]
@@ -557,13 +513,13 @@ def report(d, got, seconds):
     print(f"wrote {path}")
     return res
 
-def grade(d, ref=REF):
+def grade(d):
     if not os.path.isfile(os.path.join(d, "orpo.py")):
         die(f"{d} has no orpo.py: give the folder of a copy made by `python -m course.assignment make`")
-    if not os.path.isfile(ref):
-        die(f"no reference values at {ref}: run `python -m tests.assignment_freeze` in the full project")
+    if not os.path.isfile(REF):
+        die(f"no reference values at {REF}: run `python -m tests.assignment_freeze` in the full project")
     t0 = time.time()
-    return report(d, run_workers(os.path.abspath(d), ref), time.time() - t0)
+    return report(d, run_workers(os.path.abspath(d), REF), time.time() - t0)
 
 # ----------------------------------------------------------------------------------------
 # Gradescope: its two scripts (teacher/gradescope/), beside a fresh handout whose frozen
@@ -587,12 +543,11 @@ def autograder(out):
 
 def main():
     args = sys.argv[1:]
-    if args[:1] == ["_worker"]:  # grade_rows in a process of its own (run_workers)
-        d, ref, ids = args[1], args[2], args[3:]
-        with open(ref) as f:
+    if args[:1] == ["_worker"]:  # _worker DIR REF ROW...: grade_rows in a process of its own
+        with open(args[2]) as f:
             refs = json.load(f)
-        for i, score, msg in grade_rows(d, ids, refs):
-            print("@@ " + json.dumps([i, score, msg]), flush=True)
+        for row in grade_rows(args[1], args[3:], refs):
+            print("@@ " + json.dumps(row), flush=True)
         return
     commands = dict(make=make, grade=grade, autograder=autograder)
     if len(args) != 2 or args[0] not in commands:
@@ -601,7 +556,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        die("interrupted", 130)
+    main()  # Ctrl-C: boot's one line, exit status 130

@@ -171,7 +171,7 @@ def freeze_rest():
 def freeze_standins(rows):
     """What the stand-ins answer while another function is graded: log1mexp at every l,
     odds_ratio_loss and simpo_loss at every pair of the rows that call them, and orpo_grad
-    (row 4b calls it) per pair, as for a batch of one."""
+    at each pair of row 4b's batches (each pair is in one batch: its value, 1/B included)."""
     prs = sorted({p for c in rows["1b"] + rows["4a"] for p in zip(c["ell_w"], c["ell_l"])})
     ells = sorted({x for p in prs for x in p})
     w, l = t([p[0] for p in prs]), t([p[1] for p in prs])
@@ -179,9 +179,8 @@ def freeze_standins(rows):
     grad = []
     for c in rows["4b"]:
         B = len(c["ell"]) // 2
-        for pw, pl in zip(c["ell"][:B], c["ell"][B:]):
-            g_w, g_l = orpo.orpo_grad(t([pw]), t([pl]), c["lam"])
-            grad.append([pw, pl, c["lam"], g_w.item(), g_l.item()])
+        g_w, g_l = orpo.orpo_grad(t(c["ell"][:B]), t(c["ell"][B:]), c["lam"])
+        grad += [list(p) for p in zip(c["ell"][:B], c["ell"][B:], [c["lam"]] * B, g_w.tolist(), g_l.tolist())]
     return dict(log1mexp=[list(p) for p in zip(ells, orpo.log1mexp(t(ells)).tolist())],
                 odds_ratio_loss=[list(p) for p in zip(*(v.tolist() for v in (w, l, l_or, log_or)))],
                 simpo_loss=[list(p) for p in zip(w.tolist(), l.tolist(), orpo.simpo_loss(w, l).tolist())],
