@@ -49,7 +49,7 @@ def test_logps_same_alone_and_padded_in_a_batch():
     _, ell = orpo.response_logps(model(x, need, y[need]), resp, need)
     every = torch.ones_like(need)
     _, dense = orpo.response_logps(orpo.logps_from_logits(model(x).flatten(0, 1), y.flatten()), resp, every)
-    torch.testing.assert_close(dense, ell, rtol=0, atol=1e-5, msg=lambda m: (  # logits at every position agree
+    torch.testing.assert_close(dense, ell, rtol=0, atol=1e-5, msg=lambda m: (  # logits everywhere agree
         f"response_logps: ell from the scored positions and from every position differ: {m}"))
     for i in range(3):
         x, y, resp, _ = orpo.make_batch(split, [i], "cpu")  # no padding at all
@@ -156,8 +156,8 @@ def test_sft_on_prompt_uses_the_whole_sequence():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
     seq = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
     ell = torch.tensor([-3.0, -1.0], dtype=torch.float64)
-    got = orpo.sft_loss(logp, ell, seq, on_prompt=True).tolist()
-    assert got == [2.5], f"sft_loss(on_prompt=True): L_SFT per pair is {got}, want [2.5]"  # mean of -2, -3 over the chosen row's sequence mask
+    got = orpo.sft_loss(logp, ell, seq, on_prompt=True).tolist()  # the chosen row's seq_mask: -2, -3
+    assert got == [2.5], f"sft_loss(on_prompt=True): L_SFT per pair is {got}, want their mean, [2.5]"
     _, parts = orpo.orpo_loss(ell, orpo.sft_loss(logp, ell, seq), lam=0.0)
     assert parts["l_sft"].item() == 3.0
 
@@ -203,8 +203,9 @@ def test_dpo_loss_by_hand():
     ref = torch.tensor([-4.0, -1.0, -4.0, -2.0], dtype=torch.float64)
     loss = orpo.dpo_loss(pi, ref, beta=0.5)
     want = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
-    assert abs(loss.item() - want) < 1e-15
-    assert abs(orpo.dpo_loss(pi, pi, beta=0.5).item() - math.log(2)) < 1e-15  # policy = ref
+    assert abs(loss.item() - want) < 1e-15, f"dpo_loss is {loss.item()}, want {want}"
+    same = orpo.dpo_loss(pi, pi, beta=0.5).item()
+    assert abs(same - math.log(2)) < 1e-15, f"dpo_loss with the policy as the reference is {same}"
 
 
 def test_dpo_gradient_agrees_with_finite_differences():
@@ -215,7 +216,8 @@ def test_dpo_gradient_agrees_with_finite_differences():
     orpo.dpo_loss(pi, ref, beta=0.3).backward()
     z = 0.3 * ((pi[:3] - ref[:3]) - (pi[3:] - ref[3:]))
     want_w = -0.3 * torch.sigmoid(-z) / 3  # dL/dpi_w = -beta sigma(-z) / B; the rejected: +
-    torch.testing.assert_close(pi.grad, torch.cat([want_w, -want_w]).detach())
+    torch.testing.assert_close(pi.grad, torch.cat([want_w, -want_w]).detach(),
+                               msg=lambda m: f"dpo_loss: its gradient with respect to pi: {m}")
 
 
 def test_simpo_loss_and_objective_at_frozen_values():
