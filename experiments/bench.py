@@ -51,8 +51,8 @@ def step_gemms(model, n_seq, T, n_scored, dtype, chunk=1024):
                       ("c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
         o, i = lin.weight.shape
         w, x, dy = r(o, i), r(N, i), r(N, o)
-        out += [(f"{name} fwd [{N},{i}]@[{i},{o}]", x, w.t(), L), (f"{name} dX [{N},{o}]@[{o},{i}]", dy, w, L),
-                (f"{name} dW [{o},{N}]@[{N},{i}]", dy.t(), x, L)]
+        out += [(f"{name} fwd [{N},{i}]@[{i},{o}]", x, w.t(), L),
+                (f"{name} dX [{N},{o}]@[{o},{i}]", dy, w, L), (f"{name} dW [{o},{N}]@[{N},{i}]", dy.t(), x, L)]
     bh, hs = n_seq * c.n_head, c.n_embd // c.n_head
     q, p = r(bh, T, hs), r(bh, T, T)
     out += [(f"attn QK^T [{bh}x{T},{hs}]@[{hs},{T}]", q, q.transpose(1, 2), 2 * L),
@@ -176,7 +176,8 @@ def sweep(argv, steps):
 
 def main():
     _, cfg, opts = parse_args(
-        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10, sweep=False, gemms=False, attn="auto", decode=0),
+        sys.argv[1:], orpo.Config, orpo.PRESETS,
+        dict(steps=10, sweep=False, gemms=False, attn="auto", decode=0),
         keys=("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size", "lam",
               "sft_on_prompt", "hand_grad", "batch_size", "grad_accum", "lr", "weight_decay", "beta1",
               "beta2", "grad_clip", "device", "dtype", "compile", "seed"),

@@ -43,7 +43,8 @@ def train(f, name, flags):
     print(f"== run {f.k} of {f.n}: {name} {' '.join(flags)}{left} ==")
     # its own process group, so that Ctrl-C reaches this process alone, which stops the
     # run (its checkpoints are written atomically) and says what is on disk
-    child = subprocess.Popen([sys.executable, ORPO, *f.flags, *flags, f"--out_dir={out}"], process_group=0)
+    child = subprocess.Popen([sys.executable, ORPO, *f.flags, *flags, f"--out_dir={out}"],
+                             process_group=0)
     try:
         if child.wait():
             die(f"the run in {out} failed (its error is above)")
@@ -78,8 +79,8 @@ def pair_logps(model, split, f):
         with f.amp:
             tok = model.eval()(x, scored, y[scored])
         ell, ends = orpo.response_logps(tok, resp_mask, scored)[1], m.long().cumsum(0) - 1
-        rows += [dict(len_w=int(m[j]), len_l=int(m[j + b]), mean_w=float(ell[j]), mean_l=float(ell[j + b]),
-                      p_eot=float(tok[ends[j]].exp())) for j in range(b)]
+        rows += [dict(len_w=int(m[j]), len_l=int(m[j + b]), mean_w=float(ell[j]),
+                      mean_l=float(ell[j + b]), p_eot=float(tok[ends[j]].exp())) for j in range(b)]
     return rows
 
 def head_to_head(a, b):
@@ -99,9 +100,9 @@ def outcome(smp, f, model=None, split=None):
     if model is None:
         return out
     full = [len(f.enc.encode(s["sample"], disallowed_special=())) >= f.cfg.max_new_tokens for s in smp]
-    return dict(p_eot=float(np.mean([p["p_eot"] for p in pair_logps(model, split, f)])),
+    return dict(out, p_eot=float(np.mean([p["p_eot"] for p in pair_logps(model, split, f)])),
                 words=np.mean([len(s["sample"].split()) for s in smp]),
-                words_chosen=np.mean([len(s["chosen"].split()) for s in smp]), at_limit=np.mean(full), **out)
+                words_chosen=np.mean([len(s["chosen"].split()) for s in smp]), at_limit=np.mean(full))
 
 def cost(run, f, model):
     """What a run took: steps, forward passes, FLOPs (its batches replayed in step_rows'
@@ -136,16 +137,17 @@ def judged(f, runs):
         gap = np.hypot(*(rate(m, s, "_se", "after", "off_topic") for m in ("SFT", "ORPO")))
         per_seed.append(dict(seed=s, orpo_vs_sft=h2h, orpo_vs_sft_se=se, win=win, tie=tie, loss=loss,
                              off_topic_sft=a, off_topic_orpo=b, ses_apart=(a - b) / gap if gap else 0.0))
-    if len(seeds) > 1:
-        mean = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
-        per_seed.append(dict(mean, seed="mean", orpo_vs_sft_se=synthetic.mean_se(
-            [r["orpo_vs_sft"] for r in per_seed], ddof=1)[1]))
-    for model, m, when in (("SFT", "SFT", "after"), ("ORPO", "ORPO", "after"), ("chosen answers", "ORPO", "chosen")):
+    if len(seeds) > 1:  # and their mean, with the standard error of the head-to-head's
+        h2h = synthetic.mean_se([r["orpo_vs_sft"] for r in per_seed], ddof=1)
+        per_seed.append(dict({k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]},
+                             seed="mean", orpo_vs_sft_se=h2h[1]))
+    for model, m, when in (("SFT", "SFT", "after"), ("ORPO", "ORPO", "after"),
+                           ("chosen answers", "ORPO", "chosen")):
         flaws.append(dict(model=model))
         for k in synthetic.FLAWS:
             xs = [rate(m, s, "", when, k) for s in seeds]
-            flaws[-1][k], flaws[-1][k + "_se"] = synthetic.mean_se(xs, ddof=1) if len(xs) > 1 else (
-                xs[0], rate(m, seeds[0], "_se", when, k))
+            one = (xs[0], rate(m, seeds[0], "_se", when, k))  # one seed: its prompts' error
+            flaws[-1][k], flaws[-1][k + "_se"] = synthetic.mean_se(xs, ddof=1) if len(xs) > 1 else one
     return dict(seeds=per_seed, flaws=flaws)
 
 def uniform(f, runs):
@@ -154,15 +156,17 @@ def uniform(f, runs):
     odds = p.log() - (-p).log1p()
     ratios = {"log odds ratio": odds[0] - odds[1], "log prob ratio": p[0].log() - p[1].log()}
     edges = np.linspace(-10, 10, 101)
+    mid = (edges[1:] + edges[:-1]) / 2
+    hist = {k: zip(mid, np.histogram(v.numpy(), edges)[0]) for k, v in ratios.items()}
     return dict(spread=[{f"std_{k.replace(' ', '_')}": float(v.std()) for k, v in ratios.items()}],
-                uniform=[dict(run=k, log_ratio=x, count=int(n)) for k, v in ratios.items()
-                         for x, n in zip((edges[1:] + edges[:-1]) / 2, np.histogram(v.numpy(), edges)[0])])
+                uniform=[dict(run=k, log_ratio=x, count=int(n)) for k, h in hist.items() for x, n in h])
 
 def lengths(f, runs):
     """length: the share of held-out pairs that each model's mean and summed log P rank
     right, where the chosen answer is shorter, as long, longer: the untrained model's, then
     each run's (the first seed's)."""
-    models = dict(untrained=untrained(f), **{m: trained(r, f) for (m, s), r in runs.items() if s == f.cfg.seed})
+    models = dict(untrained=untrained(f))
+    models.update({m: trained(r, f) for (m, s), r in runs.items() if s == f.cfg.seed})
     rows = []
     for m, model in models.items():
         pairs, row = pair_logps(model, f.val, f), dict(run=m)
@@ -170,7 +174,8 @@ def lengths(f, runs):
             g = [p for p in pairs if np.sign(p["len_w"] - p["len_l"]) == sign]
             row[f"n_{what}"] = len(g)
             row[f"{what}_by_mean"] = np.mean([p["mean_w"] > p["mean_l"] for p in g] or 0)
-            row[f"{what}_by_sum"] = np.mean([p["mean_w"] * p["len_w"] > p["mean_l"] * p["len_l"] for p in g] or 0)
+            row[f"{what}_by_sum"] = np.mean([p["mean_w"] * p["len_w"] > p["mean_l"] * p["len_l"]
+                                             for p in g] or 0)
         rows.append(row)
     return dict(by_length=rows)
 
@@ -178,8 +183,10 @@ def tune_dpo(f, sft, n_report):
     """DPO from the SFT run, with it as the reference, at each (beta, lr) of the grid, each
     judged on the n_tune held-out prompts after the n_report reported ones; the best by its
     win rate against the chosen answers, and the grid's table."""
-    M, n, ck = f.opts["dpo_iters"] or f.cfg.max_iters // 2, f.opts["n_tune"], os.path.join(sft["dir"], "ckpt.pt")
-    tune, cfg, points = (f.val[0], f.val[1][n_report:n_report + n]), dataclasses.replace(f.cfg, n_samples=n), []
+    M, n = f.opts["dpo_iters"] or f.cfg.max_iters // 2, f.opts["n_tune"]
+    ck = os.path.join(sft["dir"], "ckpt.pt")
+    tune, points = (f.val[0], f.val[1][n_report:n_report + n]), []
+    judge = report.Judge(tune, f.enc, f.meta, dataclasses.replace(f.cfg, n_samples=n), f.dev, f.amp)
     for beta, lr in f.opts["grid"]:
         points.append(dict(train(f, f"DPO_beta{beta:g}_lr{lr:g}", [
             "--loss=dpo", f"--init_from={ck}", f"--ref={ck}", f"--max_iters={M}", f"--beta={beta}",
@@ -187,8 +194,7 @@ def tune_dpo(f, sft, n_report):
             f"--n_samples={n_report}"]), beta=beta, lr=lr))
         if n:  # judged on the tuning prompts, then let go
             model = trained(points[-1], f)
-            s = report.Judge(tune, f.enc, f.meta, cfg, f.dev, f.amp)(model)
-            points[-1]["row"] = dict(beta=beta, lr=lr, **outcome(s, f, model, tune))
+            points[-1]["row"] = dict(beta=beta, lr=lr, **outcome(judge(model), f, model, tune))
     if not n:
         return points[0], []
     print(f"DPO's beta and lr, tuned on {n} held-out prompts (val rows {n_report + 1}-{n_report + n}), "
@@ -202,9 +208,11 @@ def methods(f, runs):
     and why. Each phase is its own process, so its peak memory is its own."""
     n_report = min(f.cfg.n_samples, len(f.val[1]) - f.opts["n_tune"])
     if n_report < 1:
-        die(f"--tune_samples={f.opts['n_tune']} leaves none of the {len(f.val[1])} held-out prompts to report on")
+        die(f"--tune_samples={f.opts['n_tune']} leaves none of the {len(f.val[1])} held-out prompts "
+            "to report on")
     f.n = 2 + len(f.opts["grid"])
-    sft, orpo_run = (train(f, m, [f"--lam={lam}", f"--n_samples={n_report}"]) for m, lam in (("SFT", 0), ("ORPO", 1)))
+    sft, orpo_run = (train(f, m, [f"--lam={lam}", f"--n_samples={n_report}"])
+                     for m, lam in (("SFT", 0), ("ORPO", 1)))
     best, grid = tune_dpo(f, sft, n_report)
     model = untrained(f)  # of the runs' shape, which gives their FLOPs
     c = {m: cost(r, f, model) for m, r in (("SFT", sft), ("DPO phase", best), ("ORPO", orpo_run))}
@@ -213,8 +221,8 @@ def methods(f, runs):
     outcomes = []
     for m, r in (("SFT", sft), ("SFT then DPO", best), ("ORPO", orpo_run)):
         e, h2h = r["summary"]["end"], head_to_head(samples(r), samples(orpo_run))[1]
-        outcomes.append(dict(method=m, logp_chosen=e["ell_w"], logp_rejected=e["ell_l"], margin=e["margin"],
-                             acc=e["acc"], **outcome(samples(r), f, trained(r, f), f.val),
+        outcomes.append(dict(method=m, logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
+                             margin=e["margin"], acc=e["acc"], **outcome(samples(r), f, trained(r, f), f.val),
                              h2h_vs_orpo=h2h[0], h2h_vs_orpo_se=h2h[1]))
     costs = [dict(method=m, **c[m]) for m in ("SFT", "DPO phase", "SFT then DPO", "ORPO")]
     return dict(grid=grid, costs=costs, outcomes=outcomes)
@@ -241,13 +249,14 @@ def panels(t):
         p.append(bar("by_length", "run", [k for k in t["by_length"][0] if "_by_" in k],
                      "pairs ranked right, chosen answer shorter, as long, longer"))
     if "flaws" in t:
-        p.append(bar("flaws", "model", synthetic.FLAWS, "flaw rates of the sampled answers (± 1 s.e.)", True))
+        p.append(bar("flaws", "model", synthetic.FLAWS, "flaw rates of the sampled answers", True))
     if "costs" in t:
-        p += [bar("costs", "method", ["gflop"], "training GFLOP"), bar("costs", "method", ["peak_mb"], "peak memory, MB"),
+        p += [bar("costs", "method", ["gflop"], "training GFLOP"),
+              bar("costs", "method", ["peak_mb"], "peak memory, MB"),
               bar("outcomes", "method", ["logp_chosen", "logp_rejected"], "held-out mean log P"),
-              bar("outcomes", "method", ["win_vs_chosen", "h2h_vs_orpo"], "win rate vs chosen, vs ORPO (± 1 s.e.)", True),
+              bar("outcomes", "method", ["win_vs_chosen", "h2h_vs_orpo"], "win rates, ± 1 s.e.", True),
               bar("outcomes", "method", synthetic.FLAWS, "flaw rates of the sampled answers"),
-              bar("outcomes", "method", ["p_eot", "at_limit"], "P(end-of-text) where the chosen ends; share unended")]
+              bar("outcomes", "method", ["p_eot", "at_limit"], "P(end-of-text) where chosen ends; unended")]
     return p
 
 def dense(cfg):
@@ -255,8 +264,9 @@ def dense(cfg):
     return min(cfg.eval_interval, max(1, cfg.max_iters // 30))
 
 def changed(cfg, preset):
+    """The settings of cfg that differ from its preset's."""
     base = orpo.Config(**orpo.PRESETS[preset])
-    return {k.name: getattr(cfg, k.name) for k in dataclasses.fields(cfg) if getattr(cfg, k.name) != getattr(base, k.name)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(base, k)}
 
 def run_title(name, preset, cfg, seeds=1):
     """A figure's title: what ran (config, seeds), and each setting that differs from the
@@ -270,16 +280,22 @@ def make(name, d, cfg, preset, opts):
     ones, and write the title."""
     runs, extra = FIGURES[name]
     seeds = range(cfg.seed, cfg.seed + opts["seeds"])
-    flags = [f"--config={preset}", *(f"--{k}={v}" for k, v in changed(cfg, preset).items()), f"--eval_interval={dense(cfg)}"]
-    f = types.SimpleNamespace(cfg=cfg, opts=opts, d=d, flags=flags, n=len(runs) * len(seeds), k=0, t0=time.time())
+    # f: the figure being made, which its parts share: settings, progress, held-out data
+    f = types.SimpleNamespace(cfg=cfg, opts=opts, d=d, n=len(runs) * len(seeds), k=0, t0=time.time())
+    f.flags = [f"--config={preset}", *(f"--{k}={v}" for k, v in changed(cfg, preset).items()),
+               f"--eval_interval={dense(cfg)}"]
     f.meta, data, f.enc = prepare_data.for_run(cfg)
-    f.val, f.index, (f.dev, _, _, f.amp) = data["val"], data["train"][1], setup_device(cfg.device, cfg.dtype)
-    done = {(m, s): train(f, f"{m}_seed{s}".replace(" ", "_"), [*x, f"--seed={s}"]) for s in seeds for m, x in runs.items()}
+    f.val, f.index = data["val"], data["train"][1]
+    f.dev, _, _, f.amp = setup_device(cfg.device, cfg.dtype)
+    done = {(m, s): train(f, f"{m}_seed{s}".replace(" ", "_"), [*flags, f"--seed={s}"])
+            for s in seeds for m, flags in runs.items()}
     curves = {k: [dict(run=k[0], seed=k[1], iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
-                       margin=e["margin"], acc=e["acc"]) for e in r["log"] if e["kind"] == "eval"] for k, r in done.items()}
-    tables = dict(curves=sum(curves.values(), []), end=[c[-1] for c in curves.values()]) if done else {}
-    for k, rows in dict(tables, **extra(f, done) if extra else {}).items():
-        if rows:
+                       margin=e["margin"], acc=e["acc"]) for e in r["log"] if e["kind"] == "eval"]
+              for k, r in done.items()}
+    tables = dict(curves=sum(curves.values(), []), end=[c[-1] for c in curves.values()])
+    tables.update(extra(f, done) if extra else {})
+    for k, rows in tables.items():
+        if rows:  # methods has no curves; an untuned DPO, no grid
             plot.write_csv(os.path.join(d, f"{k}.csv"), rows)
             if k not in ("curves", "uniform"):
                 plot.show(os.path.join(d, f"{k}.csv"), rows)
@@ -288,10 +304,11 @@ def make(name, d, cfg, preset, opts):
 
 def draw(name, d):
     """NAME.png from the figure's CSVs in d, titled by the title.txt beside them."""
-    t = {c[:-4]: plot.read_csv(os.path.join(d, c)) for c in sorted(os.listdir(d)) if c.endswith(".csv")} if os.path.isdir(d) else {}
-    if not t or not os.path.exists(os.path.join(d, "title.txt")):
+    csvs = sorted(c for c in os.listdir(d) if c.endswith(".csv")) if os.path.isdir(d) else []
+    if not csvs or not os.path.exists(os.path.join(d, "title.txt")):
         die(f"no figure's CSVs in {d}: make the figure first (without --replot)")
     with open(os.path.join(d, "title.txt")) as title:
+        t = {c[:-4]: plot.read_csv(os.path.join(d, c)) for c in csvs}
         return plot.draw(os.path.join(d, f"{name}.png"), title.read(), panels(t), os.path.join(d, ""))
 
 OPTIONS = {  # figures.py's own options: (default, what --help says)
@@ -308,11 +325,13 @@ def check(opts):
     try:
         betas, lrs = ([float(v) for v in opts[k].split(",")] for k in ("dpo_betas", "dpo_lrs"))
     except ValueError:
-        die(f"--dpo_betas and --dpo_lrs take numbers, comma-separated: got {opts['dpo_betas']!r}, {opts['dpo_lrs']!r}")
+        die(f"--dpo_betas and --dpo_lrs take numbers, comma-separated, got {opts['dpo_betas']!r} "
+            f"and {opts['dpo_lrs']!r}")
     grid = [(b, lr) for b in betas for lr in lrs]
-    if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or min(betas + lrs) <= 0 or opts["tune_samples"] < (len(grid) > 1):
-        die("--seeds must be >= 1, --dpo_iters >= 0, DPO's betas and lrs > 0, and --tune_samples >= 1 "
-            "to tune them (with one beta and one lr: >= 0)")
+    if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["tune_samples"] < 0 or min(betas + lrs) <= 0:
+        die("--seeds must be >= 1, --dpo_iters and --tune_samples >= 0, DPO's betas and lrs > 0")
+    if len(grid) > 1 and not opts["tune_samples"]:
+        die(f"--tune_samples=0 chooses none of the {len(grid)} DPO settings: give one beta and one lr")
     opts.update(grid=grid, n_tune=opts["tune_samples"] if len(grid) > 1 else 0)
 
 def main():
@@ -321,9 +340,10 @@ def main():
     name = args.pop(0) if args and args[0] in FIGURES else None
     if name is None and not {"-h", "--help"} & set(args):
         die(f"the first argument names the figure: one of {', '.join(FIGURES)}")
-    preset, cfg, opts = parse_args(args, orpo.Config, orpo.PRESETS, {k: v[0] for k, v in OPTIONS.items()},
-                                   usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};",
-                                   notes={k: v[1] for k, v in OPTIONS.items()}, rules=orpo.RULES)
+    preset, cfg, opts = parse_args(
+        args, orpo.Config, orpo.PRESETS, {k: v[0] for k, v in OPTIONS.items()}, rules=orpo.RULES,
+        usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};",
+        notes={k: v[1] for k, v in OPTIONS.items()})
     check(opts)
     d, make_it = os.path.join(cfg.out_dir, name), not opts["replot"]
     if make_it and hasattr(orpo, "holes_left"):  # the assignment's handout: the holes that

@@ -65,7 +65,8 @@ def bars(ax, rows, name, keys, title, err=False):
         h = [float(r[k]) for k in keys]
         b = ax.bar(x + (j - (len(rows) - 1) / 2) * w, h, w, label=r[name], color=f"C{j}", capsize=3,
                    yerr=[float(r[k + "_se"]) for k in keys] if err else None)
-        ax.bar_label(b, labels=[f"{v:.3g}" for v in h], fontsize=8, padding=2, rotation=90 if len(keys) > 1 else 0)
+        ax.bar_label(b, labels=[f"{v:.3g}" for v in h], fontsize=8, padding=2,
+                     rotation=90 if len(keys) > 1 else 0)
     ax.set(title=title, xticks=x, xticklabels=[k.replace("_", " ") for k in keys])
     ax.margins(y=0.3)
     ax.legend(fontsize=9)
