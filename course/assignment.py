@@ -217,10 +217,11 @@ def fresh(dst, write, what):
         os.rename(tmp, dst)
         return n
     except (OSError, KeyboardInterrupt) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         ctrl_c = isinstance(e, KeyboardInterrupt)
         die(f"could not write {what} to {dst}: {'interrupted' if ctrl_c else one_line(e)}; "
             "nothing was left there", 130 if ctrl_c else 2)
+    finally:  # whatever stopped it (a die of cut's too), no half a copy stays
+        shutil.rmtree(tmp, ignore_errors=True)
 
 def make(dst):
     """Write the handout to dst; the solution here is not touched."""
