@@ -99,7 +99,15 @@ def main():
         enc = prepare_data.get_encoding(meta["tokenizer"])
     except ValueError as e:  # GPT-2's tokenizer neither cached nor downloadable
         die(str(e))
+    if enc.n_vocab != meta["vocab_size"]:  # ids it would decode wrongly, or not at all
+        die(f"{path}: meta['vocab_size'] is {meta['vocab_size']}, but its tokenizer "
+            f"{meta['tokenizer']!r} has {enc.n_vocab} ids")
     text = opts["prompt"].replace("\\n", "\n")
+    odd = [w for w in dict.fromkeys(text.split()) if w not in {*synthetic.TOPIC_OF, *synthetic.EXTRA}]
+    if meta["tokenizer"] == "synthetic" and odd:  # words the model never saw, read as pieces
+        n = {w: len(enc.encode_ordinary(" " + w)) for w in odd}
+        print(f"note: not {'a word' if len(odd) == 1 else 'words'} of the synthetic task: " + ", ".join(
+            f"{w!r} reads as {k} token{'s' * (k != 1)}" for w, k in n.items()))
     ids = torch.tensor(enc.encode_ordinary(text), device=dev)[None]
     if ids.size(1) >= model.cfg.block_size:
         die(f"--prompt is {ids.size(1)} tokens; the model reads at most "

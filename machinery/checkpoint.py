@@ -16,10 +16,17 @@ from machinery.cli import settings
 from machinery.safe import atomic_write, die, lock, one_line
 from model import GPT, GPTConfig, padded_vocab
 
-CKPT_KEYS = ("model", "model_args", "config", "meta",    # the weights and what they are
-             "optimizer", "scaler", "rng",               # the training state, rng per process
-             "iter", "epoch", "pos",                     # where the loop and the data are
-             "history", "seconds")                       # what was measured so far
+NUM = (int, float)
+# a checkpoint's fields (check_fields): sample.py, --export, --init_from=PATH read the first three
+CKPT_FIELDS = dict(
+    meta=dict(tokenizer=str, vocab_size=int, eot=int), model=dict,  # the weights and what they are
+    model_args=dict(n_layer=int, n_head=int, n_embd=int, vocab_size=int, block_size=int), config=dict,
+    optimizer=dict, scaler=dict, rng=list,                      # the training state, rng per process
+    iter=int, epoch=int, pos=int,                                    # where the loop and the data are
+    history=[dict.fromkeys(("iter", "ell_w", "ell_l", "log_or", "acc", "l_sft", "l_or", "margin"),
+                           NUM)], seconds=NUM)                       # what was measured so far
+# the first release's names of a block's layers, without attn. and mlp.
+FIRST_NAMES = dict(c_attn="attn.c_attn", c_proj="attn.c_proj", c_fc="mlp.c_fc", mlp_proj="mlp.c_proj")
 # what a resumed run must share with the run it continues: the shape, the data, and the
 # objective; the learning-rate schedule is checked as lr_at computes it (resume_state)
 RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
@@ -47,32 +54,51 @@ def save_checkpoint(path, **state):
             die(f"could not write {path}: {why}; {kept}")
 
 
-def dict_or_none(x):
-    return x if isinstance(x, dict) else {}
+def check_fields(path, x, spec, at=""):
+    """The dict x holds spec's fields, each of its type ({...}: a dict with those fields, [s]:
+    a list whose items are s); the first that does not is named, in one line."""
+    an = lambda t: ("an " if t.__name__[0] in "aeiouAEIOU" else "a ") + t.__name__
+    for k, want in spec.items():
+        name, v = f"{at}[{k!r}]" if at else k, x.get(k)
+        kind = type(want) if isinstance(want, (dict, list)) else want
+        if not isinstance(v, kind):
+            why = ("is missing" if k not in x else "is None" if v is None else f"is {an(type(v))}, "
+                   f"not {an(kind) if isinstance(kind, type) else 'a number'}")
+            die(f"{path}: {name} {why}")
+        for i, item in enumerate(v if isinstance(want, list) else ()):
+            check_fields(path, {i: item}, {i: want[0]}, name)
+        if isinstance(want, dict):
+            check_fields(path, v, want, name)
 
 
 def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
-    """A checkpoint that has `keys` and, given the data's meta, its vocabulary; an error
-    names the file and the key."""
+    """A checkpoint whose fields `keys` are as CKPT_FIELDS says (an earlier release's read as
+    this one's), and, given the data's meta, of its vocabulary; an error names the field."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         die(f"no checkpoint at {path}")
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({one_line(e, 100, typed=True)})")
-    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
-    if not missing and "meta" in keys and "vocab_size" not in dict_or_none(ck["meta"]):
-        missing = ["meta['vocab_size']"]
-    if missing:
-        die(f"{path} lacks {missing}; not a checkpoint of this version of orpo.py")
+    check_fields(path, {"the checkpoint": ck}, {"the checkpoint": {}})
     config = ck.get("config")
     if isinstance(config, dict) and "ratio" in config:  # before --loss named every objective
         ratio, logp = config.pop("ratio"), config.pop("logp", "mean")
         if config.get("loss") != "dpo":
             config["loss"] = "sum" if logp == "sum" else {"odds": "orpo"}.get(ratio, ratio)
-    if meta is not None and ck["meta"]["vocab_size"] != meta["vocab_size"]:
-        die(f"checkpoint {path} has vocab_size {ck['meta']['vocab_size']}, "
-            f"but the data has {meta['vocab_size']}")
+    if "model_args" not in ck and all(isinstance(ck.get(k), dict) for k in ("config", "model", "meta")):
+        # the first release's: the shape in its config, its layers named otherwise (FIRST_NAMES)
+        shape = {f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name in config}
+        ck["model_args"] = dict(shape, vocab_size=ck["meta"].get("vocab_size"))
+        ck["model"] = {".".join(FIRST_NAMES.get(p, p) for p in k.split(".")): w
+                       for k, w in ck["model"].items()}
+    check_fields(path, ck, {k: v for k, v in CKPT_FIELDS.items() if k in keys})
+    args, n = ck["model_args"], ck["meta"]["vocab_size"]
+    if (args.get("n_vocab") or args["vocab_size"]) != n:  # sampled ids its tokenizer lacks
+        die(f"{path}: model_args has n_vocab={args.get('n_vocab')}, vocab_size={args['vocab_size']}, "
+            f"but its tokenizer has {n} ids (meta['vocab_size'])")
+    if meta is not None and n != meta["vocab_size"]:
+        die(f"checkpoint {path} has vocab_size {n}, but the data has {meta['vocab_size']}")
     return ck
 
 
@@ -117,15 +143,11 @@ def finite(weights, where):
 def model_from_checkpoint(ck, path):
     """The GPT a checkpoint holds: its shape (model_args), its weights, all finite."""
     finite(ck["model"], path)
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    args = dict_or_none(ck["model_args"])
-    odd = sorted(set(args) - known) or sorted(k for k in ("n_layer", "n_head", "n_embd")
-                                              if k not in args)
-    if odd:
-        die(f"{path}: model_args has {'unknown key' if set(args) - known else 'no key'} "
-            f"{odd[0]!r}: not a checkpoint of this version of orpo.py")
+    odd = sorted(set(ck["model_args"]) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if odd:  # a later release's
+        die(f"{path}: model_args has unknown key {odd[0]!r}: a later release's, or not orpo.py's")
     try:
-        model = GPT(GPTConfig(**args))
+        model = GPT(GPTConfig(**ck["model_args"]))
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError, TypeError, ValueError, AssertionError) as e:
         die(f"{path}: the weights do not fit the model: {one_line(str(e).strip().splitlines()[-1])}")
@@ -220,9 +242,11 @@ class RunDir:
         newer one meanwhile) and before the data. Resuming on other data, another shape,
         objective or schedule, before the checkpoint, or without its log, is an error."""
         self.hold()
-        ck = load_checkpoint(self.path, CKPT_KEYS)
-        if "id" not in ck["meta"] or not isinstance(ck["rng"], list):
-            die(f"{self.path} was written by an older version of orpo.py; start a new --out_dir")
+        ck = load_checkpoint(self.path)
+        if "id" not in ck["meta"] or isinstance(ck.get("rng"), torch.Tensor):
+            die(f"{self.path} is an older release's (no data id, one RNG state), which alone resumes "
+                f"it; sample.py, --export and --init_from={self.path} still read it")
+        check_fields(self.path, ck, CKPT_FIELDS)
         had = ck["config"]
         check_same(self.path, had, {k: getattr(cfg, k) for k in RESUME_SAME}, "the run asks for")
         if cfg.max_iters < ck["iter"]:
