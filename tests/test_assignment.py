@@ -246,7 +246,7 @@ def test_handout_leaves_out_the_solutions_and_keeps_the_rest(tmp_path):
     hand = str(tmp_path / "handout")
     assignment.make(hand)
     for name in ("GRADIENT.md", "course/TEACHING.md", "course/teacher", "tests/test_assignment.py",
-                 "tests/assignment_freeze.py", "experiments/RESULTS.md"):
+                 "tests/assignment_freeze.py", "tests/test_exercises.py", "experiments/RESULTS.md"):
         assert not os.path.exists(os.path.join(hand, name)), name
     assert [n for d, _, ns in os.walk(hand) for n in ns if n.endswith(".png")] == []  # results
     with open(os.path.join(hand, "orpo.py")) as f:
