@@ -5,7 +5,7 @@ config, batching, one step, eval, train(). machinery/ holds what a student need 
 
     python orpo.py --config small     # the CPU demo (prepares its data itself); --lam=0: SFT
     python orpo.py --help             # every key, what it does, and the presets
-    torchrun --standalone --nproc_per_node=2 orpo.py --config tiny --grad_accum=2   # DDP
+    python orpo.py --config tiny --nproc=2 --grad_accum=2   # DDP: two processes
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import contextlib
@@ -223,6 +223,7 @@ class Config:
     device: str = "auto"           # auto: cuda, then mps, then cpu
     dtype: str = "auto"            # auto: bf16 on GPU (fp16 if old) or bf16-native CPU; else fp32
     compile: bool = False          # torch.compile the model
+    nproc: int = 1                 # processes (DDP: gloo on CPUs, NCCL on GPUs); orpo.py starts them
     seed: int = 1337               # the weights, the data order and the samples
 
 PRESETS = {
@@ -361,9 +362,7 @@ def train_step(model, opt, scaler, batches, loss_fn, lr, grad_clip):
     opt.zero_grad(set_to_none=True)
     return vals
 
-# ----------------------------------------------------------------------------------------
 # Eval: ORPO's terms on held-out pairs (report.Judge samples answers for the judge)
-
 @torch.no_grad()
 def evaluate(model, split, cfg, device, amp):
     """ORPO's terms on the first eval_pairs held-out pairs, whatever the objective trained."""
@@ -401,7 +400,7 @@ def train(cfg, preset="custom"):
         run.claim(cfg, resume=ck is not None)  # one run per out_dir
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-        it, epoch, pos, history, seconds = run.restore(ck, opt, scaler, rank, dev_type)
+        it, epoch, pos, history, seconds = run.restore(ck, opt, scaler, rank, world, dev_type)
         model = procs.wrap(torch.compile(raw) if cfg.compile else raw, world, dev, dev_type)
         judge = report.Judge(val, enc, meta, cfg, dev, amp)  # samples answers; judges them
         if master:  # a resumed run keeps its log up to the checkpoint, and the samples before

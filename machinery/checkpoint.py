@@ -290,19 +290,25 @@ class RunDir:
         print(f"{self.out_dir}: the earlier run there ({', '.join(found)}) is now in "
               f"{os.path.join(self.out_dir, 'previous')}")
 
-    def restore(self, ck, opt, scaler, rank, dev_type):
+    def restore(self, ck, opt, scaler, rank, world, dev_type):
         """(iteration, epoch, position in it, eval history, seconds in the loop) to go on from:
-        a new run's, or, resuming, the checkpoint's, with the optimizer, the scaler and this
-        process's RNG as they were."""
+        a new run's, or, resuming, the checkpoint's, with the optimizer, the scaler and each
+        process's RNG as they were. A checkpoint of another number of processes gives each
+        process its own state where it has one, the others keep their seed's, and a line says
+        that the dropout masks (the only draws that training makes) differ from then on."""
         if not ck:
             return 0, 0, 0, [], 0.0
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        cpu_rng, cuda_rng = ck["rng"][min(rank, len(ck["rng"]) - 1)]
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None and dev_type == "cuda":
-            torch.cuda.set_rng_state(cuda_rng)
+        if rank < len(ck["rng"]):
+            cpu_rng, cuda_rng = ck["rng"][rank]
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None and dev_type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
         print(f"resumed from {self.path} at iteration {ck['iter']}")
+        if len(ck["rng"]) != world and ck["config"].get("dropout") and self.master:
+            print(f"note: {len(ck['rng'])} process(es) wrote it, {world} go on: the same batches, but "
+                  f"the dropout masks differ from those the same processes would have drawn")
         return ck["iter"], ck["epoch"], ck["pos"], ck["history"], ck["seconds"]
 
     def save(self, raw, cfg, meta, opt, scaler, rng, **progress):

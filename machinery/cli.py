@@ -130,7 +130,9 @@ def key_notes(config):
 
 def print_help(cfg, preset, presets, fields, extra, rules, said, usage):
     """--help: every key with its value under the preset, what it accepts and what it does."""
-    lines = [f"usage: python {os.path.basename(sys.argv[0])} {usage}   presets: {', '.join(presets)}"
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as `python -m package.module`
+    script = f"-m {spec.name}" if spec and spec.name else os.path.basename(sys.argv[0])
+    lines = [f"usage: python {script} {usage}   presets: {', '.join(presets)}"
              f" (values shown: --config {preset})"]
     lines += [f"  --{f.name}={getattr(cfg, f.name)!r}  ({rules.get(f.name, (0, f.type.__name__))[1]})"
               f"  {said.get(f.name, '')}".rstrip() for f in fields]

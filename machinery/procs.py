@@ -1,25 +1,74 @@
-"""Process setup: one process, or one of torchrun's (DDP). orpo.py calls each piece once:
-start() before anything, rank0_first() around the data, wrap() around the model,
-rng_states() at each checkpoint and stop() at the end."""
+"""Process setup: one process, or one of several (DDP), which `--nproc=N` starts (launch) or
+torchrun does. orpo.py calls each piece once: start() before anything, rank0_first() around
+the data, wrap() around the model, rng_states() at each checkpoint and stop() at the end."""
 import contextlib
 import ctypes
 import os
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 
 from machinery.safe import die
 
 
+def launch(n):
+    """Run this same command as n DDP workers, with the environment torchrun gives its own, and
+    wait. The first worker's output is the run's; a worker that fails stops the others within
+    seconds, and the first failure's error, not each worker's copy, is said, once; Ctrl-C
+    reaches every worker, and the first one's line says what was kept. Returns the exit status."""
+    with socket.socket() as s:  # a free port for the workers to meet on
+        s.bind(("127.0.0.1", 0))
+        env = dict(os.environ, WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(s.getsockname()[1]))
+    errs = [tempfile.TemporaryFile("w+") for _ in range(n)]
+    kids = [subprocess.Popen([sys.executable, *sys.argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                             stdout=None if r == 0 else subprocess.DEVNULL, stderr=errs[r])
+            for r in range(n)]
+    first, sig = None, signal.SIGTERM
+    try:
+        while first is None and any(k.poll() is None for k in kids):
+            first = next((r for r, k in enumerate(kids) if k.poll()), None)
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # the workers had it too, from the terminal, or have it now
+        first, sig = 0, signal.SIGINT
+    for k in kids:
+        if k.poll() is None:
+            k.send_signal(sig)
+    for k in kids:
+        try:
+            k.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            k.kill()
+            k.wait()
+    said = errs[first or 0]
+    said.seek(0)
+    sys.stderr.write(said.read())
+    code = kids[first].returncode if first is not None else 0
+    return 128 - code if code < 0 else code  # a signal's death, as a shell reports it
+
+
 def start(cfg):
-    """(rank, world size, device): one process, or torchrun's (it sets RANK, WORLD_SIZE)."""
+    """(rank, world size, device): one process, or one of several; with --nproc=N (N > 1) this
+    process starts the N workers (launch) and ends with their exit status."""
+    if cfg.nproc > 1 and "RANK" not in os.environ:
+        sys.exit(launch(cfg.nproc))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = cfg.device
     if world > 1:
         if cfg.grad_accum % world:
             die(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
         nccl = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        # DDP's first use imports torch._dynamo, and with it modules whose functions take the
+        # world group as a default argument: imported after init, they would keep the group
+        # alive past destroy_process_group, and gloo's threads would be torn down as Python
+        # exits, where one that needs the GIL aborts the process ("terminate called without
+        # an active exception"). Imported before init, those defaults are None.
+        import torch._dynamo as _  # noqa: F401 (as _: `import torch.x` would make torch local)
         torch.distributed.init_process_group("nccl" if nccl else "gloo")
         if nccl:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -27,7 +76,7 @@ def start(cfg):
         if sys.platform == "linux":  # a worker whose launcher dies stops, not trains on alone
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
             if os.getppid() == 1:  # it died before that line
-                die("torchrun, which started this process, is gone", 143)
+                die("the process that started this one is gone", 143)
     return rank, world, device
 
 

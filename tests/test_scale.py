@@ -1,14 +1,17 @@
-"""The scale path on the CPU: DDP through torchrun (gloo), the gpt2-125m preset's shape,
-bf16 autocast, a GradScaler, and torch.compile."""
+"""The scale path on the CPU: DDP (gloo) through --nproc and through torchrun, the gpt2-125m
+preset's shape, bf16 autocast, a GradScaler, and torch.compile."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from machinery import cli as configurator
+from machinery import cli as configurator, safe
 import orpo
 import prepare_data
 from conftest import ROOT, assert_same_losses, losses, run
@@ -36,30 +39,113 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path, data_d
 
 
 
-def test_ddp_resume_with_dropout_is_bit_exact(tmp_path, data_dir):
+def ddp(*args, nproc=2, **kw):
+    """`python orpo.py --nproc=N ...`: the script starts its own workers."""
+    return subprocess.run([sys.executable, "orpo.py", f"--nproc={nproc}", *args], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_ddp_resume_with_dropout_is_bit_exact_and_other_process_counts_say_so(tmp_path, data_dir):
     """Dropout draws from each process's own RNG: every process's state is saved and
-    restored, so a 2-process run stopped and resumed logs what the uninterrupted run logs."""
-    kw = ["--config=tiny", f"--data_dir={data_dir}", "--grad_accum=2", "--dropout=0.1",
-          "--lr_decay_iters=6", "--eval_interval=3", "--n_samples=2", "--eval_pairs=8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ddp = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                     "--nproc_per_node=2", "orpo.py", *kw, *a], cwd=ROOT, env=env,
-                                    capture_output=True, text=True, timeout=300)
+    restored, so a 2-process run stopped and resumed logs what the uninterrupted run logs.
+    Resumed on 1 or 3 processes, the batches are the same, the masks are not, and a line
+    says so."""
+    kw = ["--config=tiny", f"--data_dir={data_dir}", "--grad_accum=6", "--batch_size=4",
+          "--dropout=0.1", "--lr_decay_iters=6", "--eval_interval=3", "--n_samples=2",
+          "--eval_pairs=8"]
     for args in ([f"--out_dir={tmp_path / 'whole'}", "--max_iters=6"],
                  [f"--out_dir={tmp_path / 'cut'}", "--max_iters=3"],
                  [f"--out_dir={tmp_path / 'cut'}", "--max_iters=6", "--init_from=resume"]):
-        r = ddp(*args)
-        assert r.returncode == 0, r.stderr
+        r = ddp(*kw, *args)
+        assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
     read = lambda d: [json.loads(l) for l in open(tmp_path / d / "log.jsonl")]
     assert_same_losses(losses(read("whole")), losses(read("cut")))  # bit for bit
+    for n in (1, 3):
+        shutil.copytree(tmp_path / "cut", tmp_path / f"on{n}")
+        r = ddp(*kw, f"--out_dir={tmp_path / f'on{n}'}", "--max_iters=7", "--init_from=resume", nproc=n)
+        assert r.returncode == 0, r.stderr
+        assert f"note: 2 process(es) wrote it, {n} go on: the same batches, but the dropout " \
+               "masks differ" in r.stdout
+
+
+def test_ddp_errors_are_one_line_said_once_and_a_dead_worker_stops_the_rest(tmp_path, data_dir):
+    """Errors under --nproc are said once, by one process, in one line, with no launcher
+    traceback; a worker that dies stops the others within seconds; no worker is left."""
+    kw = ["--config=tiny", f"--data_dir={data_dir}", "--n_samples=2", "--eval_pairs=8"]
+    r = ddp(*kw, "--grad_accum=3", f"--out_dir={tmp_path / 'a'}")
+    assert r.returncode == 2 and r.stderr == "error: --grad_accum=3 must be a multiple of the 2 " \
+                                             "processes\n", r.stderr
+    with safe.lock(str(tmp_path / "held")):  # another run holds the folder
+        r = ddp(*kw, "--grad_accum=2", f"--out_dir={tmp_path / 'held'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is in use by pid" in r.stderr, r.stderr
+    p = subprocess.Popen([sys.executable, "orpo.py", "--nproc=2", *kw, "--grad_accum=2",
+                          "--max_iters=100000", f"--out_dir={tmp_path / 'b'}"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # training has begun
+        if line.startswith("iter"):
+            break
+    kids = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+    os.kill(kids[1], signal.SIGKILL)  # a worker dies
+    t0 = time.time()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and time.time() - t0 < 30 and "Traceback" not in err, err
+    assert not any(os.path.exists(f"/proc/{k}") for k in kids)  # none left running
+
+
+def test_ctrl_c_under_ddp_is_one_line_from_the_first_worker(tmp_path, data_dir):
+    """The terminal sends SIGINT to the whole foreground group: the launcher and its workers."""
+    p = subprocess.Popen([sys.executable, "orpo.py", "--nproc=2", "--config=tiny", f"--data_dir={data_dir}",
+                          "--grad_accum=2", "--max_iters=100000", "--eval_interval=5",
+                          f"--out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:
+        if line.startswith("eval     5"):
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: interrupted; ") and "holds iteration" in err, err
+
+
+DDP_EXIT = """
+import os, sys, torch
+from machinery import procs
+from types import SimpleNamespace
+rank, world, dev = procs.start(SimpleNamespace(nproc=1, device="cpu", grad_accum=2))
+m = procs.wrap(torch.nn.Linear(4, 1), world, dev, "cpu")
+m(torch.randn(3, 4)).sum().backward()
+procs.rng_states(world, "cpu")
+procs.stop(world)
+left = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+assert not [t for t in left if "gloo" in t], left
+"""
+
+
+def test_ddp_exits_clean_twenty_times_beside_a_busy_process(tmp_path):
+    """The abort at exit ('terminate called without an active exception'): gloo's threads
+    were torn down as Python exited, the group kept alive by defaults that modules imported
+    after init hold. Now none is left at exit, and 20 two-process runs beside a CPU-bound
+    process end cleanly."""
+    (tmp_path / "ddp_exit.py").write_text(DDP_EXIT)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for _ in range(20):
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc_per_node=2", str(tmp_path / "ddp_exit.py")], cwd=ROOT,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr
+    finally:
+        hog.kill()
 
 
 
 def test_ddp_on_data_not_yet_prepared_prepares_it_once(tmp_path):
     """The first process prepares data/synthetic while the others wait for it (each taking
     the data folder's lock at once would stop the second)."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", os.path.join(ROOT, "orpo.py"), "--config=tiny",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "orpo.py"), "--nproc=2", "--config=tiny",
                         "--grad_accum=2", "--max_iters=2", "--n_samples=2", "--eval_pairs=8"],
                        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=300)
