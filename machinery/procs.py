@@ -29,10 +29,14 @@ def launch(n):
     kids = [subprocess.Popen([sys.executable, *sys.argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                              stdout=None if r == 0 else subprocess.DEVNULL, stderr=errs[r])
             for r in range(n)]
-    first, sig = None, signal.SIGTERM
+    first, sig, t_done = None, signal.SIGTERM, None  # t_done: when the first ended well
     try:
         while first is None and any(k.poll() is None for k in kids):
             first = next((r for r, k in enumerate(kids) if k.poll()), None)
+            if kids[0].poll() == 0:  # the run is written; the others only let go of the group,
+                t_done = t_done or time.time()  # which must not hang on the first one's leaving
+                if time.time() - t_done > 10:
+                    break
             time.sleep(0.1)
     except KeyboardInterrupt:  # the workers had it too, from the terminal, or have it now
         first, sig = 0, signal.SIGINT
