@@ -7,7 +7,6 @@ draws NAME.png from them (with matplotlib). orpo.py's --config and --key=value f
     python -m experiments.figures lambda    # App. E: the weight of L_OR
     python -m experiments.figures ratio     # Sec. 7.1: odds ratio against probability ratio
     python -m experiments.figures length    # Eq. 3: why log P is a mean, not a sum
-    python -m experiments.figures NAME --replot=true  # NAME.png again from its CSVs, no training
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import dataclasses
@@ -27,7 +26,7 @@ import prepare_data
 from experiments import plot
 from machinery import checkpoint, report, synthetic
 from machinery.cli import parse_args, setup_device
-from machinery.safe import atomic_write, die
+from machinery.safe import die
 
 ORPO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "orpo.py")
 
@@ -41,17 +40,11 @@ def train(f, name, flags):
     shutil.rmtree(out, ignore_errors=True)  # a figure made again replaces its own runs
     left = f", about {(time.time() - f.t0) / (f.k - 1) * (f.n - f.k + 1):.0f} s left" if f.k > 1 else ""
     print(f"== run {f.k} of {f.n}: {name} {' '.join(flags)}{left} ==")
-    # its own process group, so that Ctrl-C reaches this process alone, which stops the
-    # run (its checkpoints are written atomically) and says what is on disk
-    child = subprocess.Popen([sys.executable, ORPO, *f.flags, *flags, f"--out_dir={out}"],
-                             process_group=0)
-    try:
-        if child.wait():
-            die(f"the run in {out} failed (its error is above)")
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            child.wait()
+    # its own process group, so that Ctrl-C reaches this process alone, which says what is
+    # on disk; subprocess.run kills the run on the way out (its checkpoints are atomic)
+    cmd = [sys.executable, ORPO, *f.flags, *flags, f"--out_dir={out}"]
+    if subprocess.run(cmd, process_group=0).returncode:
+        die(f"the run in {out} failed (its error is above)")
     with open(os.path.join(out, "summary.json")) as s:
         return dict(dir=out, summary=json.load(s), log=plot.read_log(out))
 
@@ -90,17 +83,15 @@ def head_to_head(a, b):
     w = [synthetic.win(s["score"], by_row[s["row"]]) for s in a]
     return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], synthetic.mean_se(w)
 
-def outcome(smp, f, model=None, split=None):
-    """The judge on sampled answers: each flaw's rate, the win rate against the chosen ones
-    (± 1 standard error). With a model, why: P(end-of-text) where the chosen answer ends
+def outcome(smp, f, model, split):
+    """The judge on a model's sampled answers: each flaw's rate, the win rate against the
+    chosen ones (± 1 standard error); and why: P(end-of-text) where the chosen answer ends
     (split's pairs), words per answer, sampled and chosen, and the share left unended."""
     j = synthetic.judged(smp, smp)
-    out = dict(**{k: j["flaw_rates"]["after"][k][0] for k in synthetic.FLAWS},
-               win_vs_chosen=j["win_rate"][1][0], win_vs_chosen_se=j["win_rate"][1][1])
-    if model is None:
-        return out
     full = [len(f.enc.encode(s["sample"], disallowed_special=())) >= f.cfg.max_new_tokens for s in smp]
-    return dict(out, p_eot=float(np.mean([p["p_eot"] for p in pair_logps(model, split, f)])),
+    return dict(**{k: j["flaw_rates"]["after"][k][0] for k in synthetic.FLAWS},
+                win_vs_chosen=j["win_rate"][1][0], win_vs_chosen_se=j["win_rate"][1][1],
+                p_eot=float(np.mean([p["p_eot"] for p in pair_logps(model, split, f)])),
                 words=np.mean([len(s["sample"].split()) for s in smp]),
                 words_chosen=np.mean([len(s["chosen"].split()) for s in smp]), at_limit=np.mean(full))
 
@@ -129,12 +120,12 @@ def judged(f, runs):
     seeds = sorted({s for _, s in runs})
     if "flaw_rates" not in runs["SFT", seeds[0]]["summary"]:
         return {}  # data that has no judge
-    rate = lambda m, s, se, when, k: runs[m, s]["summary"]["flaw_rates" + se][when][k]
+    rate = lambda m, s, k, when="after", se="": runs[m, s]["summary"]["flaw_rates" + se][when][k]
     per_seed, flaws = [], []
     for s in seeds:
         (win, tie, loss), (h2h, se) = head_to_head(samples(runs["ORPO", s]), samples(runs["SFT", s]))
-        a, b = (rate(m, s, "", "after", "off_topic") for m in ("SFT", "ORPO"))
-        gap = np.hypot(*(rate(m, s, "_se", "after", "off_topic") for m in ("SFT", "ORPO")))
+        a, b = (rate(m, s, "off_topic") for m in ("SFT", "ORPO"))
+        gap = np.hypot(*(rate(m, s, "off_topic", se="_se") for m in ("SFT", "ORPO")))
         per_seed.append(dict(seed=s, orpo_vs_sft=h2h, orpo_vs_sft_se=se, win=win, tie=tie, loss=loss,
                              off_topic_sft=a, off_topic_orpo=b, ses_apart=(a - b) / gap if gap else 0.0))
     if len(seeds) > 1:  # and their mean, with the standard error of the head-to-head's
@@ -145,8 +136,8 @@ def judged(f, runs):
                            ("chosen answers", "ORPO", "chosen")):
         flaws.append(dict(model=model))
         for k in synthetic.FLAWS:
-            xs = [rate(m, s, "", when, k) for s in seeds]
-            one = (xs[0], rate(m, seeds[0], "_se", when, k))  # one seed: its prompts' error
+            xs = [rate(m, s, k, when) for s in seeds]
+            one = (xs[0], rate(m, seeds[0], k, when, "_se"))  # one seed: its prompts' error
             flaws[-1][k], flaws[-1][k + "_se"] = synthetic.mean_se(xs, ddof=1) if len(xs) > 1 else one
     return dict(seeds=per_seed, flaws=flaws)
 
@@ -155,19 +146,17 @@ def uniform(f, runs):
     p = torch.rand(2, 100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     odds = p.log() - (-p).log1p()
     ratios = {"log odds ratio": odds[0] - odds[1], "log prob ratio": p[0].log() - p[1].log()}
-    edges = np.linspace(-10, 10, 101)
-    mid = (edges[1:] + edges[:-1]) / 2
-    hist = {k: zip(mid, np.histogram(v.numpy(), edges)[0]) for k, v in ratios.items()}
+    e = np.linspace(-10, 10, 101)
     return dict(spread=[{f"std_{k.replace(' ', '_')}": float(v.std()) for k, v in ratios.items()}],
-                uniform=[dict(run=k, log_ratio=x, count=int(n)) for k, h in hist.items() for x, n in h])
+                uniform=[dict(run=k, log_ratio=(a + b) / 2, count=int(n)) for k, v in ratios.items()
+                         for a, b, n in zip(e, e[1:], np.histogram(v.numpy(), e)[0])])
 
 def lengths(f, runs):
     """length: the share of held-out pairs that each model's mean and summed log P rank
     right, where the chosen answer is shorter, as long, longer: the untrained model's, then
     each run's (the first seed's)."""
-    models = dict(untrained=untrained(f))
+    rows, models = [], dict(untrained=untrained(f))
     models.update({m: trained(r, f) for (m, s), r in runs.items() if s == f.cfg.seed})
-    rows = []
     for m, model in models.items():
         pairs, row = pair_logps(model, f.val, f), dict(run=m)
         for sign, what in ((-1, "shorter"), (0, "same"), (1, "longer")):
@@ -228,7 +217,7 @@ def methods(f, runs):
     return dict(grid=grid, costs=costs, outcomes=outcomes)
 
 # ----------------------------------------------------------------------------------------
-# The figures: their runs, and what they add and show; making one, and drawing it
+# The figures: their runs, and what they add and show; making one
 
 FIGURES = {  # name: ({run: orpo.py's flags}, what the figure adds to the runs' curves)
     "sft-vs-orpo": ({"SFT": ["--lam=0"], "ORPO": ["--lam=1"]}, judged),  # Figs. 3, 7
@@ -237,27 +226,24 @@ FIGURES = {  # name: ({run: orpo.py's flags}, what the figure adds to the runs' 
     "length": ({"mean log P": ["--loss=orpo"], "summed log P": ["--loss=sum"]}, lengths),  # Eq. 3
     "methods": ({}, methods),  # its runs depend on each other: methods() starts them
 }
+BARS = {  # a table: its panels of bars, (columns, title, with ± 1 standard error), by its first column
+    "by_length": [([f"{w}_by_{k}" for w in ("shorter", "same", "longer") for k in ("mean", "sum")],
+                   "pairs ranked right, chosen answer shorter, as long, longer", False)],
+    "flaws": [(synthetic.FLAWS, "flaw rates of the sampled answers", True)],
+    "costs": [(["gflop"], "training GFLOP", False), (["peak_mb"], "peak memory, MB", False)],
+    "outcomes": [(["logp_chosen", "logp_rejected"], "held-out mean log P", False),
+                 (["win_vs_chosen", "h2h_vs_orpo"], "win rates, ± 1 s.e.", True),
+                 (synthetic.FLAWS, "flaw rates of the sampled answers", False),
+                 (["p_eot", "at_limit"], "P(end-of-text) where chosen ends; unended", False)],
+}
 
 def panels(t):
     """What a figure's PNG shows, from its tables t: [(plot's function, its arguments)]."""
-    bar = lambda table, name, keys, title, err=False: (plot.bars, t[table], name, keys, title, err)
     p = [(plot.curves, t["curves"], [k], f"held-out mean log P({k[5:]})")
          for k in ("logp_chosen", "logp_rejected") if "curves" in t]
     if "uniform" in t:
         p.append((plot.curves, t["uniform"], ["count"], "uniform random P_w, P_l (Fig. 6)", "log_ratio"))
-    if "by_length" in t:
-        p.append(bar("by_length", "run", [k for k in t["by_length"][0] if "_by_" in k],
-                     "pairs ranked right, chosen answer shorter, as long, longer"))
-    if "flaws" in t:
-        p.append(bar("flaws", "model", synthetic.FLAWS, "flaw rates of the sampled answers", True))
-    if "costs" in t:
-        p += [bar("costs", "method", ["gflop"], "training GFLOP"),
-              bar("costs", "method", ["peak_mb"], "peak memory, MB"),
-              bar("outcomes", "method", ["logp_chosen", "logp_rejected"], "held-out mean log P"),
-              bar("outcomes", "method", ["win_vs_chosen", "h2h_vs_orpo"], "win rates, ± 1 s.e.", True),
-              bar("outcomes", "method", synthetic.FLAWS, "flaw rates of the sampled answers"),
-              bar("outcomes", "method", ["p_eot", "at_limit"], "P(end-of-text) where chosen ends; unended")]
-    return p
+    return p + [(plot.bars, t[k], *bar) for k in BARS if k in t for bar in BARS[k]]
 
 def dense(cfg):
     """About 30 evaluations per run, so that a curve shows its shape, not its corners."""
@@ -276,8 +262,8 @@ def run_title(name, preset, cfg, seeds=1):
     return f"{name}: config {preset}, {s}" + ("\n" + ", ".join(diff) if diff else "")
 
 def make(name, d, cfg, preset, opts):
-    """Train the figure's runs (each seed), add its tables; write them all, print the short
-    ones, and write the title."""
+    """Train the figure's runs (each seed) and add its tables; write them all, print the
+    short ones, and draw the PNG."""
     runs, extra = FIGURES[name]
     seeds = range(cfg.seed, cfg.seed + opts["seeds"])
     # f: the figure being made, which its parts share: settings, progress, held-out data
@@ -289,27 +275,17 @@ def make(name, d, cfg, preset, opts):
     f.dev, _, _, f.amp = setup_device(cfg.device, cfg.dtype)
     done = {(m, s): train(f, f"{m}_seed{s}".replace(" ", "_"), [*flags, f"--seed={s}"])
             for s in seeds for m, flags in runs.items()}
-    curves = {k: [dict(run=k[0], seed=k[1], iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
-                       margin=e["margin"], acc=e["acc"]) for e in r["log"] if e["kind"] == "eval"]
-              for k, r in done.items()}
-    tables = dict(curves=sum(curves.values(), []), end=[c[-1] for c in curves.values()])
-    tables.update(extra(f, done) if extra else {})
+    curves = [[dict(run=m, seed=s, iter=e["iter"], logp_chosen=e["ell_w"], logp_rejected=e["ell_l"],
+                    margin=e["margin"], acc=e["acc"]) for e in r["log"] if e["kind"] == "eval"]
+              for (m, s), r in done.items()]
+    tables = dict(curves=sum(curves, []), end=[c[-1] for c in curves], **(extra(f, done) if extra else {}))
+    tables = {k: rows for k, rows in tables.items() if rows}  # methods has no curves; one DPO, no grid
     for k, rows in tables.items():
-        if rows:  # methods has no curves; an untuned DPO, no grid
-            plot.write_csv(os.path.join(d, f"{k}.csv"), rows)
-            if k not in ("curves", "uniform"):
-                plot.show(os.path.join(d, f"{k}.csv"), rows)
-    with atomic_write(os.path.join(d, "title.txt")) as tmp, open(tmp, "w") as t:
-        t.write(run_title(name, preset, cfg, opts["seeds"]))
-
-def draw(name, d):
-    """NAME.png from the figure's CSVs in d, titled by the title.txt beside them."""
-    csvs = sorted(c for c in os.listdir(d) if c.endswith(".csv")) if os.path.isdir(d) else []
-    if not csvs or not os.path.exists(os.path.join(d, "title.txt")):
-        die(f"no figure's CSVs in {d}: make the figure first (without --replot)")
-    with open(os.path.join(d, "title.txt")) as title:
-        t = {c[:-4]: plot.read_csv(os.path.join(d, c)) for c in csvs}
-        return plot.draw(os.path.join(d, f"{name}.png"), title.read(), panels(t), os.path.join(d, ""))
+        plot.write_csv(os.path.join(d, f"{k}.csv"), rows)
+        if k not in ("curves", "uniform"):
+            plot.show(os.path.join(d, f"{k}.csv"), rows)
+    return plot.draw(os.path.join(d, f"{name}.png"), run_title(name, preset, cfg, opts["seeds"]),
+                     panels(tables), os.path.join(d, ""))
 
 OPTIONS = {  # figures.py's own options: (default, what --help says)
     "seeds": (1, "runs of each setting, seeds seed, seed+1, ...; curves show their mean (not methods)"),
@@ -317,7 +293,6 @@ OPTIONS = {  # figures.py's own options: (default, what --help says)
     "dpo_betas": ("0.01,0.03,0.1", "methods: DPO's betas to tune over, comma-separated"),
     "dpo_lrs": ("3e-5,1e-4,3e-4", "methods: DPO's learning rates to tune over, comma-separated"),
     "tune_samples": (200, "methods: held-out prompts, after those reported, that pick DPO's setting"),
-    "replot": (False, "draw NAME.png again from out_dir/NAME/*.csv, with no training"),
 }
 
 def check(opts):
@@ -345,16 +320,14 @@ def main():
         usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};",
         notes={k: v[1] for k, v in OPTIONS.items()})
     check(opts)
-    d, make_it = os.path.join(cfg.out_dir, name), not opts["replot"]
-    if make_it and hasattr(orpo, "holes_left"):  # the assignment's handout: the holes that
-        orpo.holes_left(cfg)  # every run reaches are named before any work
-    if make_it and dense(cfg) != cfg.eval_interval:
+    if hasattr(orpo, "holes_left"):  # the assignment's handout: the holes that every run
+        orpo.holes_left(cfg)  # reaches are named before any work
+    if dense(cfg) != cfg.eval_interval:
         print(f"evals every {dense(cfg)} iterations, not --eval_interval={cfg.eval_interval}: about "
               f"30 points a curve over {cfg.max_iters} iterations; a smaller --eval_interval gives more")
+    d = os.path.join(cfg.out_dir, name)
     try:
-        if make_it:
-            make(name, d, cfg, preset, opts)
-        draw(name, d)
+        make(name, d, cfg, preset, opts)
     except KeyboardInterrupt:
         die(f"interrupted; safe on disk in {d}: each finished run's folder, the unfinished one's "
             f"ckpt.pt as of its last eval; the tables and the PNG are written at the end", 130)

@@ -4,7 +4,7 @@
 
 The runs side by side in one PNG: held-out mean log P(chosen) and log P(rejected), margin and
 preference accuracy at each eval; train loss, L_SFT and L_OR at each step. It needs
-matplotlib. Here too: the tables and panels of experiments/figures.py.
+matplotlib. Here too: experiments/figures.py's tables (CSVs) and panels.
 """
 import csv
 import json
@@ -31,10 +31,6 @@ def write_csv(path, rows):
         w.writeheader()
         w.writerows(rows)
 
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
 def show(title, rows):
     """A table in aligned columns, under its title."""
     cols = [[k, *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for r in rows)] for k in rows[0]]
@@ -48,23 +44,22 @@ def curves(ax, rows, keys, title, x="iter"):
     for j, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
         for i, (k, style) in enumerate(zip(keys, ("-", "--", ":"))):
             at = {}
-            for r in rows:
-                if r["run"] == run and r.get(k, "") != "":
-                    at.setdefault(float(r[x]), []).append(float(r[k]))
+            for r in (r for r in rows if r["run"] == run):
+                at.setdefault(r[x], []).append(r[k])
             every = max(2, len(at) // 10)  # each run's markers at other points: overlaps show
             ax.plot(list(at), [np.mean(v) for v in at.values()], style, color=f"C{j}", alpha=0.8,
                     marker="osD^v*"[j % 6], markevery=(j % every, every), label=None if i else run)
     ax.set(title=title, xlabel="iteration" if x == "iter" else x)
     ax.legend(fontsize=9)
 
-def bars(ax, rows, name, keys, title, err=False):
-    """A group of bars per key, a bar per row (named by its `name`), each labelled with its
-    value; err: the keys' `key_se` columns as ± 1 standard error."""
+def bars(ax, rows, keys, title, err=False):
+    """A group of bars per key, a bar per row (named by its first column), each labelled with
+    its value; err: the keys' `key_se` columns as ± 1 standard error."""
     x, w = np.arange(len(keys)), 0.8 / len(rows)
     for j, r in enumerate(rows):
-        h = [float(r[k]) for k in keys]
-        b = ax.bar(x + (j - (len(rows) - 1) / 2) * w, h, w, label=r[name], color=f"C{j}", capsize=3,
-                   yerr=[float(r[k + "_se"]) for k in keys] if err else None)
+        h = [r[k] for k in keys]
+        b = ax.bar(x + (j - (len(rows) - 1) / 2) * w, h, w, label=next(iter(r.values())), color=f"C{j}",
+                   capsize=3, yerr=[r[k + "_se"] for k in keys] if err else None)
         ax.bar_label(b, labels=[f"{v:.3g}" for v in h], fontsize=8, padding=2,
                      rotation=90 if len(keys) > 1 else 0)
     ax.set(title=title, xticks=x, xticklabels=[k.replace("_", " ") for k in keys])
@@ -81,7 +76,7 @@ def draw(png, title, panels, where):
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed, so no {png}: `pip install matplotlib` (or -r "
-              f"requirements-extra.txt); the numbers are in {where}")
+              f"requirements-extra.txt) and run this again; the numbers are in {where}")
         return None
     cols = len(panels) if len(panels) <= 3 else 3 if len(panels) % 3 == 0 else 2
     rows = -(-len(panels) // cols)
