@@ -48,10 +48,19 @@ def cpu_peak(raw, n_tokens, n_scored, dtype, min_s=0.2):
         best, spent, calls = min(best, dt), spent + dt, calls + 1
     return 2 * m * C * n / best, f"{name} [{m},{C}]@[{C},{n}]"
 
-def run_steps(cfg, steps, attn):
-    """Seconds of each orpo.train_step on B random pairs (a prompt of T/2 tokens and two
-    responses that fill the block: T + 1 tokens, as make_batch shifts by one): two warm-up
-    steps (a compiled model compiles in the first), then `steps`; the model and the batch."""
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "unknown"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+def bench(cfg, steps, attn):
+    """Time orpo.train_step on B random pairs (a prompt of T/2 tokens and two responses that
+    fill the block: T + 1 tokens, as make_batch shifts by one): two warm-up steps (a
+    compiled model compiles in the first), then `steps`, of which the median counts; find
+    the limit; print one JSON line."""
     dev, dev_type, dtype, amp = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, T, V = cfg.batch_size, cfg.block_size, cfg.vocab_size or 50304
@@ -67,27 +76,14 @@ def run_steps(cfg, steps, attn):
         t = time.perf_counter()
         orpo.train_step(net, opt, scaler, batches, loss_fn, cfg.lr, cfg.grad_clip)  # synced
         times.append(time.perf_counter() - t)
-    return times, raw, index, dev_type, dtype
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown"
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-
-def bench(cfg, steps, attn):
-    """Time the step, find the limit, print one JSON line."""
-    times, raw, index, dev_type, dtype = run_steps(cfg, steps, attn)
-    real, n_scored = report.batch_tokens(index, np.arange(cfg.batch_size), cfg.sft_on_prompt)
-    toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, cfg.block_size) * cfg.grad_accum
+    real, n_scored = report.batch_tokens(index, np.arange(B), cfg.sft_on_prompt)
+    toks, flops = real * cfg.grad_accum, raw.flops(real, n_scored, T) * cfg.grad_accum
     s = float(np.median(times[2:]))
     if dev_type == "cuda":
         name = torch.cuda.get_device_name()
         peak, shape = next((v for k, v in GPU_PEAK.items() if k in name), float("nan")), "spec"
     else:  # the step's matmuls run on 2B rows of T tokens, as make_batch stacks them
-        peak, shape = cpu_peak(raw, 2 * cfg.batch_size * cfg.block_size, n_scored, getattr(torch, dtype))
+        peak, shape = cpu_peak(raw, 2 * B * T, n_scored, getattr(torch, dtype))
     print(json.dumps(dict(
         device=dev_type, cpu=cpu_name(), dtype=dtype, threads=torch.get_num_threads(),
         block_size=cfg.block_size, batch_size=cfg.batch_size, sft_on_prompt=cfg.sft_on_prompt,
