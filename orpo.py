@@ -435,6 +435,7 @@ def train(cfg, preset="custom"):
             seconds, s1 = time.time() - t_loop, report.record_samples(log, it, "after training", judge(raw))
             summary = report.finish(log, cfg, preset, loss, history, s0, s1, seconds,
                                     time.time() - t_begin, min(cfg.eval_pairs, len(val[1])), world, dev_type)
+    del model  # DDP holds the process group: let go of it before procs.stop ends the group
     procs.stop(world)
     return summary
 

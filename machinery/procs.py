@@ -3,6 +3,7 @@ torchrun does. orpo.py calls each piece once: start() before anything, rank0_fir
 the data, wrap() around the model, rng_states() at each checkpoint and stop() at the end."""
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -113,5 +114,8 @@ def rng_states(world, dev_type):
 
 
 def stop(world):
+    """End the process group, once the caller has let go of its DDP model: gloo's threads
+    then end here, not in Python's exit, where one that needs the GIL aborts the process."""
     if world > 1:
+        gc.collect()  # a DDP model's last references may sit in cycles
         torch.distributed.destroy_process_group()
