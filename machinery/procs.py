@@ -32,9 +32,12 @@ def launch(n):
             for r in range(n)]
     first, sig, t_done = None, signal.SIGTERM, None  # t_done: when the first ended well
     try:
-        while first is None and any(k.poll() is None for k in kids):
-            first = next((r for r, k in enumerate(kids) if k.poll()), None)
-            if kids[0].poll() == 0:  # the run is written; the others only let go of the group,
+        while True:
+            codes = [k.poll() for k in kids]
+            first = next((r for r, c in enumerate(codes) if c), None)  # the first that failed
+            if first is not None or None not in codes:
+                break
+            if codes[0] == 0:  # the run is written; the others only let go of the group,
                 t_done = t_done or time.time()  # which must not hang on the first one's leaving
                 if time.time() - t_done > 10:
                     break
