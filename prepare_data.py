@@ -415,7 +415,7 @@ if __name__ == "__main__":
     ap.add_argument("--val_file", help="held-out rows (default: --file's top tenth of usable rows)")
     ap.add_argument("--subset", help="hh-rlhf data_dir, e.g. harmless-base")
     ap.add_argument("--out", help="output folder (default data/SOURCE, or data/<file name>)")
-    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--seed", type=int, default=SEED, help="the synthetic rows' seed")
     ap.add_argument("--n_train", type=int, default=N_TRAIN, help="synthetic rows")
     ap.add_argument("--n_val", type=int, default=N_VAL, help="synthetic rows")
     ap.add_argument("--max_len", type=int, default=1024, help="prompt + response tokens")

@@ -551,6 +551,12 @@ def main():
             print("@@ " + json.dumps(row), flush=True)
         return
     commands = dict(make=make, grade=grade, autograder=autograder)
+    if args[:1] in (["-h"], ["--help"]):
+        print("usage: python -m course.assignment make DIR | grade DIR | autograder OUT\n"
+              "  make DIR        write the student handout to DIR (a new or empty folder)\n"
+              "  grade DIR       grade the copy in DIR: a table, and DIR/results.json\n"
+              "  autograder OUT  write Gradescope's autograder package to OUT (OUT/autograder.zip)")
+        return
     if len(args) != 2 or args[0] not in commands:
         die("usage: python -m course.assignment make DIR | grade DIR | autograder OUT")
     commands[args[0]](args[1])
