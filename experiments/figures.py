@@ -151,22 +151,23 @@ def uniform(f, runs):
                 uniform=[dict(run=k, log_ratio=(a + b) / 2, count=int(n)) for k, v in ratios.items()
                          for a, b, n in zip(e, e[1:], np.histogram(v.numpy(), e)[0])])
 
+def by_length(pairs):
+    """The share of pairs that mean and summed log P rank right (chosen above rejected),
+    where the chosen answer is shorter, as long, longer; and how many pairs each."""
+    row = {}
+    for sign, what in ((-1, "shorter"), (0, "same"), (1, "longer")):
+        g = [p for p in pairs if np.sign(p["len_w"] - p["len_l"]) == sign]
+        row[f"n_{what}"] = len(g)
+        row[f"{what}_by_mean"] = np.mean([p["mean_w"] > p["mean_l"] for p in g] or 0)
+        row[f"{what}_by_sum"] = np.mean([p["mean_w"] * p["len_w"] > p["mean_l"] * p["len_l"] for p in g] or 0)
+    return row
+
 def lengths(f, runs):
-    """length: the share of held-out pairs that each model's mean and summed log P rank
-    right, where the chosen answer is shorter, as long, longer: the untrained model's, then
-    each run's (the first seed's)."""
-    rows, models = [], dict(untrained=untrained(f))
+    """length: by_length over the held-out pairs, under the untrained model, then each
+    run's (the first seed's)."""
+    models = dict(untrained=untrained(f))
     models.update({m: trained(r, f) for (m, s), r in runs.items() if s == f.cfg.seed})
-    for m, model in models.items():
-        pairs, row = pair_logps(model, f.val, f), dict(run=m)
-        for sign, what in ((-1, "shorter"), (0, "same"), (1, "longer")):
-            g = [p for p in pairs if np.sign(p["len_w"] - p["len_l"]) == sign]
-            row[f"n_{what}"] = len(g)
-            row[f"{what}_by_mean"] = np.mean([p["mean_w"] > p["mean_l"] for p in g] or 0)
-            row[f"{what}_by_sum"] = np.mean([p["mean_w"] * p["len_w"] > p["mean_l"] * p["len_l"]
-                                             for p in g] or 0)
-        rows.append(row)
-    return dict(by_length=rows)
+    return dict(by_length=[dict(run=m, **by_length(pair_logps(x, f.val, f))) for m, x in models.items()])
 
 def tune_dpo(f, sft, n_report):
     """DPO from the SFT run, with it as the reference, at each (beta, lr) of the grid, each

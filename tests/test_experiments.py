@@ -58,28 +58,25 @@ def main(monkeypatch, capsys, mod, *argv):
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, data_dir):
-    """Three figures made once, on the tiny preset (4 iterations, 16 eval pairs, 4 sampled
+    """Two figures made once, on the tiny preset (4 iterations, 16 eval pairs, 4 sampled
     answers), without matplotlib: {name: (stdout, the figure's folder)}."""
     out, made = tmp_path_factory.mktemp("figures"), {}
-    for name, extra in (("sft-vs-orpo", ["--seeds=2"]), ("length", []), ("methods", METHODS)):
+    for name, extra in (("sft-vs-orpo", ["--seeds=2"]), ("methods", METHODS)):
         r = module("figures", name, *TINY, f"--out_dir={out}", f"--data_dir={data_dir}", *extra, prefix=HIDE)
         assert r.returncode == 0, r.stderr[-2000:]
         made[name] = r.stdout, out / name
     return made
 
 
-@pytest.mark.parametrize("name", ["sft-vs-orpo", "length"])
-def test_a_figure_writes_each_runs_curve_at_every_iteration(made, name):
+def test_a_figure_writes_each_runs_curve_at_every_iteration(made):
     """Its runs, every seed's, each evaluated at every iteration (4 // 30 rounds up to 1),
     and the held-out end of each, as the runs' own summaries have it."""
-    out, d = made[name]
-    runs, seeds = figures.FIGURES[name][0], 2 if name == "sft-vs-orpo" else 1
+    out, d = made["sft-vs-orpo"]
     curves = rows(d / "curves.csv")
     assert [(r["run"], r["iter"]) for r in curves] == [
-        (run, float(i)) for _ in range(seeds) for run in runs for i in range(5)]
+        (run, float(i)) for _ in range(2) for run in ("SFT", "ORPO") for i in range(5)]
     for end in rows(d / "end.csv"):
-        run = f"{end['run']}_seed{end['seed']:.0f}".replace(" ", "_")
-        summary = json.load(open(d / run / "summary.json"))
+        summary = json.load(open(d / f"{end['run']}_seed{end['seed']:.0f}" / "summary.json"))
         assert end["logp_rejected"] == summary["end"]["ell_l"] and summary["iters"] == 4
     assert "evals every 1 iterations, not --eval_interval=5" in out
 
@@ -97,15 +94,16 @@ def test_sft_vs_orpo_says_what_the_judge_says_per_seed_and_over_seeds(made):
     assert f"{d}/seeds.csv" in out and f"{d}/flaws.csv" in out
 
 
-def test_length_ranks_pairs_by_mean_and_by_sum(made):
-    """The untrained model's and each run's accuracy by mean and by summed log P, by the
-    sign of the length difference, over the 16 eval pairs."""
-    by = {r["run"]: r for r in rows(made["length"][1] / "by_length.csv")}
-    assert list(by) == ["untrained", "mean log P", "summed log P"]
-    for r in by.values():
-        assert sum(r[f"n_{w}"] for w in ("shorter", "same", "longer")) == 16
-        assert all(0 <= r[f"{w}_by_{k}"] <= 1 for w in ("shorter", "same", "longer") for k in ("mean", "sum"))
-        assert r["same_by_mean"] == r["same_by_sum"]  # equal lengths: the sum ranks as the mean
+def test_length_ranks_pairs_by_mean_and_by_sum():
+    """By the sign of the length difference: the share of pairs whose chosen answer each
+    of mean and summed log P ranks above the rejected one."""
+    pairs = [dict(len_w=2, len_l=4, mean_w=-1.0, mean_l=-0.9),  # shorter: the sum alone right
+             dict(len_w=5, len_l=2, mean_w=-1.0, mean_l=-1.2),  # longer: the mean alone right
+             dict(len_w=3, len_l=3, mean_w=-0.5, mean_l=-0.7),  # as long: both right
+             dict(len_w=3, len_l=3, mean_w=-0.9, mean_l=-0.7)]  # as long: both wrong
+    assert figures.by_length(pairs) == dict(n_shorter=1, shorter_by_mean=0, shorter_by_sum=1, n_same=2,
+                                            same_by_mean=0.5, same_by_sum=0.5, n_longer=1,
+                                            longer_by_mean=1, longer_by_sum=0)
 
 
 def test_ratio_draws_uniform_log_ratios():
@@ -183,7 +181,10 @@ def test_a_png_has_no_empty_panel(made, tmp_path):
     pytest.importorskip("matplotlib", reason="pip install -r requirements-extra.txt")
     tables = {name: {c[:-4]: rows(d / c) for c in os.listdir(d) if c.endswith(".csv")}
               for name, (_, d) in made.items()}
-    tables["ratio"] = dict(curves=tables["length"]["curves"], **figures.uniform(None, None))
+    pairs = [dict(len_w=w, len_l=l, mean_w=-1.0, mean_l=-1.1) for w, l in ((2, 3), (3, 3), (4, 3))]
+    by = [dict(run=m, **figures.by_length(pairs)) for m in ("untrained", "mean log P", "summed log P")]
+    tables["length"] = dict(curves=tables["sft-vs-orpo"]["curves"], by_length=by)
+    tables["ratio"] = dict(curves=tables["sft-vs-orpo"]["curves"], **figures.uniform(None, None))
     for name, n in (("sft-vs-orpo", 3), ("length", 3), ("methods", 6), ("ratio", 3)):
         fig = plot.draw(str(tmp_path / f"{name}.png"), name, figures.panels(tables[name]), "")
         assert len(fig.axes) == n and all(ax.has_data() for ax in fig.axes)
