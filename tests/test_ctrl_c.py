@@ -16,6 +16,14 @@ from conftest import ROOT
 RUN = ["--config=tiny", "--n_samples=200", "--max_new_tokens=32", "--max_iters=100000"]
 
 
+def _session(p):
+    try:
+        with open(f"/proc/{p}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[4])  # field 6: the session id
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def typed_ctrl_c(argv, after, timeout=180):
     """Run `python argv` on a pseudo-terminal; type Ctrl-C once it has printed `after`; return
     (exit status, what it printed after the Ctrl-C, the process ids of its session still alive)."""
@@ -43,14 +51,6 @@ def typed_ctrl_c(argv, after, timeout=180):
     left = [p for p in os.listdir("/proc") if p.isdigit() and _session(p) == pid]
     os.close(fd)
     return os.waitstatus_to_exitcode(status), tail.decode(errors="replace"), left
-
-
-def _session(p):
-    try:
-        with open(f"/proc/{p}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[4])  # field 6: the session id
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def one_line_130(status, tail, left, *words):
