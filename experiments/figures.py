@@ -288,12 +288,23 @@ def make(name, d, cfg, preset, opts):
     return plot.draw(os.path.join(d, f"{name}.png"), run_title(name, preset, cfg, opts["seeds"]),
                      panels(tables), os.path.join(d, ""))
 
+def replot(name, d, cfg, preset, opts):
+    """NAME.png drawn again from the tables that the figure wrote in d, with no training:
+    after matplotlib is installed, say."""
+    names = sorted(n for n in os.listdir(d) if n.endswith(".csv")) if os.path.isdir(d) else []
+    if not names:
+        die(f"{d} holds no tables of the figure {name}: make it first, without --replot")
+    tables = {n[:-4]: plot.read_csv(os.path.join(d, n)) for n in names}
+    return plot.draw(os.path.join(d, f"{name}.png"), run_title(name, preset, cfg, opts["seeds"]),
+                     panels(tables), os.path.join(d, ""))
+
 OPTIONS = {  # figures.py's own options: (default, what --help says)
     "seeds": (1, "runs of each setting, seeds seed, seed+1, ...; curves show their mean (not methods)"),
     "dpo_iters": (0, "methods: DPO's iterations from the SFT run; 0: max_iters / 2"),
     "dpo_betas": ("0.01,0.03,0.1", "methods: DPO's betas to tune over, comma-separated"),
     "dpo_lrs": ("3e-5,1e-4,3e-4", "methods: DPO's learning rates to tune over, comma-separated"),
     "tune_samples": (200, "methods: held-out prompts, after those reported, that pick DPO's setting"),
+    "replot": (False, "draw NAME.png again from the tables in out_dir/NAME, with no training"),
 }
 
 def check(opts):
@@ -327,8 +338,11 @@ def main():
         print(f"evals every {dense(cfg)} iterations, not --eval_interval={cfg.eval_interval}: about "
               f"30 points a curve over {cfg.max_iters} iterations; a smaller --eval_interval gives more")
     d = os.path.join(cfg.out_dir, name)
+    if opts["replot"]:
+        return replot(name, d, cfg, preset, opts)
     try:
-        make(name, d, cfg, preset, opts)
+        if make(name, d, cfg, preset, opts) is None:  # no matplotlib: the tables are written
+            print(f"then `python -m experiments.figures {name} ... --replot=true` draws it, with no training")
     except KeyboardInterrupt:
         die(f"interrupted; safe on disk in {d}: each finished run's folder, the unfinished one's "
             f"ckpt.pt as of its last eval; the tables and the PNG are written at the end", 130)

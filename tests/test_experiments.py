@@ -212,6 +212,20 @@ def test_plot_draws_any_runs_side_by_side(made, monkeypatch, capsys, tmp_path):
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_replot_draws_the_png_from_the_tables_with_no_training(made, data_dir, tmp_path):
+    """Made without matplotlib, a figure says how to draw it later; --replot=true then draws
+    the PNG from its tables, with no run trained again; with no tables it is one line."""
+    out, d = made["sft-vs-orpo"]
+    assert "--replot=true` draws it, with no training" in out
+    ckpts = {p: p.stat().st_mtime_ns for p in d.glob("*/ckpt.pt")}
+    r = module("figures", "sft-vs-orpo", *TINY, f"--out_dir={d.parent}", f"--data_dir={data_dir}",
+               "--seeds=2", "--replot=true")
+    assert r.returncode == 0 and (d / "sft-vs-orpo.png").exists(), r.stderr[-2000:]
+    assert ckpts and {p: p.stat().st_mtime_ns for p in d.glob("*/ckpt.pt")} == ckpts
+    r = module("figures", "lambda", *TINY, f"--out_dir={tmp_path}", "--replot=true")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds no tables of the figure lambda" in r.stderr
+
+
 def test_ctrl_c_in_methods_is_one_line_and_stops_the_run(tmp_path, data_dir):
     """SIGINT (what Ctrl-C sends) while a run trains in its own process: one line, exit 130,
     and the run's `python orpo.py` is gone too."""
