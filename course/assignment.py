@@ -73,7 +73,8 @@ TAG = re.compile(r"#.*\b(Eqs?|Sec)\. ?\d")  # comments that cite the paper stay
 # Left out of the handout: the worked solutions, the teacher's kit, the tests that hold the
 # solution's lines, and the results and figures, which state what exercises 5-11 ask about
 LEAVE_OUT = ("GRADIENT.md", "course/TEACHING.md", "course/teacher/", "tests/test_assignment.py",
-             "tests/assignment_freeze.py", "tests/test_exercises.py", "experiments/RESULTS.md")
+             "tests/assignment_freeze.py", "tests/test_exercises.py", "experiments/RESULTS.md",
+             "tests/test_docs.py")  # it checks documents that a handout leaves out
 STUDENT_README = os.path.join(TEACHER, "handout-README.md")  # the handout's README.md
 KEY = os.path.join(TEACHER, "answers.txt")  # answers.txt, filled in; the handout's is blank
 LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)[^)]*\)")  # a Markdown link: [text](target#part)

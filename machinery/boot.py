@@ -85,3 +85,6 @@ class Threads:
         torch.set_num_threads(n)
         return (f"note: {n} thread(s), not {old}: other programs used {others:.1f} of the "
                 f"{self.cpus} CPUs over the last {dt:.0f} s")
+
+
+THREADS = Threads()  # measured from here on: by the first check, the load while the run began

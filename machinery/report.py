@@ -114,17 +114,16 @@ def record_eval(log, it, m):
 
 def record_samples(log, it, title, samples, k=3):
     """Sampled answers: into the log, and k printed. After training, where the judge has
-    scored them, the first k whose pair's chosen answer has a flaw, with that answer: does
-    the model copy the flaw, as SFT learns to, or leave it, as the pairs teach? Every run on
-    the same data shows the same prompts, so that two runs' lines compare side by side."""
+    scored them, the first k that have a flaw, named, and how many have one: what the model
+    still gets wrong, which SFT and ORPO runs show side by side."""
     write(log, dict(kind="samples", iter=it, samples=samples))
-    flawed = [s for s in samples if any(s.get("chosen_flaws", {}).values())][:k] if it else []
-    print(f"samples {title}" + (" (prompts whose chosen answer has a flaw):" if flawed else ":"))
-    for s in flawed or samples[:k]:
+    bad = lambda s: [f.replace("_", " ") for f, v in s.get("flaws", {}).items() if v]
+    flawed = [s for s in samples if bad(s)] if it else []
+    print(f"samples {title}" + (f" ({len(flawed)} of {len(samples)} have a flaw; the first "
+                                f"{min(k, len(flawed))}):" if flawed else ":"))
+    for s in flawed[:k] or samples[:k]:
         judged = f"   judge {s['score']:.2f}" if "score" in s else ""
-        chosen = f"   (chosen:{s['chosen']!r}, " + ", ".join(
-            f.replace("_", " ") for f, bad in s["chosen_flaws"].items() if bad) + ")" if flawed else ""
-        print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}{chosen}")
+        print(f"  {s['prompt']!r} ->{s['sample']!r}{judged}" + (f"   ({', '.join(bad(s))})" if flawed else ""))
     return samples
 
 
@@ -211,7 +210,13 @@ class Speed:
 
     def __init__(self, index, world):
         self.index, self.world, self.t, self.toks, self.n = index, world, time.time(), 0, 0
-        self.threads = boot.Threads()  # the thread count follows the machine's load
+        self.threads()  # before the first eval and samples, from the load since the start
+
+    @staticmethod
+    def threads():
+        """The thread count follows the machine's load (boot.Threads); a change is a line."""
+        if note := boot.THREADS.check():
+            print(note)
 
     def step(self, rows, it, vals, lr, show):
         self.toks += sum(batch_tokens(self.index, r, False)[0] for r in rows) * self.world
@@ -220,6 +225,5 @@ class Speed:
             dt = time.time() - self.t
             print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
                   f"lr {lr:.2e} | {self.toks / dt:,.0f} tok/s | {1000 * dt / self.n:,.0f} ms/iter")
-            if note := self.threads.check():
-                print(note)
             self.t, self.toks, self.n = time.time(), 0, 0
+        self.threads()  # at most every 2 s
