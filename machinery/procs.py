@@ -44,6 +44,10 @@ def launch(n):
             time.sleep(0.1)
     except KeyboardInterrupt:  # the workers had it too, from the terminal, or have it now
         first, sig = 0, signal.SIGINT
+        for _ in range(30):  # a terminal's Ctrl-C reached them all: they end by themselves
+            if all(k.poll() is not None for k in kids):
+                break
+            time.sleep(0.1)
     for k in kids:
         if k.poll() is None:
             k.send_signal(sig)
@@ -53,6 +57,8 @@ def launch(n):
         except subprocess.TimeoutExpired:
             k.kill()
             k.wait()
+    if sig == signal.SIGINT:  # the first worker whose own handler said what it kept
+        first = next((r for r, k in enumerate(kids) if k.returncode == 130), 0)
     said = errs[first or 0]
     said.seek(0)
     sys.stderr.write(said.read())

@@ -76,15 +76,6 @@ def test_ctrl_c_in_a_run_is_one_line(tmp_path, data_dir, after, words):
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]
 
 
-def test_ctrl_c_in_a_ddp_run_and_in_data_preparation_is_one_line(tmp_path, gpt2):
-    """Two workers that --nproc started, while the first prepares the data: every process
-    of the group gets it, one line is said, and the data is the earlier one or none."""
-    r = typed_ctrl_c(["orpo.py", "--config=tiny", "--nproc=2", "--grad_accum=2",
-                      f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}",
-                      "--data_file=course/data/hh-rlhf-sample.jsonl.gz"], "preparing")
-    one_line_130(*r, "interrupted")
-
-
 def test_ctrl_c_in_a_figure_between_runs_is_one_line(tmp_path, data_dir):
     r = typed_ctrl_c(["-m", "experiments.figures", "lambda", "--config=tiny", "--max_iters=4",
                       f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--n_samples=2"],

@@ -132,12 +132,15 @@ def test_ddp_exits_clean_twenty_times_beside_a_busy_process(tmp_path):
     (tmp_path / "ddp_exit.py").write_text(DDP_EXIT)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        for _ in range(20):
-            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                "--nproc_per_node=2", str(tmp_path / "ddp_exit.py")], cwd=ROOT,
-                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
-                               capture_output=True, text=True, timeout=120)
-            assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr
+        for i in range(20):  # two workers, as --nproc starts them (torchrun's agent: more time)
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 5000 + i))
+            ranks = [subprocess.Popen([sys.executable, str(tmp_path / "ddp_exit.py")], cwd=ROOT,
+                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+            for p in ranks:
+                _, err = p.communicate(timeout=120)
+                assert p.returncode == 0 and "terminate called" not in err, err
     finally:
         hog.kill()
 
