@@ -65,8 +65,8 @@ def one_line_130(status, tail, left, *words):
 
 @pytest.mark.parametrize("after, words", [
     ("", ("interrupted",)),                                          # while torch imports
-    ("eval     0", ("interrupted; no checkpoint was written yet",)),  # sampling before training
-    ("eval     5", ("interrupted;", "holds iteration 5: go on with --init_from=resume")),  # training
+    ("eval     0", ("interrupted;",)),  # sampling before training (or, on a fast machine, after)
+    ("eval     5", ("interrupted;", "holds iteration", ": go on with --init_from=resume")),  # training
 ])
 def test_ctrl_c_in_a_run_is_one_line(tmp_path, data_dir, after, words):
     out = tmp_path / "out"
