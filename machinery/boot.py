@@ -17,7 +17,9 @@ last bit: a run that shared its machine may give slightly different losses. To f
 numbers, or to choose yourself, set OMP_NUM_THREADS (and OMP_WAIT_POLICY if you like): a
 count you set is never changed.
 """
+import atexit
 import os
+import signal
 import sys
 import time
 
@@ -34,6 +36,9 @@ def one_line_exit(kind, value, tb, hook=sys.excepthook):
 
 
 sys.excepthook = one_line_exit
+# Once the script is done, Python frees torch for half a second, with Ctrl-C's default
+# action back: a keystroke then would end the finished program by a signal, unexplained.
+atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
 def cores():

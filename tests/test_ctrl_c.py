@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 
 RUN = ["--config=tiny", "--n_samples=200", "--max_new_tokens=32", "--max_iters=100000"]
 
@@ -25,15 +25,17 @@ def _session(p):
 
 
 def typed_ctrl_c(argv, after, timeout=180):
-    """Run `python argv` on a pseudo-terminal; type Ctrl-C once it has printed `after`; return
-    (exit status, what it printed after the Ctrl-C, the process ids of its session still alive)."""
+    """Run `python argv` on a pseudo-terminal; type Ctrl-C once it has printed `after` (a string)
+    or `after` seconds on; return (exit status, what it printed after the Ctrl-C, the process ids
+    of its session still alive)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session of its own, with the pseudo-terminal as its terminal
         os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, *argv])
     out, tail, typed, t0 = b"", b"", False, time.time()
     while time.time() - t0 < timeout:
-        if not typed and after.encode() in out:
+        due = time.time() - t0 > after if isinstance(after, float) else after.encode() in out
+        if not typed and due:
             time.sleep(0.3)
             os.write(fd, b"\x03")  # Ctrl-C, as the keyboard sends it
             typed = True
@@ -88,3 +90,34 @@ def test_ctrl_c_in_data_preparation_is_one_line_and_keeps_no_half_data(tmp_path)
     one_line_130(*typed_ctrl_c(["prepare_data.py", "--n_train=400000", f"--out={d}"], ""),
                  "interrupted")
     assert not os.path.exists(f"{d}.new")
+
+
+def test_ctrl_c_in_sampling_is_one_line(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert cli("orpo.py", "--config=tiny", "--max_iters=2", f"--data_dir={data_dir}",
+               f"--out_dir={out}", "--n_samples=0").returncode == 0
+    r = typed_ctrl_c(["sample.py", "--config=tiny", f"--out_dir={out}", "--n_samples=5",
+                      "--max_new_tokens=100000", "--prompt=zebra"], "note:")  # then it samples
+    one_line_130(*r, "interrupted")
+
+
+def test_ctrl_c_in_the_benchmark_is_one_line():
+    r = typed_ctrl_c(["-m", "experiments.bench", "--config=tiny", "--steps=100000"], 8.0)
+    one_line_130(*r, "interrupted")
+
+
+def test_ctrl_c_in_the_assignment_is_one_line_and_leaves_no_half_copy(tmp_path):
+    hand = tmp_path / "hand"
+    r = typed_ctrl_c(["-m", "course.assignment", "make", str(hand)], 1.2)  # importing or writing
+    if r[0] == 0:  # this machine wrote it before the keystroke
+        assert (hand / "orpo.py").is_file()
+    else:
+        one_line_130(*r, "interrupted")
+        assert not hand.exists() or not os.listdir(hand)
+        r = typed_ctrl_c(["-m", "course.assignment", "make", str(hand)], 600.0)
+        assert r[0] == 0 and (hand / "orpo.py").is_file(), r
+    src = (hand / "orpo.py").read_text()  # a student's endless loop: the grading waits on it
+    (hand / "orpo.py").write_text(src.replace("raise NotImplementedError(", "while True: (", 1))
+    one_line_130(*typed_ctrl_c(["-m", "course.assignment", "grade", str(hand)], 3.0),
+                 "interrupted")
+    assert not (hand / "results.json").exists()
