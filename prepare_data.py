@@ -67,13 +67,11 @@ def to_triple(row, shape):
         raise ValueError(row.msg)
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
-    for key in ("chosen", "rejected") + (("prompt",) if shape == "triple" else ()):
+    for key in ("prompt", "chosen", "rejected") if shape == "triple" else ("chosen", "rejected"):
         if key not in row:
             raise ValueError(f"missing key {key!r} (has {sorted(row)})")
-    if shape != "messages":  # strings, as they are or to split (render checks messages)
-        for key in ("prompt", "chosen", "rejected") if shape == "triple" else ("chosen", "rejected"):
-            if not isinstance(row[key], str):
-                raise ValueError(f"{key!r} is {type(row[key]).__name__}, not a string")
+        if shape != "messages" and not isinstance(row[key], str):  # render checks messages
+            raise ValueError(f"{key!r} is {type(row[key]).__name__}, not a string")
     if shape == "triple":
         return row
     if shape == "dialogue":  # the prompt runs through the last Assistant marker; each response

@@ -118,18 +118,14 @@ def parse_value(key, val, default):
         die(f"--{key} expects {typ.__name__}, got {val!r}")
 
 
-def key_notes(config):
-    """{field: its comment in the config class's source}: what --help says each key does."""
-    notes = {}
-    for line in inspect.getsource(config).splitlines():
+def print_help(cfg, preset, presets, fields, extra, rules, notes, usage):
+    """--help: every key with its value under the preset, what it accepts and what it does:
+    the script's notes, else the field's comment in the config class's source."""
+    said = dict(notes)
+    for line in inspect.getsource(type(cfg)).splitlines():
         name, colon, rest = line.strip().partition(":")
         if colon and "#" in rest and name.isidentifier():
-            notes[name] = rest.split("#", 1)[1].strip()
-    return notes
-
-
-def print_help(cfg, preset, presets, fields, extra, rules, said, usage):
-    """--help: every key with its value under the preset, what it accepts and what it does."""
+            said.setdefault(name, rest.split("#", 1)[1].strip())
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as `python -m package.module`
     script = f"-m {spec.name}" if spec and spec.name else os.path.basename(sys.argv[0])
     lines = [f"usage: python {script} {usage}   presets: {', '.join(presets)}"
@@ -137,10 +133,7 @@ def print_help(cfg, preset, presets, fields, extra, rules, said, usage):
     lines += [f"  --{f.name}={getattr(cfg, f.name)!r}  ({rules.get(f.name, (0, f.type.__name__))[1]})"
               f"  {said.get(f.name, '')}".rstrip() for f in fields]
     lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
-    try:
-        print("\n".join(lines), flush=True)
-    except BrokenPipeError:  # `--help | head`: the reader left early, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print("\n".join(lines), flush=True)  # `--help | head`: boot's one_line_exit, exit 141
     sys.exit(0)
 
 
@@ -167,7 +160,7 @@ def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=
     fields = [f for f in dataclasses.fields(config) if keys is None or f.name in keys]
     cfg, opts, known, rules = config(**presets[preset]), dict(extra), {f.name for f in fields}, dict(RULES, **(rules or {}))
     if {"-h", "--help"} & set(argv):
-        print_help(cfg, preset, presets, fields, extra, rules, dict(key_notes(config), **(notes or {})), usage)
+        print_help(cfg, preset, presets, fields, extra, rules, notes or {}, usage)
     for key, val in pairs:
         if key in opts:
             opts[key] = parse_value(key, val, extra[key])

@@ -52,10 +52,6 @@ def synthetic_encoding():
                              special_tokens={"<|endoftext|>": len(ranks)})
 
 
-def synthetic_prompt(examples, n):
-    return f"user: {n} more like {examples[0]} and {examples[1]}\nassistant:"
-
-
 def make_synthetic(n_train, n_val, seed):
     """Rows of {prompt, chosen, rejected}. Val prompts (example pair and count) never occur
     in train, so held-out accuracy measures generalisation, not recall."""
@@ -90,7 +86,7 @@ def make_synthetic(n_train, n_val, seed):
                 bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
                     [w for w in pool if w not in words]))]
             rows.append({
-                "prompt": synthetic_prompt((a, b), n),
+                "prompt": f"user: {n} more like {a} and {b}\nassistant:",
                 "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
                 "rejected": f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} .",
             })

@@ -518,7 +518,7 @@ def test_meta_records_the_files_as_absolute_paths_and_the_limits(tmp_path, monke
 
 # --- the synthetic judge ---
 
-PROMPT = synthetic.synthetic_prompt(("cat", "dog"), 3)
+PROMPT = "user: 3 more like cat and dog\nassistant:"  # a prompt of the synthetic task
 
 
 @pytest.mark.parametrize("answer, want, score", [
