@@ -10,10 +10,7 @@ answers, stray words included; the pairs say that off topic is worse, and ORPO l
 too. The rows are written in the task's own small BPE (synthetic_encoding), a token a word.
 
 judge() scores any answer, so report.py can measure a win rate on sampled generations, as
-the paper does with a reward model; flaws() names what judge() found wrong with it, from the
-same pieces (read_answer), so that the two cannot disagree. verdict() gives both for a
-sampled answer against the chosen one, and judged() sums the verdicts up, each rate with its
-standard error (mean_se).
+the paper does with a reward model, and flaws() names what it found wrong.
 """
 import math
 
