@@ -41,7 +41,6 @@ def read_csv(path):
     with open(path, newline="") as f:
         return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
-
 def show(title, rows):
     """A table in aligned columns, under its title."""
     cols = [[k, *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for r in rows)] for k in rows[0]]
@@ -101,19 +100,8 @@ def draw(png, title, panels, where):
     print(f"wrote {png}")
     return fig
 
-def runs(dirs, png):
-    """The command: each run's curves, side by side."""
-    logs = {d.rstrip("/"): read_log(d) for d in dirs}
-    rows = lambda kind: [dict(r, run=d) for d, log in logs.items() for r in log if r["kind"] == kind]
-    evals, steps = rows("eval"), rows("train")
-    return draw(png, ", ".join(logs), [
-        (curves, evals, ["ell_w", "ell_l"], "held-out mean log P: chosen (solid), rejected (dashed)"),
-        (curves, evals, ["margin"], "held-out margin: mean log P chosen - rejected"),
-        (curves, evals, ["acc"], "held-out preference accuracy"), (curves, steps, ["loss"], "train loss"),
-        (curves, steps, ["l_sft"], "train L_SFT"), (curves, steps, ["l_or"], "train L_OR")],
-        "each run's log.jsonl")
-
 def main():
+    """The command: each run's curves, side by side; the figure."""
     args = sys.argv[1:]
     if {"-h", "--help"} & set(args):
         print(__doc__.strip())
@@ -121,7 +109,15 @@ def main():
     dirs, outs = [a for a in args if not a.startswith("-")], [a[6:] for a in args if a.startswith("--out=")]
     if not dirs or len(dirs) + len(outs) != len(args):
         die(f"expected run folders (their out_dir) and at most --out=PNG, got {args}; --help says more")
-    runs(dirs, outs[-1] if outs else "runs.png")
+    logs = {d.rstrip("/"): read_log(d) for d in dirs}
+    rows = lambda kind: [dict(r, run=d) for d, log in logs.items() for r in log if r["kind"] == kind]
+    evals, steps = rows("eval"), rows("train")
+    return draw(outs[-1] if outs else "runs.png", ", ".join(logs), [
+        (curves, evals, ["ell_w", "ell_l"], "held-out mean log P: chosen (solid), rejected (dashed)"),
+        (curves, evals, ["margin"], "held-out margin: mean log P chosen - rejected"),
+        (curves, evals, ["acc"], "held-out preference accuracy"), (curves, steps, ["loss"], "train loss"),
+        (curves, steps, ["l_sft"], "train L_SFT"), (curves, steps, ["l_or"], "train L_OR")],
+        "each run's log.jsonl")
 
 if __name__ == "__main__":
     main()

@@ -205,7 +205,8 @@ def test_plot_draws_any_runs_side_by_side(made, monkeypatch, capsys, tmp_path):
     assert f"no {tmp_path / 'two.png'}: `pip install matplotlib`" in capsys.readouterr().out
     monkeypatch.undo()
     if importlib.util.find_spec("matplotlib"):
-        fig = plot.runs(two, str(tmp_path / "two.png"))
+        monkeypatch.setattr(sys, "argv", ["plot", *two, f"--out={tmp_path / 'two.png'}"])
+        fig = plot.main()
         assert len(fig.axes) == 6 and all(ax.has_data() for ax in fig.axes)
         assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = main(monkeypatch, capsys, plot, str(tmp_path))
