@@ -48,10 +48,6 @@ def trained(run, f):
     path = os.path.join(run["dir"], "ckpt.pt")
     return checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path), path).to(f.dev)
 
-def untrained(f):  # the model every run starts from: orpo.train's seed, then its model
-    torch.manual_seed(f.cfg.seed)
-    return checkpoint.build_model(f.cfg, f.meta, None).to(f.dev)
-
 @torch.no_grad()
 def pair_logps(model, split, f):
     """Per held-out pair (the first eval_pairs): response lengths and mean log-probs, chosen
@@ -153,7 +149,8 @@ def by_length(pairs):
 
 def lengths(f, runs):
     """length: by_length under the untrained model, then each run's (the first seed's)."""
-    models = dict(untrained=untrained(f))
+    torch.manual_seed(f.cfg.seed)  # the model every run starts from: orpo.train's seed, then its model
+    models = dict(untrained=checkpoint.build_model(f.cfg, f.meta, None).to(f.dev))
     models.update({m: trained(r, f) for (m, s), r in runs.items() if s == f.cfg.seed})
     return dict(by_length=[dict(run=m, **by_length(pair_logps(x, f.val, f))) for m, x in models.items()])
 
@@ -191,7 +188,7 @@ def methods(f, runs):
     sft, orpo_run = (train(f, m, [f"--lam={lam}", f"--n_samples={n_report}"])
                      for m, lam in (("SFT", 0), ("ORPO", 1)))
     best, grid = tune_dpo(f, sft, n_report)
-    model = untrained(f)  # of the runs' shape, which gives their FLOPs
+    model = trained(sft, f)  # of the runs' shape, which gives their FLOPs
     c = {m: cost(r, f, model) for m, r in (("SFT", sft), ("DPO phase", best), ("ORPO", orpo_run))}
     c["SFT then DPO"] = {k: max(c["SFT"][k], c["DPO phase"][k]) if k == "peak_mb" else
                          c["SFT"][k] + c["DPO phase"][k] for k in c["SFT"]}

@@ -60,7 +60,6 @@ def curves(ax, rows, keys, title, x="iter"):
             ax.plot(list(at), [np.mean(v) for v in at.values()], style, color=f"C{j}", alpha=0.8,
                     marker="osD^v*"[j % 6], markevery=(j % every, every), label=None if i else run)
     ax.set(title=title, xlabel="iteration" if x == "iter" else x)
-    ax.legend(fontsize=9)
 
 def bars(ax, rows, keys, title, err=False):
     """A group of bars per key, a bar per row (named by its first column), each labelled with
@@ -74,7 +73,6 @@ def bars(ax, rows, keys, title, err=False):
                      rotation=90 if len(keys) > 1 else 0)
     ax.set(title=title, xticks=x, xticklabels=[k.replace("_", " ") for k in keys])
     ax.margins(y=0.3)
-    ax.legend(fontsize=9)
 
 def draw(png, title, panels, where):
     """One PNG of panels, each (function, its arguments after the axes), three to a row, or
@@ -93,6 +91,7 @@ def draw(png, title, panels, where):
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.8 * rows), squeeze=False)
     for ax, (panel, *args) in zip(axes.flat, panels):
         panel(ax, *args)
+        ax.legend(fontsize=9)
     fig.suptitle(title, fontsize=14)
     fig.tight_layout()
     with atomic_write(png) as tmp:
