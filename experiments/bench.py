@@ -1,8 +1,7 @@
 """Speed: time orpo.py's training step on random pairs that fill block_size (half prompt,
-half response); print one JSON line: tokens/s, the limit that the step's FLOPs (GPT.flops) at
-the machine's matmul rate set (a GPU's vendor peak, GPU_PEAK; a CPU's measured, cpu_peak), the
-fraction of it reached (`mfu`), and peak memory; `first_step_s` includes a compile. More in
-BENCHMARKS.md.
+half response); print one JSON line: tokens/s; the limit, the step's FLOPs (GPT.flops) at
+the machine's matmul rate (a GPU's vendor peak, GPU_PEAK; on a CPU, measured: cpu_peak); the
+fraction of it reached (`mfu`); peak memory. BENCHMARKS.md says more.
 
     python -m experiments.bench --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \\
         --batch_size=8 --vocab_size=50304 --dtype=bfloat16 [--attn=plain|sdpa]
@@ -46,7 +45,7 @@ def cpu_peak(raw, n_tokens, n_scored, dtype, min_s=0.2):
 def bench(cfg, steps, attn):
     """Time orpo.train_step on B random pairs (a prompt of T/2 tokens and two responses that
     fill the block: T + 1 tokens, as make_batch shifts by one): two warm-up steps (a
-    compiled model compiles in the first), then `steps`, of which the median counts."""
+    compiled model compiles in the first: first_step_s), then `steps`, whose median counts."""
     dev, dev_type, dtype, amp = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, T, V = cfg.batch_size, cfg.block_size, cfg.vocab_size or 50304
