@@ -1,14 +1,10 @@
 """Speed: time orpo.py's training step on random pairs that fill block_size (half prompt,
-half response); print one JSON line: tokens/s, the limit the machine's matmuls set, the
-fraction of it reached (`mfu`), and peak memory.
+half response); print one JSON line: tokens/s; the limit, the step's FLOPs (GPT.flops) at
+the machine's matmul rate (a GPU's vendor peak, GPU_PEAK; on a CPU, measured: cpu_peak); the
+fraction of it reached (`mfu`); peak memory. BENCHMARKS.md says more.
 
     python -m experiments.bench --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \\
         --batch_size=8 --vocab_size=50304 --dtype=bfloat16 [--attn=plain|sdpa]
-
-The limit: on a CUDA GPU, the vendor's dense bf16 peak (GPU_PEAK); on a CPU, the rate of one
-matmul measured here and now in the run's dtype (cpu_peak; `peak_shape`). `limit_tokens_per_s`
-is the step's FLOPs (GPT.flops) at that rate; `mfu` = tokens_per_s / limit_tokens_per_s.
-`first_step_s`: the first warm-up step (with --compile=true, the compile too).
 """
 from machinery import boot  # first: it sets what torch reads as it loads; Ctrl-C: one line
 import dataclasses
@@ -29,38 +25,27 @@ GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10
             "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 FLOP/s, vendor specs
 
 def cpu_peak(raw, n_tokens, n_scored, dtype, min_s=0.2):
-    """(FLOP/s, the shape): the fastest of repeated calls (3 and min_s seconds at least,
-    after one that builds the kernel) of the step's largest class of matmul, as autograd
-    runs it (X W^T, a transposed view): the output layer's slice of raw.chunk vocabulary
-    columns at the scored positions, or the MLP's widening [C, 4C] at every token."""
+    """(FLOP/s, the shape) of the step's largest class of matmul, as autograd runs it (X W^T,
+    a transposed view): the output layer's slice of raw.chunk vocabulary columns at the
+    scored positions, or the MLP's widening [C, 4C] at every token."""
     C = raw.cfg.n_embd
     blocks = sum(p.numel() for p in raw.h.parameters()) * n_tokens
     out = C * raw.n_vocab * n_scored > blocks  # GPT.flops: the output layer outweighs the blocks
     m, n, name = (n_scored, raw.chunk, "lm_head") if out else (n_tokens, 4 * C, "c_fc")
     g = torch.Generator().manual_seed(0)
     x, w = (torch.randn(k, C, generator=g).to(dtype) for k in (m, n))
-    x @ w.t()
-    best, spent, calls = float("inf"), 0.0, 0
-    while spent < min_s or calls < 3:
+    x @ w.t()  # the first call builds the kernel; the fastest of 3 calls and min_s seconds counts
+    times = []
+    while sum(times) < min_s or len(times) < 3:
         t = time.perf_counter()
         x @ w.t()
-        dt = time.perf_counter() - t
-        best, spent, calls = min(best, dt), spent + dt, calls + 1
-    return 2 * m * C * n / best, f"{name} [{m},{C}]@[{C},{n}]"
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown"
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+        times.append(time.perf_counter() - t)
+    return 2 * m * C * n / min(times), f"{name} [{m},{C}]@[{C},{n}]"
 
 def bench(cfg, steps, attn):
     """Time orpo.train_step on B random pairs (a prompt of T/2 tokens and two responses that
     fill the block: T + 1 tokens, as make_batch shifts by one): two warm-up steps (a
-    compiled model compiles in the first), then `steps`, of which the median counts; find
-    the limit; print one JSON line."""
+    compiled model compiles in the first: first_step_s), then `steps`, whose median counts."""
     dev, dev_type, dtype, amp = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, T, V = cfg.batch_size, cfg.block_size, cfg.vocab_size or 50304
@@ -84,11 +69,16 @@ def bench(cfg, steps, attn):
         peak, shape = next((v for k, v in GPU_PEAK.items() if k in name), float("nan")), "spec"
     else:  # the step's matmuls run on 2B rows of T tokens, as make_batch stacks them
         peak, shape = cpu_peak(raw, 2 * B * T, n_scored, getattr(torch, dtype))
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown"
     print(json.dumps(dict(
-        device=dev_type, cpu=cpu_name(), dtype=dtype, threads=torch.get_num_threads(),
-        block_size=cfg.block_size, batch_size=cfg.batch_size, sft_on_prompt=cfg.sft_on_prompt,
-        compile=cfg.compile, params=raw.num_params(), tokens_per_step=toks, logit_positions=n_scored,
-        steps=steps, ms_per_step=round(s * 1e3, 1), tokens_per_s=round(toks / s, 1),
+        device=dev_type, cpu=f"{cpu} ({torch.backends.cpu.get_cpu_capability()})", dtype=dtype,
+        threads=torch.get_num_threads(), block_size=cfg.block_size, batch_size=cfg.batch_size,
+        sft_on_prompt=cfg.sft_on_prompt, compile=cfg.compile, params=raw.num_params(), tokens_per_step=toks,
+        logit_positions=n_scored, steps=steps, ms_per_step=round(s * 1e3, 1), tokens_per_s=round(toks / s, 1),
         peak_gflops=round(peak / 1e9, 1), peak_shape=shape, limit_tokens_per_s=round(toks * peak / flops, 1),
         mfu=float(f"{flops / s / peak:.4g}"), first_step_s=round(times[0], 1), attn=attn,
         peak_mem_mb=round(report.peak_mem_mb(dev_type)))))

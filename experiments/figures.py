@@ -1,12 +1,8 @@
-"""The paper's findings, from runs of orpo.py, each its own process, in turn. A figure
-writes its numbers as CSVs to out_dir/NAME/, beside its runs, prints the short ones, and
-draws NAME.png from them (with matplotlib). orpo.py's --config and --key=value follow NAME.
+"""The paper's findings (FIGURES), from runs of orpo.py, each its own process, in turn. A
+figure writes its numbers as CSVs to out_dir/NAME/, beside its runs, prints the short ones,
+and draws NAME.png from them (with matplotlib). orpo.py's --config and --key=value follow NAME:
 
-    python -m experiments.figures sft-vs-orpo [--seeds=3]  # Figs. 3, 7: SFT lifts the rejected answers too
-    python -m experiments.figures methods   # SFT then DPO (tuned) against ORPO: cost, outcome, why
-    python -m experiments.figures lambda    # App. E: the weight of L_OR
-    python -m experiments.figures ratio     # Sec. 7.1: odds ratio against probability ratio
-    python -m experiments.figures length    # Eq. 3: why log P is a mean, not a sum
+    python -m experiments.figures NAME [--seeds=3] [--key=value ...]
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import dataclasses
@@ -28,38 +24,29 @@ from machinery import checkpoint, report, synthetic
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die
 
-ORPO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "orpo.py")
-
 # ----------------------------------------------------------------------------------------
 # The runs, each a `python orpo.py` process; the models they leave, evaluated here
 
 def train(f, name, flags):
-    """A run of figure f into f.d/name: `python orpo.py` with the figure's flags and these;
-    it says which run it is of f.n, and the time left at the pace of those before it."""
+    """`python orpo.py` into f.d/name, with the figure's flags and these; its summary and log."""
     out, f.k = os.path.join(f.d, name), f.k + 1
     shutil.rmtree(out, ignore_errors=True)  # a figure made again replaces its own runs
     left = f", about {(time.time() - f.t0) / (f.k - 1) * (f.n - f.k + 1):.0f} s left" if f.k > 1 else ""
     print(f"== run {f.k} of {f.n}: {name} {' '.join(flags)}{left} ==")
     # its own process group, so that Ctrl-C reaches this process alone, which says what is
     # on disk; subprocess.run kills the run on the way out (its checkpoints are atomic)
-    cmd = [sys.executable, ORPO, *f.flags, *flags, f"--out_dir={out}"]
+    cmd = [sys.executable, orpo.__file__, *f.flags, *flags, f"--out_dir={out}"]
     if subprocess.run(cmd, process_group=0).returncode:
         die(f"the run in {out} failed (its error is above)")
     with open(os.path.join(out, "summary.json")) as s:
         return dict(dir=out, summary=json.load(s), log=plot.read_log(out))
 
-def samples(run):
-    """The answers a run sampled after training."""
+def samples(run):  # the answers sampled after training
     return [r["samples"] for r in run["log"] if r["kind"] == "samples"][-1]
 
 def trained(run, f):
     path = os.path.join(run["dir"], "ckpt.pt")
     return checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path), path).to(f.dev)
-
-def untrained(f):
-    """The model every run starts from: orpo.train's seed, then its model."""
-    torch.manual_seed(f.cfg.seed)
-    return checkpoint.build_model(f.cfg, f.meta, None).to(f.dev)
 
 @torch.no_grad()
 def pair_logps(model, split, f):
@@ -77,16 +64,14 @@ def pair_logps(model, split, f):
     return rows
 
 def head_to_head(a, b):
-    """a's samples against b's on the same prompts, by judge score: (win, tie, loss) rates,
-    and a's win rate with ties counted half, (mean, standard error)."""
+    """a's samples against b's, same prompts: (win, tie, loss) rates; win rate, ties half, ± s.e."""
     by_row = {s["row"]: s["score"] for s in b}
     w = [synthetic.win(s["score"], by_row[s["row"]]) for s in a]
     return [w.count(v) / len(w) for v in (1.0, 0.5, 0.0)], synthetic.mean_se(w)
 
 def outcome(smp, f, model, split):
-    """The judge on a model's sampled answers: each flaw's rate, the win rate against the
-    chosen ones (± 1 standard error); and why: P(end-of-text) where the chosen answer ends
-    (split's pairs), words per answer, sampled and chosen, and the share left unended."""
+    """The judge's flaw rates and win rate vs chosen (± s.e.) of a model's answers; and why:
+    P(end-of-text) where chosen ends (split's pairs), words sampled and chosen, share unended."""
     j = synthetic.judged(smp, smp)
     full = [len(f.enc.encode(s["sample"], disallowed_special=())) >= f.cfg.max_new_tokens for s in smp]
     return dict(**{k: j["flaw_rates"]["after"][k][0] for k in synthetic.FLAWS},
@@ -163,16 +148,15 @@ def by_length(pairs):
     return row
 
 def lengths(f, runs):
-    """length: by_length over the held-out pairs, under the untrained model, then each
-    run's (the first seed's)."""
-    models = dict(untrained=untrained(f))
+    """length: by_length under the untrained model, then each run's (the first seed's)."""
+    torch.manual_seed(f.cfg.seed)  # the model every run starts from: orpo.train's seed, then its model
+    models = dict(untrained=checkpoint.build_model(f.cfg, f.meta, None).to(f.dev))
     models.update({m: trained(r, f) for (m, s), r in runs.items() if s == f.cfg.seed})
     return dict(by_length=[dict(run=m, **by_length(pair_logps(x, f.val, f))) for m, x in models.items()])
 
 def tune_dpo(f, sft, n_report):
-    """DPO from the SFT run, with it as the reference, at each (beta, lr) of the grid, each
-    judged on the n_tune held-out prompts after the n_report reported ones; the best by its
-    win rate against the chosen answers, and the grid's table."""
+    """DPO from the SFT run, its reference, at each (beta, lr), judged on the n_tune held-out
+    prompts after the n_report reported: the best by win rate vs chosen, and the grid's table."""
     M, n = f.opts["dpo_iters"] or f.cfg.max_iters // 2, f.opts["n_tune"]
     ck = os.path.join(sft["dir"], "ckpt.pt")
     tune, points = (f.val[0], f.val[1][n_report:n_report + n]), []
@@ -204,7 +188,7 @@ def methods(f, runs):
     sft, orpo_run = (train(f, m, [f"--lam={lam}", f"--n_samples={n_report}"])
                      for m, lam in (("SFT", 0), ("ORPO", 1)))
     best, grid = tune_dpo(f, sft, n_report)
-    model = untrained(f)  # of the runs' shape, which gives their FLOPs
+    model = trained(sft, f)  # of the runs' shape, which gives their FLOPs
     c = {m: cost(r, f, model) for m, r in (("SFT", sft), ("DPO phase", best), ("ORPO", orpo_run))}
     c["SFT then DPO"] = {k: max(c["SFT"][k], c["DPO phase"][k]) if k == "peak_mb" else
                          c["SFT"][k] + c["DPO phase"][k] for k in c["SFT"]}
@@ -221,11 +205,11 @@ def methods(f, runs):
 # The figures: their runs, and what they add and show; making one
 
 FIGURES = {  # name: ({run: orpo.py's flags}, what the figure adds to the runs' curves)
-    "sft-vs-orpo": ({"SFT": ["--lam=0"], "ORPO": ["--lam=1"]}, judged),  # Figs. 3, 7
-    "lambda": ({f"lam={x}": [f"--lam={x}"] for x in (0.0, 0.1, 0.5, 1.0)}, None),  # App. E
+    "sft-vs-orpo": ({"SFT": ["--lam=0"], "ORPO": ["--lam=1"]}, judged),  # Figs. 3, 7: SFT lifts both
+    "lambda": ({f"lam={x}": [f"--lam={x}"] for x in (0.0, 0.1, 0.5, 1.0)}, None),  # App. E: L_OR's weight
     "ratio": ({"odds ratio": ["--loss=orpo"], "prob ratio": ["--loss=prob"]}, uniform),  # Sec. 7.1
     "length": ({"mean log P": ["--loss=orpo"], "summed log P": ["--loss=sum"]}, lengths),  # Eq. 3
-    "methods": ({}, methods),  # its runs depend on each other: methods() starts them
+    "methods": ({}, methods),  # SFT then DPO (tuned) vs ORPO: runs that depend on each other
 }
 BARS = {  # a table: its panels of bars, (columns, title, with ± 1 standard error), by its first column
     "by_length": [([f"{w}_by_{k}" for w in ("shorter", "same", "longer") for k in ("mean", "sum")],
@@ -246,31 +230,26 @@ def panels(t):
         p.append((plot.curves, t["uniform"], ["count"], "uniform random P_w, P_l (Fig. 6)", "log_ratio"))
     return p + [(plot.bars, t[k], *bar) for k in BARS if k in t for bar in BARS[k]]
 
-def dense(cfg):
-    """About 30 evaluations per run, so that a curve shows its shape, not its corners."""
-    return min(cfg.eval_interval, max(1, cfg.max_iters // 30))
-
 def changed(cfg, preset):
     """The settings of cfg that differ from its preset's."""
     base = orpo.Config(**orpo.PRESETS[preset])
     return {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(base, k)}
 
 def run_title(name, preset, cfg, seeds=1):
-    """A figure's title: what ran (config, seeds), and each setting that differs from the
-    preset's own, so that a short or small run never passes for the default one."""
+    """What ran (config, seeds), and each setting that differs from the preset's own, so
+    that a short or small run never passes for the default one."""
     diff = [f"{k}={v}" for k, v in changed(cfg, preset).items() if k not in ("out_dir", "data_dir", "seed")]
     s = f"seeds {cfg.seed}-{cfg.seed + seeds - 1}" if seeds > 1 else f"seed {cfg.seed}"
     return f"{name}: config {preset}, {s}" + ("\n" + ", ".join(diff) if diff else "")
 
 def make(name, d, cfg, preset, opts):
-    """Train the figure's runs (each seed) and add its tables; write them all, print the
-    short ones, and draw the PNG."""
+    """Train the figure's runs (each seed) and add its tables; write them, print the short ones."""
     runs, extra = FIGURES[name]
     seeds = range(cfg.seed, cfg.seed + opts["seeds"])
     # f: the figure being made, which its parts share: settings, progress, held-out data
     f = types.SimpleNamespace(cfg=cfg, opts=opts, d=d, n=len(runs) * len(seeds), k=0, t0=time.time())
     f.flags = [f"--config={preset}", *(f"--{k}={v}" for k, v in changed(cfg, preset).items()),
-               f"--eval_interval={dense(cfg)}"]
+               f"--eval_interval={opts['every']}"]
     f.meta, data, f.enc = prepare_data.for_run(cfg)
     f.val, f.index = data["val"], data["train"][1]
     f.dev, _, _, f.amp = setup_device(cfg.device, cfg.dtype)
@@ -285,18 +264,7 @@ def make(name, d, cfg, preset, opts):
         plot.write_csv(os.path.join(d, f"{k}.csv"), rows)
         if k not in ("curves", "uniform"):
             plot.show(os.path.join(d, f"{k}.csv"), rows)
-    return plot.draw(os.path.join(d, f"{name}.png"), run_title(name, preset, cfg, opts["seeds"]),
-                     panels(tables), os.path.join(d, ""))
-
-def replot(name, d, cfg, preset, opts):
-    """NAME.png drawn again from the tables that the figure wrote in d, with no training:
-    after matplotlib is installed, say."""
-    names = sorted(n for n in os.listdir(d) if n.endswith(".csv")) if os.path.isdir(d) else []
-    if not names:
-        die(f"{d} holds no tables of the figure {name}: make it first, without --replot")
-    tables = {n[:-4]: plot.read_csv(os.path.join(d, n)) for n in names}
-    return plot.draw(os.path.join(d, f"{name}.png"), run_title(name, preset, cfg, opts["seeds"]),
-                     panels(tables), os.path.join(d, ""))
+    return tables
 
 OPTIONS = {  # figures.py's own options: (default, what --help says)
     "seeds": (1, "runs of each setting, seeds seed, seed+1, ...; curves show their mean (not methods)"),
@@ -334,18 +302,27 @@ def main():
     check(opts)
     if hasattr(orpo, "holes_left"):  # the assignment's handout: the holes that every run
         orpo.holes_left(cfg)  # reaches are named before any work
-    if dense(cfg) != cfg.eval_interval:
-        print(f"evals every {dense(cfg)} iterations, not --eval_interval={cfg.eval_interval}: about "
+    # about 30 evaluations per run, so that a curve shows its shape, not its corners
+    opts["every"] = min(cfg.eval_interval, max(1, cfg.max_iters // 30))
+    if opts["every"] != cfg.eval_interval:
+        print(f"evals every {opts['every']} iterations, not --eval_interval={cfg.eval_interval}: about "
               f"30 points a curve over {cfg.max_iters} iterations; a smaller --eval_interval gives more")
     d = os.path.join(cfg.out_dir, name)
-    if opts["replot"]:
-        return replot(name, d, cfg, preset, opts)
-    try:
-        if make(name, d, cfg, preset, opts) is None:  # no matplotlib: the tables are written
-            print(f"then `python -m experiments.figures {name} ... --replot=true` draws it, with no training")
-    except KeyboardInterrupt:
-        die(f"interrupted; safe on disk in {d}: each finished run's folder, the unfinished one's "
-            f"ckpt.pt as of its last eval; the tables and the PNG are written at the end", 130)
+    if opts["replot"]:  # NAME.png again from the tables in d, with no training
+        names = sorted(n for n in os.listdir(d) if n.endswith(".csv")) if os.path.isdir(d) else []
+        if not names:
+            die(f"{d} holds no tables of the figure {name}: make it first, without --replot")
+        tables = {n[:-4]: plot.read_csv(os.path.join(d, n)) for n in names}
+    else:
+        try:
+            tables = make(name, d, cfg, preset, opts)
+        except KeyboardInterrupt:
+            die(f"interrupted; safe on disk in {d}: each finished run's folder, the unfinished one's "
+                f"ckpt.pt as of its last eval; the tables and the PNG are written at the end", 130)
+    png = os.path.join(d, f"{name}.png")
+    fig = plot.draw(png, run_title(name, preset, cfg, opts["seeds"]), panels(tables), os.path.join(d, ""))
+    if fig is None and not opts["replot"]:  # no matplotlib: the tables are written, to draw later
+        print(f"then `python -m experiments.figures {name} ... --replot=true` draws it, with no training")
 
 if __name__ == "__main__":
     main()

@@ -41,7 +41,6 @@ def read_csv(path):
     with open(path, newline="") as f:
         return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
-
 def show(title, rows):
     """A table in aligned columns, under its title."""
     cols = [[k, *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for r in rows)] for k in rows[0]]
@@ -61,7 +60,6 @@ def curves(ax, rows, keys, title, x="iter"):
             ax.plot(list(at), [np.mean(v) for v in at.values()], style, color=f"C{j}", alpha=0.8,
                     marker="osD^v*"[j % 6], markevery=(j % every, every), label=None if i else run)
     ax.set(title=title, xlabel="iteration" if x == "iter" else x)
-    ax.legend(fontsize=9)
 
 def bars(ax, rows, keys, title, err=False):
     """A group of bars per key, a bar per row (named by its first column), each labelled with
@@ -75,7 +73,6 @@ def bars(ax, rows, keys, title, err=False):
                      rotation=90 if len(keys) > 1 else 0)
     ax.set(title=title, xticks=x, xticklabels=[k.replace("_", " ") for k in keys])
     ax.margins(y=0.3)
-    ax.legend(fontsize=9)
 
 def draw(png, title, panels, where):
     """One PNG of panels, each (function, its arguments after the axes), three to a row, or
@@ -94,6 +91,7 @@ def draw(png, title, panels, where):
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.8 * rows), squeeze=False)
     for ax, (panel, *args) in zip(axes.flat, panels):
         panel(ax, *args)
+        ax.legend(fontsize=9)
     fig.suptitle(title, fontsize=14)
     fig.tight_layout()
     with atomic_write(png) as tmp:
@@ -101,19 +99,8 @@ def draw(png, title, panels, where):
     print(f"wrote {png}")
     return fig
 
-def runs(dirs, png):
-    """The command: each run's curves, side by side."""
-    logs = {d.rstrip("/"): read_log(d) for d in dirs}
-    rows = lambda kind: [dict(r, run=d) for d, log in logs.items() for r in log if r["kind"] == kind]
-    evals, steps = rows("eval"), rows("train")
-    return draw(png, ", ".join(logs), [
-        (curves, evals, ["ell_w", "ell_l"], "held-out mean log P: chosen (solid), rejected (dashed)"),
-        (curves, evals, ["margin"], "held-out margin: mean log P chosen - rejected"),
-        (curves, evals, ["acc"], "held-out preference accuracy"), (curves, steps, ["loss"], "train loss"),
-        (curves, steps, ["l_sft"], "train L_SFT"), (curves, steps, ["l_or"], "train L_OR")],
-        "each run's log.jsonl")
-
 def main():
+    """The command: each run's curves, side by side; the figure."""
     args = sys.argv[1:]
     if {"-h", "--help"} & set(args):
         print(__doc__.strip())
@@ -121,7 +108,15 @@ def main():
     dirs, outs = [a for a in args if not a.startswith("-")], [a[6:] for a in args if a.startswith("--out=")]
     if not dirs or len(dirs) + len(outs) != len(args):
         die(f"expected run folders (their out_dir) and at most --out=PNG, got {args}; --help says more")
-    runs(dirs, outs[-1] if outs else "runs.png")
+    logs = {d.rstrip("/"): read_log(d) for d in dirs}
+    rows = lambda kind: [dict(r, run=d) for d, log in logs.items() for r in log if r["kind"] == kind]
+    evals, steps = rows("eval"), rows("train")
+    return draw(outs[-1] if outs else "runs.png", ", ".join(logs), [
+        (curves, evals, ["ell_w", "ell_l"], "held-out mean log P: chosen (solid), rejected (dashed)"),
+        (curves, evals, ["margin"], "held-out margin: mean log P chosen - rejected"),
+        (curves, evals, ["acc"], "held-out preference accuracy"), (curves, steps, ["loss"], "train loss"),
+        (curves, steps, ["l_sft"], "train L_SFT"), (curves, steps, ["l_or"], "train L_OR")],
+        "each run's log.jsonl")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 """experiments/ as a user runs it: the figures (runs of orpo.py, their CSVs and PNGs), the
 picture of any runs, and the benchmark. The figures are made once, in one fixture; what needs no training runs here,
 in this process."""
-import csv
 import importlib.util
 import json
 import os
@@ -36,15 +35,7 @@ def module(name, *args, prefix="", popen=False):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def rows(path):
-    """A CSV's rows, numbers as floats (as the figure held them)."""
-    def value(v):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+rows = plot.read_csv  # a figure's CSV: its rows, numbers as numbers
 
 
 def main(monkeypatch, capsys, mod, *argv):
@@ -205,7 +196,8 @@ def test_plot_draws_any_runs_side_by_side(made, monkeypatch, capsys, tmp_path):
     assert f"no {tmp_path / 'two.png'}: `pip install matplotlib`" in capsys.readouterr().out
     monkeypatch.undo()
     if importlib.util.find_spec("matplotlib"):
-        fig = plot.runs(two, str(tmp_path / "two.png"))
+        monkeypatch.setattr(sys, "argv", ["plot", *two, f"--out={tmp_path / 'two.png'}"])
+        fig = plot.main()
         assert len(fig.axes) == 6 and all(ax.has_data() for ax in fig.axes)
         assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = main(monkeypatch, capsys, plot, str(tmp_path))
