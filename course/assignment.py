@@ -78,13 +78,12 @@ LEAVE_OUT = ("GRADIENT.md", "course/TEACHING.md", "course/teacher/", "tests/test
 STUDENT_README = os.path.join(TEACHER, "handout-README.md")  # the handout's README.md
 KEY = os.path.join(TEACHER, "answers.txt")  # answers.txt, filled in; the handout's is blank
 LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)[^)]*\)")  # a Markdown link: [text](target#part)
-DROP_TESTS = {"tests/test_loss.py": ("test_loss_matches_the_paper_by_hand",  # spell answers out
-                                     "test_probability_ratio_and_summed_logp",
-                                     "test_dpo_loss_by_hand",
-                                     "test_dpo_gradient_agrees_with_finite_differences",
-                                     "test_dpo_forward_scores_summed_logps"),
-              "tests/test_train.py": ("test_dpo_trains_the_policy_and_never_touches_the_reference",),
-              "tests/test_scale.py": ("test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft",)}
+DROP_TESTS = {  # the tests that spell answers out
+    "tests/test_loss.py": ("test_loss_matches_the_paper_by_hand", "test_probability_ratio_and_summed_logp",
+                           "test_dpo_loss_by_hand", "test_dpo_gradient_agrees_with_finite_differences",
+                           "test_dpo_forward_scores_summed_logps"),
+    "tests/test_train.py": ("test_dpo_trains_the_policy_and_never_touches_the_reference",),
+    "tests/test_scale.py": ("test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft",)}
 HOLES_LEFT = '''\
 def holes_left(cfg):
     """Stop with one line, naming the first, if a run of cfg would reach a hole."""
@@ -266,9 +265,9 @@ def loader(path, refs):
         return unread
     top = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     graded = {q.split(".")[0] for q in HOLES} | {"make_batch"}
-    project = {"model", "prepare_data", "machinery", "orpo"}
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) and not {
-        (getattr(n, "module", None) or a.name).split(".")[0] for a in n.names} & project]
+        (getattr(n, "module", None) or a.name).split(".")[0] for a in n.names} & {
+            "model", "prepare_data", "machinery", "orpo"}]  # the student's, but of no file of ours
     stand = standins(refs)
 
     def load(qualname):
@@ -276,7 +275,7 @@ def loader(path, refs):
         if name not in top:
             raise Fail(f"orpo.py has no {name}")
         ns = dict(torch=torch, F=F, np=np, math=math, **refs["columns"])
-        exec(compile(ast.Module(imports, []), path, "exec"), ns)  # not of the project's files
+        exec(compile(ast.Module(imports, []), path, "exec"), ns)
         ns.update({k: v for k, v in stand.items() if k != name})
         todo, done = [name], set()
         while todo:  # the graded function, and the helpers of the student's it names
@@ -502,7 +501,6 @@ def report(d, got, seconds):
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {path}")
-    return res
 
 def grade(d):
     if not os.path.isfile(os.path.join(d, "orpo.py")):
@@ -510,7 +508,7 @@ def grade(d):
     if not os.path.isfile(REF):
         die(f"no reference values at {REF}: run `python -m tests.assignment_freeze` in the full project")
     t0 = time.time()
-    return report(d, run_workers(os.path.abspath(d), REF), time.time() - t0)
+    report(d, run_workers(os.path.abspath(d), REF), time.time() - t0)
 
 # ----------------------------------------------------------------------------------------
 # Gradescope: its two scripts (teacher/gradescope/), beside a fresh handout whose frozen
