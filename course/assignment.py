@@ -1,6 +1,6 @@
 """The graded assignment, from the project's root (course/TEACHING.md says how to use it):
 
-    python -m course.assignment make DIR         # the handout, a student copy, into DIR
+    python -m course.assignment make DIR         # the handout, a student copy, into DIR (new or empty)
     python -m course.assignment grade DIR        # grade the copy in DIR: a table, DIR/results.json
     python -m course.assignment autograder OUT   # the grader for Gradescope, OUT/autograder.zip
 
@@ -78,17 +78,15 @@ LEAVE_OUT = ("GRADIENT.md", "course/TEACHING.md", "course/teacher/", "tests/test
 STUDENT_README = os.path.join(TEACHER, "handout-README.md")  # the handout's README.md
 KEY = os.path.join(TEACHER, "answers.txt")  # answers.txt, filled in; the handout's is blank
 LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+)[^)]*\)")  # a Markdown link: [text](target#part)
-DROP_TESTS = {"tests/test_loss.py": ("test_loss_matches_the_paper_by_hand",  # spell answers out
-                                     "test_probability_ratio_and_summed_logp",
-                                     "test_dpo_loss_by_hand",
-                                     "test_dpo_gradient_agrees_with_finite_differences",
-                                     "test_dpo_forward_scores_summed_logps"),
-              "tests/test_train.py": ("test_dpo_trains_the_policy_and_never_touches_the_reference",),
-              "tests/test_scale.py": ("test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft",)}
+DROP_TESTS = {  # the tests that spell answers out
+    "tests/test_loss.py": ("test_loss_matches_the_paper_by_hand", "test_probability_ratio_and_summed_logp",
+                           "test_dpo_loss_by_hand", "test_dpo_gradient_agrees_with_finite_differences",
+                           "test_dpo_forward_scores_summed_logps"),
+    "tests/test_train.py": ("test_dpo_trains_the_policy_and_never_touches_the_reference",),
+    "tests/test_scale.py": ("test_gpt2_125m_from_a_hugging_face_directory_reports_the_true_l_sft",)}
 HOLES_LEFT = '''\
 def holes_left(cfg):
-    """Stop, with one line naming the first, if a run of cfg would reach a hole: exercises
-    1-3 are in every run, 4 in --hand_grad's, 10 in --loss=simpo's, 11 in --loss=dpo's."""
+    """Stop with one line, naming the first, if a run of cfg would reach a hole."""
     with open(__file__) as f:  # a hole's line: raise NotImplementedError('exercise N: ...')
         left = [l.strip()[27:-2] for l in f if l.strip().startswith("raise NotImplementedError(")]
     number = lambda m: int(m.split()[1][:-1])
@@ -99,8 +97,7 @@ def holes_left(cfg):
             "`python -m course.assignment grade .` checks them")
 
 def hole_reached(kind, value, tb, hook=sys.excepthook):
-    """A hole that a command reached with no run to check first (a figure, sample.py, a
-    test): one line, exit status 2; any other error keeps its traceback."""
+    """A hole reached with no run to check first (sample.py, a test): one line, exit 2."""
     if issubclass(kind, NotImplementedError) and str(value).startswith("exercise "):
         die(f"this needs a hole filled first, {value}; `python -m course.assignment grade .` checks it")
     return hook(kind, value, tb)
@@ -152,7 +149,7 @@ def cut(src):
     return out
 
 def drop_tests(src, name):
-    """The test file `name` without the tests DROP_TESTS names (and the blank lines before each)."""
+    """The test file `name` without the tests DROP_TESTS names, and the blank lines before each."""
     lines = src.splitlines()
     for node in sorted((n for n in ast.parse(src).body if getattr(n, "name", "") in DROP_TESTS[name]),
                        key=lambda n: -n.lineno):
@@ -174,31 +171,27 @@ def left_out(name):
     return name.endswith(".png") or any(name == x or name.startswith(x) for x in LEAVE_OUT)
 
 def unlink(md, name):
-    """The Markdown file `name` with its links to what the handout leaves out as plain text
-    that says so (a link's target is relative to the file's own folder)."""
+    """The Markdown file `name`, its links to what the handout leaves out made plain text."""
     gone = lambda t: left_out(os.path.normpath(os.path.join(os.path.dirname(name), t)))
     return LINK.sub(lambda m: f"{m[1]} (not in the handout)" if gone(m[2]) else m[0], md)
 
 def write_handout(dst):
-    """The handout into the new folder dst: the project's files but those left out, orpo.py
-    cut, the Markdown unlinked, the student's README and a blank answers.txt; how many."""
+    """The handout into the new folder dst (the student's README, a blank answers.txt); how many."""
     with open(os.path.join(ROOT, "orpo.py")) as f, open(KEY) as k, open(STUDENT_README) as r:
         own = {"orpo.py": cut(f.read()), "answers.txt": re.sub(r"(?m)^(\w+) =.*$", r"\1 =", k.read()),
                "README.md": unlink(r.read(), "README.md")}  # the student's, for the project's
-    files = [n for n in project_files() if not left_out(n)]
+    files = list(dict.fromkeys([n for n in project_files() if not left_out(n)] + list(own)))
     for name in files:
+        path = os.path.join(dst, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if name not in own and (name.endswith(".md") or name in DROP_TESTS):
-            fix = unlink if name.endswith(".md") else drop_tests
             with open(os.path.join(ROOT, name)) as f:
-                own[name] = fix(f.read(), name)
-    files = list(dict.fromkeys(files + list(own)))
-    for name in files:
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+                own[name] = (unlink if name.endswith(".md") else drop_tests)(f.read(), name)
         if name in own:
-            with open(os.path.join(dst, name), "w") as f:
+            with open(path, "w") as f:
                 f.write(own[name])
         else:
-            shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+            shutil.copy2(os.path.join(ROOT, name), path)
     return len(files)
 
 def fresh(dst, write, what):
@@ -234,13 +227,11 @@ def make(dst):
 # Grading, inside a worker process: the student's graded functions, run one at a time
 
 class Fail(Exception):
-    """A graded value is wrong, or a stand-in was asked for one the reference does not hold:
-    the message says which, where, and by how much."""
+    """A graded value is wrong, or a stand-in was asked for one the reference does not hold."""
 
 def standins(refs):
-    """The graded functions as the other graded functions see them while graded: each
-    returns the frozen reference values at the frozen inputs, element by element (at each
-    l, or each pair), and refuses any other input, and any keyword but its defaults."""
+    """The graded functions as the others see them: each returns the frozen values at the frozen
+    inputs, element by element, and refuses any other input, and any keyword but its defaults."""
     def stand_in(name, n_in, **defaults):
         table = {tuple(r[:n_in]): r[n_in:] for r in refs["standins"][name]}
 
@@ -263,35 +254,42 @@ def loader(path, refs):
     """A function that returns one graded function of the student's orpo.py, executed alone:
     with torch, numpy and math, the data's column numbers, the student's own helpers and
     imports, and stand-ins for the other graded functions; no other code of the copy runs."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError) as e:
+        why = f"orpo.py cannot be read: {one_line(e, typed=True)}"
+
+        def unread(qualname):
+            raise Fail(why)
+        return unread
     top = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     graded = {q.split(".")[0] for q in HOLES} | {"make_batch"}
-    project = {"model", "prepare_data", "machinery", "orpo"}
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) and not {
+        (getattr(n, "module", None) or a.name).split(".")[0] for a in n.names} & {
+            "model", "prepare_data", "machinery", "orpo"}]  # the student's, but of no file of ours
+    stand = standins(refs)
 
     def load(qualname):
-        ns = dict(torch=torch, F=F, np=np, math=math, **refs["columns"])
-        for n in tree.body:  # the student's imports, but not of the project's other files
-            if isinstance(n, (ast.Import, ast.ImportFrom)) and not {
-                    (getattr(n, "module", None) or a.name).split(".")[0] for a in n.names} & project:
-                exec(compile(ast.Module([n], []), path, "exec"), ns)
-        ns.update({k: v for k, v in standins(refs).items() if k != qualname.split(".")[0]})
-        name, todo, done = qualname.split(".")[0], [qualname.split(".")[0]], set()
+        name, _, method = qualname.partition(".")
         if name not in top:
             raise Fail(f"orpo.py has no {name}")
+        ns = dict(torch=torch, F=F, np=np, math=math, **refs["columns"])
+        exec(compile(ast.Module(imports, []), path, "exec"), ns)
+        ns.update({k: v for k, v in stand.items() if k != name})
+        todo, done = [name], set()
         while todo:  # the graded function, and the helpers of the student's it names
             n = top[todo.pop()]
             done.add(n.name)
             exec(compile(ast.Module([n], []), path, "exec"), ns)
             todo += [x.id for x in ast.walk(n) if isinstance(x, ast.Name) and x.id in top and
                      x.id not in done and x.id not in graded]
-        return getattr(ns[name], qualname.split(".")[1]) if "." in qualname else ns[name]
+        return getattr(ns[name], method) if method else ns[name]
     return load
 
 def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
-    """got (a tensor) against the frozen want; a Fail names the first element that differs,
-    and where: at is a text, or a function of that element's flat index that says which
-    input it belongs to."""
+    """got (a tensor) against the frozen want; a Fail names the first element that differs and
+    where: at is a text, or a function of its flat index (None: of them all) that says it."""
     want = torch.tensor(want, dtype=torch.float64)
     where = at if isinstance(at, str) else at(None)
     if not isinstance(got, torch.Tensor):
@@ -318,23 +316,19 @@ def pairs(c, extra=""):
     return lambda i: (f" in a batch of {B} pair(s){extra}" if i is None else
                       f" at pair {i} (l_w={w[i]!r}, l_l={l[i]!r}) of a batch of {B}{extra}")
 
-def read_answers(d):
-    """answers.txt of the copy (the full project's is the key, in course/teacher/): key -> text."""
-    for path in (os.path.join(d, "answers.txt"), os.path.join(d, "course", "teacher", "answers.txt")):
-        if os.path.exists(path):
-            with open(path) as f:
-                return dict((k.strip(), v.strip()) for k, _, v in (
-                    l.partition("=") for l in f if "=" in l and not l.lstrip().startswith("#")))
-    raise Fail("no answers.txt in the copy")
-
 def sealed(key, text):
-    """An answer as the reference file keeps it: a hash of the key and its text (a number's
-    three significant digits, or tokens), so that a handout, which holds the file, can check
-    answers.txt without holding the answers."""
+    """An answer as the reference file keeps it (a number's three significant digits, or
+    tokens), hashed: a handout holds the file, and so can check answers.txt, not the answers."""
     return hashlib.sha256(f"{key} = {' '.join(text.split())}".encode()).hexdigest()[:20]
 
 def check_answers(d, want):
-    got = read_answers(d)
+    """The copy's answers.txt (the full project's is the key, in course/teacher/)."""
+    paths = [os.path.join(d, "answers.txt"), os.path.join(d, "course", "teacher", "answers.txt")]
+    if not (paths := [p for p in paths if os.path.exists(p)]):
+        raise Fail("no answers.txt in the copy")
+    with open(paths[0]) as f:
+        got = dict((k.strip(), v.strip()) for k, _, v in (
+            l.partition("=") for l in f if "=" in l and not l.lstrip().startswith("#")))
     for k, (kind, seal) in want.items():
         v = got.get(k)
         if not v:
@@ -394,8 +388,7 @@ def check_masks(load, c):
 def check_response_logps(load, cases):
     fn = load("response_logps")
     for c in cases:
-        scored = T(c["scored"]).bool()
-        logp, ell = fn(T(c["tok"]), T(c["resp"]), scored, mean=c["mean"])
+        logp, ell = fn(T(c["tok"]), T(c["resp"]), T(c["scored"]).bool(), mean=c["mean"])
         at = f" with mean={c['mean']}, resp_mask={c['resp']}, scored={c['scored']}"
         compare("response_logps: logp", logp, c["logp"], at, rtol=1e-12)
         compare("response_logps: ell", ell, c["ell"], at, rtol=1e-12)
@@ -412,8 +405,8 @@ def check_grad(load, cases):
 def check_backward(load, cases):
     fn = load("HandORPO.backward")
     for c in cases:
-        scored = T(c["scored"]).bool()
-        saved = (T(c["logits"]), T(c["y"], "int64"), T(c["resp"]), T(c["seq"]), scored, T(c["ell"]))
+        saved = (T(c["logits"]), T(c["y"], "int64"), T(c["resp"]), T(c["seq"]), T(c["scored"]).bool(),
+                 T(c["ell"]))
         ctx = SimpleNamespace(saved_tensors=saved, lam=c["lam"], sft_on_prompt=c["sft_on_prompt"])
         out = fn(ctx, T(c["g_loss"]), None, None)
         at = f" with lam={c['lam']}, sft_on_prompt={c['sft_on_prompt']}, g_loss={c['g_loss']}, " \
@@ -445,19 +438,14 @@ CHECKS = {"1a": check_answers, "1b": check_odds, "1c": check_objective, "2": che
           "3a": check_answers, "3b": check_masks, "3c": check_response_logps, "4a": check_grad,
           "4b": check_backward, "10a": check_simpo, "10b": check_objective, "11": check_dpo}
 
-def grade_rows(d, ids, refs):
-    """Grade the copy in d, row by row: yields (row, points scored, message)."""
+def grade_rows(d, ids, ref):
+    """Grade the copy in d against the reference file ref: yields (row, points scored, message)."""
     torch.set_num_threads(1)
     points = {r[0]: r[3] for r in ROWS}
-    try:
-        load = loader(os.path.join(d, "orpo.py"), refs)
-    except (OSError, SyntaxError, ValueError) as e:
-        load = None
-        why = f"orpo.py cannot be read: {one_line(e, typed=True)}"
+    with open(ref) as f:
+        refs = json.load(f)
+    load = loader(os.path.join(d, "orpo.py"), refs)
     for i in ids:
-        if load is None and i not in BY_HAND:
-            yield i, 0, why
-            continue
         try:
             CHECKS[i](d if i in BY_HAND else load, refs["rows"][i])
             yield i, points[i], ""
@@ -513,7 +501,6 @@ def report(d, got, seconds):
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {path}")
-    return res
 
 def grade(d):
     if not os.path.isfile(os.path.join(d, "orpo.py")):
@@ -521,7 +508,7 @@ def grade(d):
     if not os.path.isfile(REF):
         die(f"no reference values at {REF}: run `python -m tests.assignment_freeze` in the full project")
     t0 = time.time()
-    return report(d, run_workers(os.path.abspath(d), REF), time.time() - t0)
+    report(d, run_workers(os.path.abspath(d), REF), time.time() - t0)
 
 # ----------------------------------------------------------------------------------------
 # Gradescope: its two scripts (teacher/gradescope/), beside a fresh handout whose frozen
@@ -546,17 +533,12 @@ def autograder(out):
 def main():
     args = sys.argv[1:]
     if args[:1] == ["_worker"]:  # _worker DIR REF ROW...: grade_rows in a process of its own
-        with open(args[2]) as f:
-            refs = json.load(f)
-        for row in grade_rows(args[1], args[3:], refs):
+        for row in grade_rows(args[1], args[3:], args[2]):
             print("@@ " + json.dumps(row), flush=True)
         return
     commands = dict(make=make, grade=grade, autograder=autograder)
     if args[:1] in (["-h"], ["--help"]):
-        print("usage: python -m course.assignment make DIR | grade DIR | autograder OUT\n"
-              "  make DIR        write the student handout to DIR (a new or empty folder)\n"
-              "  grade DIR       grade the copy in DIR: a table, and DIR/results.json\n"
-              "  autograder OUT  write Gradescope's autograder package to OUT (OUT/autograder.zip)")
+        print("\n\n".join(__doc__.split("\n\n")[:2]))  # what it does: the commands
         return
     if len(args) != 2 or args[0] not in commands:
         die("usage: python -m course.assignment make DIR | grade DIR | autograder OUT")
