@@ -6,6 +6,7 @@ The runs side by side in one PNG: held-out mean log P(chosen) and log P(rejected
 preference accuracy at each eval; train loss, L_SFT and L_OR at each step. It needs
 matplotlib. Here too: experiments/figures.py's tables (CSVs) and panels.
 """
+from machinery import boot  # first: Ctrl-C, and a reader that left (`| head`), in one line
 import csv
 import json
 import os
