@@ -4,8 +4,7 @@ GPT-2 directory (config.json and the weights) for the usual evaluation tools.
     python sample.py --out_dir=out-small --prompt="user: 3 more like cat and dog\\nassistant:"
     python sample.py --out_dir=out-small --export=hf-small
 
-It takes orpo.py's --config NAME and --key=value overrides: temperature, top_k,
-max_new_tokens, n_samples (at most 5 are printed), seed, device, dtype.
+It takes orpo.py's --config NAME and the --key=value overrides that --help lists.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import json
@@ -25,11 +24,9 @@ MARK = "orpo_export.json"  # in an export: which checkpoint, and the files writt
 
 def export(model, meta, ck_path, d):
     """Write model as a Hugging Face GPT-2 folder d: a new or empty one, or over an earlier
-    export, never over files it did not write. The files of an earlier export are those its
-    orpo_export.json lists, each checked to be a plain file in d, so that a manifest edited to
-    name `../x`, `/abs/x` or a link out of d cannot make a re-export touch what is not its own.
-    The export is written in a folder beside, which takes d's place in one rename: one that
-    fails or is stopped leaves the earlier one whole."""
+    export (the plain files in d that its MARK lists: not `../x`, `/abs/x` or a link out of d).
+    It is written beside d and takes its place in one rename: an export that fails or is
+    stopped leaves the earlier one whole."""
     if os.path.exists(d) and not os.path.isdir(d):
         die(f"--export={d} is a file, not a folder")
     found, old = sorted(set(os.listdir(d)) - {".lock"}) if os.path.isdir(d) else [], []
@@ -54,11 +51,10 @@ def export(model, meta, ck_path, d):
             with open(os.path.join(tmp, MARK), "w") as f:
                 json.dump({"checkpoint": os.path.abspath(ck_path), "files": files}, f, indent=1)
     except (Exception, KeyboardInterrupt) as e:  # a full disk (OSError, SafetensorError), Ctrl-C
-        state = "holds the export from before" if os.path.isfile(os.path.join(
-            d, "config.json")) else "holds no export"
+        had = "the export from before" if os.path.isfile(os.path.join(d, "config.json")) else "no export"
         if isinstance(e, KeyboardInterrupt):
-            die(f"interrupted; {d} {state}", status=130)
-        die(f"could not export to {d} ({one_line(e, typed=True)}); {d} {state}")
+            die(f"interrupted; {d} holds {had}", status=130)
+        die(f"could not export to {d} ({one_line(e, typed=True)}); {d} holds {had}")
     print(f"wrote {', '.join(n for n in sorted(os.listdir(d)) if n[0] != '.')} in {d}")
 
 

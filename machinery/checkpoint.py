@@ -68,9 +68,9 @@ def check_fields(path, x, spec, at=""):
             check_fields(path, v, want, name)
 
 
-def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
-    """A checkpoint whose fields `keys` are as CKPT_FIELDS says (an earlier release's read as
-    this one's), and, given the data's meta, of its vocabulary; an error names the field."""
+def load_checkpoint(path, meta=None):
+    """A checkpoint whose meta, model and model_args are as CKPT_FIELDS says (an earlier
+    release's read as this one's), and, given the data's meta, of its vocabulary."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -89,7 +89,7 @@ def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
         ck["model_args"] = dict(shape, vocab_size=ck["meta"].get("vocab_size"))
         ck["model"] = {".".join(FIRST_NAMES.get(p, p) for p in k.split(".")): w
                        for k, w in ck["model"].items()}
-    check_fields(path, ck, {k: v for k, v in CKPT_FIELDS.items() if k in keys})
+    check_fields(path, ck, {k: CKPT_FIELDS[k] for k in ("meta", "model", "model_args")})
     args, n = ck["model_args"], ck["meta"]["vocab_size"]
     if (args.get("n_vocab") or args["vocab_size"]) != n:  # sampled ids its tokenizer lacks
         die(f"{path}: model_args has n_vocab={args.get('n_vocab')}, vocab_size={args['vocab_size']}, "

@@ -166,15 +166,13 @@ def export_hf(model, out_dir, eot=None):
         raise ValueError("export_hf needs bias=True: GPT-2 has a bias in every Linear and LayerNorm")
     sd = {}
     for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue  # tied: written below as wte's copy
         if k.endswith(CONV1D):
             v = v.t()  # Linear (out, in) -> Conv1D (in, out)
-        elif k == "wte.weight":
+        elif k in ("wte.weight", "lm_head.weight"):  # tied, but safetensors refuses shared memory
             v = v[:model.n_vocab]
-        # a fresh contiguous CPU copy: no file then holds a whole storage for a slice
-        sd["transformer." + k] = v.to("cpu").clone(memory_format=torch.contiguous_format)
-    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # safetensors refuses shared memory
+        # a fresh contiguous CPU copy each: no file then holds a whole storage for a slice
+        sd[k if k == "lm_head.weight" else "transformer." + k] = v.to("cpu").clone(
+            memory_format=torch.contiguous_format)
     config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
               "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
               "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": model.n_vocab,
