@@ -21,33 +21,23 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, on th
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _read_json(path):
-    """The object in a JSON file (config.json, an index.json)."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not readable JSON ({one_line(e)})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return obj
-
-
-def _read_tensors(path):
-    """The {name: tensor} dict in one weights file: .safetensors through safetensors, any
-    other through torch.load with weights_only (a pickle cannot run code)."""
-    st = path.endswith(".safetensors")
+def _read(path):
+    """The dict in a JSON file (config.json, an index.json) or a weights file ({name: tensor}:
+    .safetensors through safetensors, any other through torch.load with weights_only, so that
+    a pickle cannot run code)."""
+    js, st = path.endswith(".json"), path.endswith(".safetensors")
     if st and safetensors_torch is None:
         raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
                          "pip install safetensors")
     try:
-        sd = (safetensors_torch.load_file(path) if st
-              else torch.load(path, map_location="cpu", weights_only=True))
+        with open(path, "rb") as f:
+            x = (json.load(f) if js else safetensors_torch.load_file(path) if st
+                 else torch.load(f, map_location="cpu", weights_only=True))
     except Exception as e:  # a missing, truncated or foreign file: any error its reader raises
-        raise ValueError(f"{path}: not a readable weights file ({one_line(e)})") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
-    return sd
+        raise ValueError(f"{path}: not a readable {'JSON' if js else 'weights'} file ({one_line(e)})") from e
+    if not isinstance(x, dict) or not (js or all(isinstance(v, torch.Tensor) for v in x.values())):
+        raise ValueError(f"{path}: not {'a JSON object' if js else 'a state dict of tensors'}")
+    return x
 
 
 def _read_gpt2(path):
@@ -77,13 +67,13 @@ def _read_gpt2(path):
             raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
         files = [os.path.join(path, found[0])]
         if not os.path.isfile(files[0]):  # shards
-            shards = _read_json(files[0] + ".index.json").get("weight_map", {}).values()
+            shards = _read(files[0] + ".index.json").get("weight_map", {}).values()
             files = [os.path.join(path, s) for s in sorted(set(shards))]
     config = os.path.join(os.path.dirname(files[0]), "config.json")
-    hf = _read_json(config) if os.path.isfile(config) else None
+    hf = _read(config) if os.path.isfile(config) else None
     sd = {}
     for f in files:
-        sd.update(_read_tensors(f))
+        sd.update(_read(f))
     return hf, {k.removeprefix("transformer."): v for k, v in sd.items()}  # as GPT2Model names them
 
 
@@ -122,34 +112,32 @@ def from_pretrained(name_or_path, block_size=1024, dropout=0.0):
     """A GPT-2 from wherever it is kept (_read_gpt2), of the shape its config.json gives, or,
     with none, its tensors."""
     hf, sd = _read_gpt2(name_or_path)
-    if hf is not None:
-        kind = hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new")
-        if kind[0] != "gpt2" or kind[1] not in ("gelu_new", "gelu_pytorch_tanh"):  # one tanh GELU
-            raise ValueError(f"{name_or_path}: config.json describes a {kind[0]} with {kind[1]}: no GPT-2")
-        keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-        try:
-            n_layer, n_head, n_embd, n_positions, n_vocab = (int(hf[k]) for k in keys)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{name_or_path}: config.json lacks a GPT-2 size ({one_line(e)})") from e
-    elif "wte.weight" not in sd or "wpe.weight" not in sd:
-        raise ValueError(f"{name_or_path}: no wte.weight and wpe.weight: not a GPT-2 state dict")
-    else:  # the shape from the tensors, and GPT-2's rule of 64 channels a head
-        n_vocab, n_embd = sd["wte.weight"].shape
-        if n_embd % 64:
-            raise ValueError(f"{name_or_path}: no config.json beside it to give n_head, and {n_embd} "
-                             "channels are not GPT-2's 64 a head")
-        n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})  # h.0. ... h.{L-1}.
-        n_head, n_positions = n_embd // 64, sd["wpe.weight"].size(0)
-    if n_embd % n_head or n_layer < 1:
-        raise ValueError(f"{name_or_path}: {n_layer} layers of {n_embd} channels in "
-                         f"{n_head} heads is no GPT-2")
-    if block_size > n_positions:
-        raise ValueError(f"{name_or_path}: block_size {block_size} exceeds the "
-                         f"checkpoint's {n_positions} positions")
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=padded_vocab(n_vocab),
-                          n_vocab=n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                          dropout=dropout, bias=True))
-    try:
+    try:  # what does not fit is named after name_or_path, below
+        if hf is not None:
+            kind = hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new")
+            if kind[0] != "gpt2" or kind[1] not in ("gelu_new", "gelu_pytorch_tanh"):  # one tanh GELU
+                raise ValueError(f"config.json describes a {kind[0]} with {kind[1]}: no GPT-2")
+            keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+            try:
+                n_layer, n_head, n_embd, n_positions, n_vocab = (int(hf[k]) for k in keys)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"config.json lacks a GPT-2 size ({one_line(e)})") from e
+        elif "wte.weight" not in sd or "wpe.weight" not in sd:
+            raise ValueError("no wte.weight and wpe.weight: not a GPT-2 state dict")
+        else:  # the shape from the tensors, and GPT-2's rule of 64 channels a head
+            n_vocab, n_embd = sd["wte.weight"].shape
+            if n_embd % 64:
+                raise ValueError(f"no config.json beside it to give n_head, and {n_embd} channels "
+                                 "are not GPT-2's 64 a head")
+            n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})  # h.0. ... h.{L-1}.
+            n_head, n_positions = n_embd // 64, sd["wpe.weight"].size(0)
+        if n_embd % n_head or n_layer < 1:
+            raise ValueError(f"{n_layer} layers of {n_embd} channels in {n_head} heads is no GPT-2")
+        if block_size > n_positions:
+            raise ValueError(f"block_size {block_size} exceeds the checkpoint's {n_positions} positions")
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=padded_vocab(n_vocab),
+                              n_vocab=n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                              dropout=dropout, bias=True))
         load_state_dict(model, sd)
     except ValueError as e:
         raise ValueError(f"{name_or_path}: {e}") from e
