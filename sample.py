@@ -4,13 +4,7 @@ GPT-2 directory (config.json and the weights) for the usual evaluation tools.
     python sample.py --out_dir=out-small --prompt="user: 3 more like cat and dog\\nassistant:"
     python sample.py --out_dir=out-small --export=hf-small
 
-It takes orpo.py's --config NAME and --key=value overrides: temperature, top_k,
-max_new_tokens, n_samples (at most 5 are printed), seed, device, dtype.
-
-An export goes into a new or empty folder, or over an earlier export (which
-orpo_export.json marks, listing its files): never over files it did not write. It is
-written in a folder beside, which then takes the export's place in one rename: an export
-that fails or is stopped leaves the earlier one whole.
+It takes orpo.py's --config NAME and the --key=value overrides that --help lists.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import json
@@ -28,34 +22,28 @@ from machinery.safe import die, lock, one_line, staged
 MARK = "orpo_export.json"  # in an export: which checkpoint, and the files written
 
 
-def earlier_export(d):
-    """The files an earlier export wrote in d, as its orpo_export.json lists them: plain names
-    of plain files in d, each checked, so that a manifest edited to name `../x`, `/abs/x` or
-    a link out of d cannot make a re-export touch what is not its own; [] for a new folder."""
-    found = sorted(set(os.listdir(d)) - {".lock"}) if os.path.isdir(d) else []
+def export(model, meta, ck_path, d):
+    """Write model as a Hugging Face GPT-2 folder d: a new or empty one, or over an earlier
+    export (the plain files in d that its MARK lists: not `../x`, `/abs/x` or a link out of d).
+    It is written beside d and takes its place in one rename: an export that fails or is
+    stopped leaves the earlier one whole."""
+    if os.path.exists(d) and not os.path.isdir(d):
+        die(f"--export={d} is a file, not a folder")
+    found, old = sorted(set(os.listdir(d)) - {".lock"}) if os.path.isdir(d) else [], []
     if found and MARK not in found:
         die(f"--export={d} holds files that no export wrote ({', '.join(found[:3])}"
             f"{', ...' if len(found) > 3 else ''}); give a new or empty folder")
-    if not found:
-        return []
     try:
-        with open(os.path.join(d, MARK)) as f:
-            names = json.load(f)["files"]
+        if found:
+            with open(os.path.join(d, MARK)) as f:
+                old = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         die(f"--export={d}: its {MARK} is not readable ({one_line(e, typed=True)}); give a new folder")
-    for n in names if isinstance(names, list) else [names]:
+    for n in old if isinstance(old, list) else [old]:
         if not isinstance(n, str) or n in ("", ".", "..") or os.path.basename(n) != n or \
                 os.path.islink(os.path.join(d, n)) or os.path.isdir(os.path.join(d, n)):
             die(f"--export={d}: its {MARK} names {n!r}, not a file of the export; nothing was "
                 f"touched: give a new folder")
-    return names
-
-
-def export(model, meta, ck_path, d):
-    """Write model as a Hugging Face GPT-2 folder d (see the docstring); die in one line."""
-    if os.path.exists(d) and not os.path.isdir(d):
-        die(f"--export={d} is a file, not a folder")
-    old = earlier_export(d)
     try:
         with lock(d), staged(d, old) as tmp:
             gpt2.export_hf(model, tmp, eot=meta["eot"])
@@ -63,11 +51,10 @@ def export(model, meta, ck_path, d):
             with open(os.path.join(tmp, MARK), "w") as f:
                 json.dump({"checkpoint": os.path.abspath(ck_path), "files": files}, f, indent=1)
     except (Exception, KeyboardInterrupt) as e:  # a full disk (OSError, SafetensorError), Ctrl-C
-        state = "holds the export from before" if os.path.isfile(os.path.join(
-            d, "config.json")) else "holds no export"
+        had = "the export from before" if os.path.isfile(os.path.join(d, "config.json")) else "no export"
         if isinstance(e, KeyboardInterrupt):
-            die(f"interrupted; {d} {state}", status=130)
-        die(f"could not export to {d} ({one_line(e, typed=True)}); {d} {state}")
+            die(f"interrupted; {d} holds {had}", status=130)
+        die(f"could not export to {d} ({one_line(e, typed=True)}); {d} holds {had}")
     print(f"wrote {', '.join(n for n in sorted(os.listdir(d)) if n[0] != '.')} in {d}")
 
 

@@ -1,8 +1,7 @@
-"""Checkpoints, the run directory, and the model a run starts from. A checkpoint holds what resume needs to go on exactly as
-the uninterrupted run would; it is written whole or not at all, and read with every mismatch
-named. RunDir is a run's folder: one run at a time holds it, a new run never writes over
-another's checkpoint, and Ctrl-C or a non-finite loss is one line. build_model gives
-the model to train: from scratch, resumed, another run's weights, or a pretrained GPT-2."""
+"""Checkpoints (what resume needs to go on exactly as the uninterrupted run would; written
+whole or not at all, read with every mismatch named), the model a run starts from, and RunDir,
+a run's folder: one run at a time holds it, and a new run never writes over another's."""
+import contextlib
 import dataclasses
 import errno
 import json
@@ -16,7 +15,6 @@ from machinery.cli import settings
 from machinery.safe import atomic_write, die, lock, one_line
 from model import GPT, GPTConfig, padded_vocab
 
-NUM = (int, float)
 # a checkpoint's fields (check_fields): sample.py, --export, --init_from=PATH read the first three
 CKPT_FIELDS = dict(
     meta=dict(tokenizer=str, vocab_size=int, eot=int), model=dict,  # the weights and what they are
@@ -24,15 +22,14 @@ CKPT_FIELDS = dict(
     optimizer=dict, scaler=dict, rng=list,                      # the training state, rng per process
     iter=int, epoch=int, pos=int,                                    # where the loop and the data are
     history=[dict.fromkeys(("iter", "ell_w", "ell_l", "log_or", "acc", "l_sft", "l_or", "margin"),
-                           NUM)], seconds=NUM)                       # what was measured so far
+                           (int, float))], seconds=(int, float))   # what was measured so far
 # the first release's names of a block's layers, without attn. and mlp.
 FIRST_NAMES = dict(c_attn="attn.c_attn", c_proj="attn.c_proj", c_fc="mlp.c_fc", mlp_proj="mlp.c_proj")
 # what a resumed run must share with the run it continues: the shape, the data, and the
 # objective; the learning-rate schedule is checked as lr_at computes it (resume_state)
-RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset",
-               "data_file", "batch_size", "seed", "lam", "sft_on_prompt", "loss",
-               "beta", "ref", "dropout", "grad_accum", "weight_decay", "beta1", "beta2",
-               "grad_clip")
+RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset", "data_file",
+               "batch_size", "seed", "lam", "sft_on_prompt", "loss", "beta", "ref", "dropout",
+               "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip")
 RUN_FILES = ("summary.json", "log.jsonl", "ckpt.pt")  # a run's, in out_dir: one run's at a time
 SCHEDULE = ("lr", "min_lr", "warmup_iters")  # and where the cosine ends: lr_decay_iters or max_iters
 
@@ -71,9 +68,9 @@ def check_fields(path, x, spec, at=""):
             check_fields(path, v, want, name)
 
 
-def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
-    """A checkpoint whose fields `keys` are as CKPT_FIELDS says (an earlier release's read as
-    this one's), and, given the data's meta, of its vocabulary; an error names the field."""
+def load_checkpoint(path, meta=None):
+    """A checkpoint whose meta, model and model_args are as CKPT_FIELDS says (an earlier
+    release's read as this one's), and, given the data's meta, of its vocabulary."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -92,7 +89,7 @@ def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
         ck["model_args"] = dict(shape, vocab_size=ck["meta"].get("vocab_size"))
         ck["model"] = {".".join(FIRST_NAMES.get(p, p) for p in k.split(".")): w
                        for k, w in ck["model"].items()}
-    check_fields(path, ck, {k: v for k, v in CKPT_FIELDS.items() if k in keys})
+    check_fields(path, ck, {k: CKPT_FIELDS[k] for k in ("meta", "model", "model_args")})
     args, n = ck["model_args"], ck["meta"]["vocab_size"]
     if (args.get("n_vocab") or args["vocab_size"]) != n:  # sampled ids its tokenizer lacks
         die(f"{path}: model_args has n_vocab={args.get('n_vocab')}, vocab_size={args['vocab_size']}, "
@@ -103,46 +100,27 @@ def load_checkpoint(path, keys=("model", "model_args", "meta"), meta=None):
 
 
 def check_same(path, have, want, who):
-    """A checkpoint's values `have` against `want` ({key: value} of the run or the policy)."""
     for k, v in want.items():
         if have.get(k) != v:
             die(f"checkpoint {path} has {k}={have.get(k)}, but {who} {k}={v}")
 
 
-def move_aside(d, names):
-    """Move the files `names` of folder d into d/previous, replacing what it held: through
-    d/previous.new, so that a move cut short is finished by the next one, and the earlier
-    run's files are never left beside a new run's."""
-    new, prev = os.path.join(d, "previous.new"), os.path.join(d, "previous")
-    os.makedirs(new, exist_ok=True)
-    for n in names:
-        if os.path.exists(os.path.join(d, n)):
-            os.replace(os.path.join(d, n), os.path.join(new, n))
-    shutil.rmtree(prev, ignore_errors=True)
-    os.rename(new, prev)
-
-
-def on_disk(path):
+def on_disk(path, then=""):
     """What the checkpoint file says of itself, for a message: its iteration, read from disk."""
     try:
         ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return f"{path} holds iteration {ck['iter']}"
+        return f"{path} holds iteration {ck['iter']}{then}"
     except Exception:  # none, or unreadable: either way there is nothing to resume from
         return "no checkpoint was written yet"
 
 
-def finite(weights, where):
-    """NaN or inf weights (a run that diverged) are named before they train, sample or export
-    anything; weights: a state dict."""
-    for name, p in weights.items() if isinstance(weights, dict) else ():
-        if isinstance(p, torch.Tensor) and p.is_floating_point() and not torch.isfinite(p).all():
-            die(f"{where}: the weights are not finite ({name} holds NaN or inf); the run "
-                f"that wrote them diverged: use an earlier checkpoint, or train anew")
-
-
 def model_from_checkpoint(ck, path):
-    """The GPT a checkpoint holds: its shape (model_args), its weights, all finite."""
-    finite(ck["model"], path)
+    """The GPT a checkpoint holds: its shape (model_args), its weights, all finite (NaN or inf,
+    from a run that diverged, are named before they train, sample or export anything)."""
+    for name, p in ck["model"].items():
+        if isinstance(p, torch.Tensor) and p.is_floating_point() and not torch.isfinite(p).all():
+            die(f"{path}: the weights are not finite ({name} holds NaN or inf); the run "
+                f"that wrote them diverged: use an earlier checkpoint, or train anew")
     odd = sorted(set(ck["model_args"]) - {f.name for f in dataclasses.fields(GPTConfig)})
     if odd:  # a later release's
         die(f"{path}: model_args has unknown key {odd[0]!r}: a later release's, or not orpo.py's")
@@ -169,7 +147,6 @@ def model_config(cfg, meta):
 def build_model(cfg, meta, path, ck=None):
     """The model to train: from scratch, resumed from the checkpoint ck (read from path),
     the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
-    shape = model_config(cfg, meta)  # from scratch: what the run's config asks for
     if ck is None and cfg.init_from.endswith(".pt"):  # e.g. DPO's second phase starts from SFT's
         path, ck = cfg.init_from, load_checkpoint(cfg.init_from, meta=meta)
     elif ck is not None and ck["meta"].get("id") != meta["id"]:  # resumed: the same names, other tokens
@@ -180,7 +157,7 @@ def build_model(cfg, meta, path, ck=None):
         return model_from_checkpoint(ck, path)
     if cfg.init_from == "scratch":
         try:
-            return GPT(shape)
+            return GPT(model_config(cfg, meta))
         except (RuntimeError, MemoryError) as e:  # the allocator's, in its own words
             die(f"the model does not fit in memory (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
                 f"vocab_size={cfg.vocab_size}): {one_line(e, 100)}")
@@ -199,21 +176,16 @@ def load_reference(cfg, meta, policy):
     ck = load_checkpoint(cfg.ref, meta=meta)
     shape = ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab")
     check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
-    ref = model_from_checkpoint(ck, cfg.ref)
-    return ref.requires_grad_(False).eval()
+    return model_from_checkpoint(ck, cfg.ref).requires_grad_(False).eval()
 
 
-class RunDir:
+class RunDir(contextlib.AbstractContextManager):
     """A run's folder, out_dir, and its ckpt.pt. Used as `with RunDir(...) as run:` around a
     run: Ctrl-C or a non-finite loss inside is one line, and the lock is let go at the end."""
 
     def __init__(self, out_dir, rank):
-        self.out_dir, self.master = out_dir, rank == 0
+        self.out_dir, self.master, self.held = out_dir, rank == 0, None
         self.path = os.path.join(out_dir, "ckpt.pt")
-        self.held = None
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, kind, e, tb):
         try:
@@ -225,8 +197,7 @@ class RunDir:
 
     def kept(self):
         """What the folder holds to go on from, read from the disk, for a last line."""
-        return (f"{on_disk(self.path)}: go on with --init_from=resume" if os.path.exists(self.path)
-                else "no checkpoint was written yet")
+        return on_disk(self.path, ": go on with --init_from=resume")
 
     def hold(self):
         """The first process holds the folder; a second run is told which process does."""
@@ -239,8 +210,7 @@ class RunDir:
 
     def resume_state(self, cfg):
         """The checkpoint to resume from, read with the folder locked (so no run can write a
-        newer one meanwhile) and before the data. Resuming on other data, another shape,
-        objective or schedule, before the checkpoint, or without its log, is an error."""
+        newer one meanwhile) and before the data, or the one line that says why it cannot."""
         self.hold()
         ck = load_checkpoint(self.path)
         if "id" not in ck["meta"] or isinstance(ck.get("rng"), torch.Tensor):
@@ -264,11 +234,10 @@ class RunDir:
         return ck
 
     def claim(self, cfg, resume):
-        """The first process locks the folder, and a new run never writes beside another
-        run's files (RUN_FILES). An earlier run is moved aside to out_dir/previous (replacing
-        the one there), and that is said, when it finished with the same settings (the same
-        command, run again), when it saved nothing to go on from (a log alone), or when
-        --fresh asks; otherwise the run is refused, in one line that names the ways on."""
+        """The first process locks the folder, and a new run never writes beside another run's
+        files. An earlier run is moved aside to out_dir/previous when it had the same settings
+        (the same command, run again), saved nothing to go on from (a log alone), or --fresh
+        asks; otherwise the run is refused, in one line that names the ways on."""
         if not self.master:
             return
         self.hold()
@@ -280,22 +249,26 @@ class RunDir:
                 had = json.load(f).get("settings")
         except (OSError, ValueError, AttributeError):
             had = None
-        same = had == settings(cfg)
-        if not (cfg.fresh or same or found == ["log.jsonl"]):
+        if not (cfg.fresh or had == settings(cfg) or found == ["log.jsonl"]):
             what = on_disk(self.path) if "ckpt.pt" in found else f"its {', '.join(found)}"
             die(f"{self.out_dir} holds another run ({what}): continue it with --init_from=resume, "
                 f"give another --out_dir, or start over with --fresh=true (the earlier run moves "
                 f"to {self.out_dir}/previous)")
-        move_aside(self.out_dir, RUN_FILES)
-        print(f"{self.out_dir}: the earlier run there ({', '.join(found)}) is now in "
-              f"{os.path.join(self.out_dir, 'previous')}")
+        # through previous.new, so that a move cut short is finished by the next one, and the
+        # earlier run's files are never left beside a new run's
+        new, prev = os.path.join(self.out_dir, "previous.new"), os.path.join(self.out_dir, "previous")
+        os.makedirs(new, exist_ok=True)
+        for n in RUN_FILES:
+            if os.path.exists(os.path.join(self.out_dir, n)):
+                os.replace(os.path.join(self.out_dir, n), os.path.join(new, n))
+        shutil.rmtree(prev, ignore_errors=True)
+        os.rename(new, prev)
+        print(f"{self.out_dir}: the earlier run there ({', '.join(found)}) is now in {prev}")
 
     def restore(self, ck, opt, scaler, rank, world, dev_type):
-        """(iteration, epoch, position in it, eval history, seconds in the loop) to go on from:
-        a new run's, or, resuming, the checkpoint's, with the optimizer, the scaler and each
-        process's RNG as they were. A checkpoint of another number of processes gives each
-        process its own state where it has one, the others keep their seed's, and a line says
-        that the dropout masks (the only draws that training makes) differ from then on."""
+        """(iteration, epoch, position in it, eval history, seconds in the loop) to go on from,
+        with the optimizer, the scaler and each process's RNG as they were. Of another number
+        of processes, each keeps its seed's RNG where the checkpoint has none for it."""
         if not ck:
             return 0, 0, 0, [], 0.0
         opt.load_state_dict(ck["optimizer"])
@@ -312,8 +285,7 @@ class RunDir:
         return ck["iter"], ck["epoch"], ck["pos"], ck["history"], ck["seconds"]
 
     def save(self, raw, cfg, meta, opt, scaler, rng, **progress):
-        """The checkpoint at this point of the run (progress: iter, epoch, pos, history,
-        seconds): whole, or the last one kept."""
+        """The checkpoint, whole or the last one kept; progress: iter, epoch, pos, history, seconds."""
         save_checkpoint(self.path, model=raw.state_dict(), model_args=dataclasses.asdict(raw.cfg),
                         config=dataclasses.asdict(cfg), meta=meta, optimizer=opt.state_dict(),
                         scaler=scaler.state_dict(), rng=rng, **progress)

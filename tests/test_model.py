@@ -467,7 +467,7 @@ EDITS = {  # a state dict broken in place
 }
 WANT = dict(missing="no such file", name="not one of gpt2", garbage="not a readable weights file",
             truncated="not a readable weights file", tensor="not a state dict",
-            safetensors="not a readable weights file", config="not readable JSON",
+            safetensors="not a readable weights file", config="not a readable JSON file",
             bert="describes a bert", empty="no model.safetensors or pytorch_model.bin",
             lacks=r"lacks \['h.1.mlp.c_fc.bias'\]", extra="'h.9.ln_1.bias' has no place",
             shape=r"h.0.attn.c_proj.weight: shape \(63, 64\) does not fit \(64, 64\)",
