@@ -40,12 +40,12 @@ SHAPES = ("{prompt, chosen, rejected} strings; HH-style {chosen, rejected} whole
           "{chosen, rejected} message lists of {role, content}, with or without a prompt column")
 
 
-def render(messages, what):
+def render(messages):
     """[{role, content}, ...] -> HH's "\\n\\nHuman: {turn}\\n\\nAssistant: {turn}...", no trailing marker."""
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise ValueError(f"{what}: a message is not a {{role, content}} object with role "
-                             f"in {sorted(ROLES)}: {str(m)[:80]!r}")
+            raise ValueError(f"a message is not a {{role, content}} object with role in "
+                             f"{sorted(ROLES)}: {str(m)[:80]!r}")
     return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages)
 
 
@@ -90,7 +90,7 @@ def to_triple(row, shape):
         if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
             raise ValueError(f"{key!r} does not end with an assistant message")
     chosen, rejected = row["chosen"], row["rejected"]
-    render(chosen + rejected, "messages")  # checks every message
+    render(chosen + rejected)  # checks every message
     head = chosen[:-1]
     if not head:
         if not isinstance(row.get("prompt"), str):
@@ -98,7 +98,7 @@ def to_triple(row, shape):
         head = [{"role": "user", "content": row["prompt"]}]
     elif rejected[:-1] and rejected[:-1] != head:
         raise ValueError("'chosen' and 'rejected' messages differ before the last turn")
-    return {"prompt": render(head, "prompt") + ASSISTANT, "chosen": " " + chosen[-1]["content"],
+    return {"prompt": render(head) + ASSISTANT, "chosen": " " + chosen[-1]["content"],
             "rejected": " " + rejected[-1]["content"]}
 
 
@@ -341,10 +341,9 @@ def stale(data_dir, want, explicit):
 
 def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explicit=False):
     """The data orpo.py trains on, load() of data_dir: from source, or file, in pairs of at most
-    max_len tokens. The default folder (explicit False) is prepared, saying why, when its data is
-    absent or was made from anything else (another file, the file before it changed, other
-    limits). A folder the user named is theirs: data made from another source or file, or the
-    file before it changed, is refused, in one line; an absent one is prepared only from a file."""
+    max_len tokens. The default folder is prepared, saying why, when its data is absent or stale.
+    A folder the user named (explicit) is theirs: data made from another source or file, or the
+    file before it changed, is refused in one line; an absent one is prepared only from a file."""
     want = recipe(source, file, None, None, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len)
     why = stale(data_dir, want, explicit)
     if why and explicit and os.path.isfile(os.path.join(data_dir, "meta.json")):

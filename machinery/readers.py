@@ -78,10 +78,9 @@ def parquet_columns(path, table):
 
 
 def read_parquet(path):
-    """A .parquet file's rows, its columns checked first (parquet_columns). Read on this thread
-    alone: a process that exits soon after a threaded read (an error in its columns, say)
-    aborts in Arrow's thread pool as Python ends ("terminate called without an active
-    exception": 16 exits of 20 here; none read this way)."""
+    """A .parquet file's rows, its columns checked first. Read on this thread alone: a process that
+    exits soon after a threaded read (an error in its columns, say) aborts in Arrow's thread pool
+    ("terminate called without an active exception": 16 exits of 20 here; none read this way)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
