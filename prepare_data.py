@@ -12,11 +12,9 @@ Output, in --out:
                              max_prompt_len), tokenizer, vocab size, special ids, row counts
 Both responses end with the end-of-text token, unless truncated.
 
-Real data comes in three shapes, found from the keys: rows of {prompt, chosen, rejected}
-strings are used as they are; HH-RLHF's whole dialogues are split at the last "\\n\\nAssistant:";
-lists of {role, content} messages are rendered in HH's chat format. Rows are numbered as an
-editor numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped; bad files
-or limits stop with a one-line error (exit 2). Without --val_file, the top tenth is held out.
+Real data comes in three shapes (SHAPES), found from the keys. Rows are numbered as an editor
+numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped; bad files or limits
+stop with a one-line error (exit 2).
 """
 import argparse
 import hashlib
@@ -42,13 +40,12 @@ SHAPES = ("{prompt, chosen, rejected} strings; HH-style {chosen, rejected} whole
           "{chosen, rejected} message lists of {role, content}, with or without a prompt column")
 
 
-def render(messages, what):
-    """[{role, content}, ...] -> HH's chat format, "\\n\\nHuman: {turn}\\n\\nAssistant: {turn}...",
-    with no trailing Assistant marker."""
+def render(messages):
+    """[{role, content}, ...] -> HH's "\\n\\nHuman: {turn}\\n\\nAssistant: {turn}...", no trailing marker."""
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise ValueError(f"{what}: a message is not a {{role, content}} object with role "
-                             f"in {sorted(ROLES)}: {str(m)[:80]!r}")
+            raise ValueError(f"a message is not a {{role, content}} object with role in "
+                             f"{sorted(ROLES)}: {str(m)[:80]!r}")
     return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages)
 
 
@@ -93,7 +90,7 @@ def to_triple(row, shape):
         if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
             raise ValueError(f"{key!r} does not end with an assistant message")
     chosen, rejected = row["chosen"], row["rejected"]
-    render(chosen + rejected, "messages")  # checks every message
+    render(chosen + rejected)  # checks every message
     head = chosen[:-1]
     if not head:
         if not isinstance(row.get("prompt"), str):
@@ -101,19 +98,15 @@ def to_triple(row, shape):
         head = [{"role": "user", "content": row["prompt"]}]
     elif rejected[:-1] and rejected[:-1] != head:
         raise ValueError("'chosen' and 'rejected' messages differ before the last turn")
-    return {"prompt": render(head, "prompt") + ASSISTANT, "chosen": " " + chosen[-1]["content"],
+    return {"prompt": render(head) + ASSISTANT, "chosen": " " + chosen[-1]["content"],
             "rejected": " " + rejected[-1]["content"]}
 
 
 # ----------------------------------------------------------------------------------------
 # Tokenize and write
 
-DROPS = ("blank", "malformed", "empty_response", "identical", "too_long")  # why rows are dropped
-
-
 def get_encoding(tok):
-    """The tokenizer named by meta['tokenizer']. tiktoken downloads GPT-2's files on first
-    use; with no network and no cached copy that is a ValueError saying what to do."""
+    """The tokenizer named by meta['tokenizer']; tiktoken downloads GPT-2's on first use."""
     if tok == "synthetic":
         return synthetic_encoding()
     try:
@@ -125,9 +118,8 @@ def get_encoding(tok):
 
 
 def check(row, shape):
-    """One raw row -> (None, (prompt, chosen, rejected)) when it is usable, else (why, msg):
-    why is one of DROPS, and msg, for a malformed row, says what is wrong. Rows with an empty
-    response and rows whose responses are identical are dropped, as the paper does."""
+    """One raw row -> (None, (prompt, chosen, rejected)) when it is usable, else (why it is dropped,
+    what is wrong with a malformed row). Empty or identical responses are dropped, as the paper does."""
     if row is BLANK:
         return "blank", None
     try:
@@ -145,13 +137,13 @@ def check(row, shape):
 
 def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name, shape="triple",
                 first_row=1):
-    """Tokenize rows, write {split}.tokens.npy and {split}.index.npy, return the counts. rows[0]
-    is row first_row of name (in a .jsonl, its line). Dropped rows are counted by why (check),
-    the malformed ones named. A long row is cut to fit max_len: the prompt keeps its last
-    max_prompt_len tokens, each response its first max_len - len(prompt). A cut response loses
-    its end-of-text token (the model should not learn to stop there) but keeps one of its own;
-    a row whose cut responses are empty or the same is no pair, and is dropped as too_long."""
-    counts = {"read": len(rows), "kept": 0, "truncated": 0, "dropped": dict.fromkeys(DROPS, 0)}
+    """Tokenize rows (rows[0] is row first_row of name), write {split}.tokens.npy and .index.npy,
+    return the counts. A long row is cut to fit max_len: the prompt keeps its last max_prompt_len
+    tokens, each response its first max_len - len(prompt). A cut response loses its end-of-text
+    token (the model should not learn to stop there); a row whose cut responses are empty or the
+    same is no pair, and is dropped as too_long."""
+    counts = {"read": len(rows), "kept": 0, "truncated": 0, "dropped": dict.fromkeys(
+        ("blank", "malformed", "empty_response", "identical", "too_long"), 0)}
     triples, dropped = [], counts["dropped"]
     for i, row in enumerate(rows, start=first_row):
         why, t = check(row, shape)
@@ -217,8 +209,7 @@ def named(source, file):
     return name + "-file" if name in ("synthetic", "hh-rlhf", "ultrafeedback") else name
 
 
-def tokenizer(source, file):
-    """The synthetic task's own rows are in its one-word-a-token vocabulary; all else is GPT-2's."""
+def tokenizer(source, file):  # the synthetic task's own rows have their own vocabulary
     return "synthetic" if source == "synthetic" and not file else "gpt2"
 
 
@@ -233,25 +224,22 @@ def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_pr
                 max_len=max_len, max_prompt_len=max_prompt_len)
 
 
-def holds(out):
-    """What out holds, read from the disk, to end the line on a failed or stopped preparation."""
+def holds(out):  # what out holds, read from the disk, to end a failed or stopped preparation's line
     return (f"{out} holds the data prepared before, unchanged" if os.path.isfile(
         os.path.join(out, "meta.json")) else f"{out} holds no prepared data")
 
 
-def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VAL,
+def prepare(source, out, seed=SEED, n_train=N_TRAIN, n_val=N_VAL,
             max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
     """Write the source's train and val splits, and meta.json with each file's size and hash, to
-    out; return the meta. Bad input is a one-line ValueError. With out locked, the files go into
-    a new folder that then takes out's place (safe.staged): a preparation that fails or is
-    killed leaves the previous data whole, and a trainer that has the old files mapped keeps
-    them; a folder that holds other files than these is refused."""
+    out; return the meta. Bad input is a one-line ValueError. The files go into a new folder that
+    then takes out's place (safe.staged): a preparation that fails or is killed leaves the previous
+    data whole, and a trainer that has the old files mapped keeps them."""
     if not 1 <= max_prompt_len < max_len:  # a kept row needs a prompt token and a response's
         raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 1 and below max_len "
                          f"{max_len}, to leave room for the prompt and the responses")
     if min(n_train, n_val) < 1:
         raise ValueError(f"n_train {n_train} and n_val {n_val} must each be at least 1")
-    out = out or os.path.join("data", source)
     if tokenizer(source, file) == "synthetic":
         splits = {k: (v, source, 1) for k, v in make_synthetic(n_train, n_val, seed).items()}
         shape = "triple"
@@ -289,40 +277,31 @@ def prepare(source="synthetic", out=None, seed=SEED, n_train=N_TRAIN, n_val=N_VA
     return meta
 
 
-def other_data(meta, source, file):
-    """Why the data meta.json's dict meta describes is not the data asked for (source, or the file
-    at the absolute path file), or None: a file's rows are the same data under any name."""
-    if file and meta.get("file") != file:
-        return f"was prepared from {meta.get('file') or meta.get('source')}, not {file}"
-    if not file and meta.get("source") != source:
-        made = f" (from {meta['file']})" if meta.get("file") else ""
-        return (f"holds the data named {meta.get('source')}{made}, not {source} "
-                f"(--dataset={meta.get('source')} reads it)")
-
-
 def load(data_dir, source, file=None, max_len=None):
-    """meta and {split: (tokens, index)} of data_dir's data, checked against what the caller asks
-    for (the source, or the file when given; pairs of at most max_len tokens) and each file's size
-    in meta.json. Stale or unreadable data is a ValueError that says how to prepare again."""
+    """meta and {split: (tokens, index)} of data_dir's data, checked against meta.json's hashes and
+    what the caller asks for: the source, or the file when given; pairs of at most max_len tokens.
+    Stale or unreadable data is a ValueError that says how to prepare again."""
     meta_path, redo = os.path.join(data_dir, "meta.json"), REDO.format(data_dir)
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         _, tok, n_vocab = meta["source"], meta["tokenizer"], meta["vocab_size"]  # or a KeyError
-        cut = [f for f, fp in meta.get("files", {}).items()  # hashed again if touched since
+        cut = [f for f, fp in meta["files"].items()  # hashed again if touched since
                if fingerprint(os.path.join(data_dir, f), fp).get("sha256") != fp.get("sha256")]
         splits = {s: (np.load(os.path.join(data_dir, f"{s}.tokens.npy"), mmap_mode="r"),
                       np.load(os.path.join(data_dir, f"{s}.index.npy"))) for s in ("train", "val")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{data_dir} holds no readable prepared data "
                          f"({one_line(e, typed=True)}); {redo}") from e
-    if "files" not in meta or cut:
-        raise ValueError(f"{data_dir}: " + (f"{', '.join(cut)} differ from what meta.json says"
-                         if cut else "meta.json, from an older prepare_data.py, names no "
-                         "files to check") + f"; {redo}")
-    why = other_data(meta, source, file and os.path.abspath(file))
-    if why:
-        raise ValueError(f"{data_dir} {why}; {redo}")
+    if cut:
+        raise ValueError(f"{data_dir}: {', '.join(cut)} differ from what meta.json says; {redo}")
+    file, made = file and os.path.abspath(file), meta.get("file")
+    if file and made != file:  # a file's rows are the same data under any name
+        raise ValueError(f"{data_dir} was prepared from {made or meta['source']}, not {file}; {redo}")
+    if not file and meta["source"] != source:
+        made = f" (from {made})" if made else ""
+        raise ValueError(f"{data_dir} holds the data named {meta['source']}{made}, not {source} "
+                         f"(--dataset={meta['source']} reads it); {redo}")
     if get_encoding(tok).n_vocab != n_vocab:
         raise ValueError(f"{meta_path} says vocab_size {n_vocab}, but tokenizer {tok!r} has "
                          f"{get_encoding(tok).n_vocab}: the data is stale; {redo}")
@@ -340,7 +319,8 @@ def load(data_dir, source, file=None, max_len=None):
 
 def stale(data_dir, want, explicit):
     """Why data_dir's data is not what the recipe `want` asks for, or None. In a folder the user
-    named (explicit), only the source and the file count: the limits and the seed are theirs."""
+    named (explicit), only a changed file counts (load checks the source and the file): the
+    limits and the seed are theirs."""
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
@@ -350,23 +330,20 @@ def stale(data_dir, want, explicit):
         return f"holds no readable meta.json ({one_line(e, typed=True)})"
     if not isinstance(meta, dict) or "files" not in meta:
         return "holds data from an older prepare_data.py, which did not record its files"
+    k = next((k for k, v in want.items() if meta.get(k) != v and not explicit), None)
+    if k:
+        return f"was prepared with {k} {meta.get(k)}, not {want[k]}"
     file, fp = want["file"], meta.get("file_id") or {}
-    why = other_data(meta, want["source"], file)
-    if not why and file and os.path.isfile(file) and \
+    if file and file == meta.get("file") and os.path.isfile(file) and \
             fingerprint(file, fp)["sha256"] != fp.get("sha256"):
-        why = f"was prepared from {file} as it was before it changed"
-    if why or explicit:
-        return why
-    k = next((k for k, v in want.items() if meta.get(k) != v), None)
-    return k and f"was prepared with {k} {meta.get(k)}, not {want[k]}"
+        return f"was prepared from {file} as it was before it changed"
 
 
 def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explicit=False):
     """The data orpo.py trains on, load() of data_dir: from source, or file, in pairs of at most
-    max_len tokens. The default folder (explicit False) is prepared, saying why, when its data is
-    absent or was made from anything else (another file, the file before it changed, other
-    limits). A folder the user named is theirs: data made from another source or file, or the
-    file before it changed, is refused, in one line; an absent one is prepared only from a file."""
+    max_len tokens. The default folder is prepared, saying why, when its data is absent or stale.
+    A folder the user named (explicit) is theirs: data made from another source or file, or the
+    file before it changed, is refused in one line; an absent one is prepared only from a file."""
     want = recipe(source, file, None, None, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len)
     why = stale(data_dir, want, explicit)
     if why and explicit and os.path.isfile(os.path.join(data_dir, "meta.json")):
@@ -382,10 +359,8 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
 
 
 def for_run(cfg):
-    """The data a run of orpo.py's config cfg reads: meta, {split: (tokens, index)}, and the
-    tokenizer it is written in.
-    data/<name> is prepared on first use (ensure); a --data_dir of other data is refused, and
-    so is data with fewer training pairs than a batch. Every error is one line."""
+    """meta, {split: (tokens, index)} and the tokenizer of the data orpo.py's config cfg reads
+    (ensure), or a one-line exit: too few training pairs for a batch, say."""
     name = named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
     d = cfg.data_dir or os.path.join("data", name)
     tok = tokenizer(name, cfg.data_file)

@@ -1,9 +1,5 @@
-"""Reading preference rows from where people keep them: a local .jsonl(.gz), .json or
-.parquet file, or the Hugging Face hub through `datasets`. Rows come back raw, in the
-source's own shape (prepare_data.py finds the shape and tokenizes them); everything that
-cannot be read is a one-line ValueError naming the file. Local files need no cache and no
-network: Python reads the JSON, pyarrow the Parquet.
-"""
+"""Preference rows, raw, in the source's own shape, from a local .jsonl(.gz), .json or .parquet
+file or from the Hugging Face hub (`datasets`); what cannot be read is a one-line ValueError."""
 import collections
 import json
 import os
@@ -82,10 +78,9 @@ def parquet_columns(path, table):
 
 
 def read_parquet(path):
-    """A .parquet file's rows, its columns checked first (parquet_columns). Read on this thread
-    alone: a process that exits soon after a threaded read (an error in its columns, say)
-    aborts in Arrow's thread pool as Python ends ("terminate called without an active
-    exception": 16 exits of 20 here; none read this way)."""
+    """A .parquet file's rows, its columns checked first. Read on this thread alone: a process that
+    exits soon after a threaded read (an error in its columns, say) aborts in Arrow's thread pool
+    ("terminate called without an active exception": 16 exits of 20 here; none read this way)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -101,8 +96,7 @@ def read_parquet(path):
 
 
 def read_file(path):
-    """A local file's raw rows, numbered from 1 by position (a .jsonl's by line), or a one-line
-    ValueError."""
+    """A local file's raw rows, numbered from 1 by position (a .jsonl's by line)."""
     rows = (read_jsonl if path.endswith((".jsonl", ".jsonl.gz")) else
             read_json if path.endswith(".json") else read_parquet)(path)
     if all(isinstance(r, BrokenLine) for r in rows):  # none, or blank and broken lines only
@@ -126,17 +120,15 @@ def load_source(source, path=None, subset=None, val_path=None):
                 raise ValueError(f"{p}: not a format prepare_data reads; accepted: "
                                  f"{', '.join(FORMATS)}")
         return {s: (read_file(p), p, 1) for s, p in files.items()}
-    import datasets
+    hub = {"hh-rlhf": ("Anthropic/hh-rlhf", "train", "test"),
+           "ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs")}
+    if source not in hub:
+        raise ValueError(f"unknown source {source!r}; known: synthetic, {', '.join(hub)} (or --file PATH)")
+    name, train, val = hub[source]
     try:
-        if source == "hh-rlhf":
-            ds = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset)
-            return {"train": (ds["train"], source, 1), "val": (ds["test"], source, 1)}
-        if source == "ultrafeedback":
-            ds = datasets.load_dataset("HuggingFaceH4/ultrafeedback_binarized")
-            return {"train": (ds["train_prefs"], source, 1), "val": (ds["test_prefs"], source, 1)}
+        import datasets
+        ds = datasets.load_dataset(name, data_dir=subset)
     except Exception as e:  # no network, or the hub refused: say so, and what works instead
-        raise ValueError(f"could not load {source!r} from the Hugging Face hub "
-                         f"({one_line(e, typed=True)}); download it and pass --file "
-                         f"PATH instead") from e
-    raise ValueError(f"unknown source {source!r}; known: synthetic, hh-rlhf, ultrafeedback "
-                     f"(or --file PATH)")
+        raise ValueError(f"could not load {source!r} from the Hugging Face hub ({one_line(e, typed=True)})"
+                         f"; download it and pass --file PATH instead") from e
+    return {"train": (ds[train], source, 1), "val": (ds[val], source, 1)}
