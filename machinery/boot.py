@@ -65,12 +65,9 @@ def cpu_times():
 
 
 class Threads:
-    """The thread count as the load goes, while the script runs: at most every `every`
-    seconds, check() reads what other programs' threads took of the machine's CPUs since the
-    last look (its busy time, less this process's) and gives torch one thread per core they
-    left free, at least one. A program that starts beside the run and then waits (a reader of
-    its output) takes nothing, so costs nothing; a CPU-bound one gets its core. A count the
-    user set (OMP_NUM_THREADS) is never changed. check() says a change and why, or None."""
+    """At most every `every` seconds, check() reads what other programs took of the CPUs
+    since the last look (the machine's busy time less this process's), so a reader that waits
+    costs nothing, and gives torch a thread per core left free; it says a change, or None."""
 
     def __init__(self, every=2.0, times=cpu_times):
         self.every, self.times, self.last = every, times, times()

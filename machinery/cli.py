@@ -1,8 +1,6 @@
-"""The command line, as nanoGPT's configurator.py is, without its exec: `--config NAME` picks
-a preset of a config dataclass, then `--key=value` (or `--key value`) overrides its fields,
-each parsed as the field's type and checked against RULES before any work; and the device
-and dtype that --device and --dtype pick. Bad input gets one line naming the key
-and exit status 2, never a traceback. orpo.py and its sibling scripts share it:
+"""The command line, as nanoGPT's configurator.py, without its exec: `--config NAME` picks a
+preset, `--key=value` (or `--key value`) overrides a field, parsed as its type and checked
+against RULES before any work; bad input is one line naming the key, exit 2. Every script:
 
     preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, extra)
 """
@@ -139,10 +137,9 @@ def print_help(cfg, preset, presets, fields, extra, rules, notes, usage):
 
 def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]",
                keys=None, notes=None, rules=None):
-    """--config NAME (default: small), then overrides of the dataclass config's fields that
-    the script reads (`keys`; None: all), checked against RULES and the script's own `rules`,
-    and of its own options `extra` ({key: default}, described by `notes`). --help lists them
-    with the values of the preset --config names. Returns (preset, cfg, opts)."""
+    """--config NAME (default: small), then overrides of the config's fields that the script
+    reads (`keys`; None: all), checked against RULES and its `rules`, and of its own options
+    `extra` ({key: default}, described by `notes`). Returns (preset, cfg, opts)."""
     extra, args, pairs = dict(extra or {}), [a for a in argv if a not in ("-h", "--help")], []
     while args:
         a = args.pop(0)

@@ -18,10 +18,9 @@ from machinery.safe import die
 
 
 def launch(n):
-    """Run this same command as n DDP workers, with the environment torchrun gives its own, and
-    wait. The first worker's output is the run's; a worker that fails stops the others within
-    seconds, and the first failure's error, not each worker's copy, is said, once; Ctrl-C
-    reaches every worker, and the first one's line says what was kept. Returns the exit status."""
+    """Run this same command as n DDP workers, as torchrun would, and return the exit status.
+    The first worker's output is the run's; a failure stops the others, and the first one's
+    error is said once; on Ctrl-C, the line of the first worker that said what it kept."""
     with socket.socket() as s:  # a free port for the workers to meet on
         s.bind(("127.0.0.1", 0))
         env = dict(os.environ, WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
