@@ -29,18 +29,14 @@ def launch(n):
     kids = [subprocess.Popen([sys.executable, *sys.argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                              stdout=None if r == 0 else subprocess.DEVNULL, stderr=errs[r])
             for r in range(n)]
-    first, sig, t_done = None, signal.SIGTERM, None  # t_done: when the first ended well
-    try:
-        while True:
-            codes = [k.poll() for k in kids]
-            first = next((r for r, c in enumerate(codes) if c), None)  # the first that failed
-            if first is not None or None not in codes:
+    sig, t_done = signal.SIGTERM, None  # t_done: when the first ended well
+    try:  # until one fails or all are done
+        while not any(codes := [k.poll() for k in kids]) and None in codes:
+            # the first is done, the run written: the others must not hang on its leaving the group
+            if codes[0] == 0 and time.time() - (t_done := t_done or time.time()) > 10:
                 break
-            if codes[0] == 0:  # the run is written; the others only let go of the group,
-                t_done = t_done or time.time()  # which must not hang on the first one's leaving
-                if time.time() - t_done > 10:
-                    break
             time.sleep(0.1)
+        first = next((r for r, c in enumerate(codes) if c), None)  # the first that failed
     except KeyboardInterrupt:  # the workers had it too, from the terminal, or have it now
         first, sig = 0, signal.SIGINT
         for _ in range(30):  # a terminal's Ctrl-C reached them all: they end by themselves

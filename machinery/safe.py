@@ -49,11 +49,10 @@ def atomic_write(path):
 
 
 class lock:
-    """Hold folder (created if need be) for this process: `with lock(d):`, or `held =
-    lock(d)` for the life of the process. A second process gets ValueError naming the folder
-    and the holder's pid and command, which the folder's .lock file keeps. The kernel drops
-    an flock when its process dies, however it dies; a holder that ends cleanly empties the
-    file, so a pid found in a free lock is one that was killed, and that is said."""
+    """Hold folder (created if need be): `with lock(d):`, or `held = lock(d)` for the process's
+    life; a second process gets ValueError naming the holder its .lock file keeps. The kernel
+    drops an flock however its process dies; a clean holder empties the file, so a pid found
+    in a free lock is a killed one's, and that is said."""
 
     def __init__(self, folder):
         if not folder:

@@ -56,9 +56,8 @@ def make_synthetic(n_train, n_val, seed):
             for n in (2, 3, 4)]
     keys, n_val_keys = [keys[i] for i in rng.permutation(len(keys))], len(keys) // 10
     split_keys = {"val": keys[:n_val_keys], "train": keys[n_val_keys:]}
-    out = {}
+    out = {"train": [], "val": []}
     for split, n_rows in (("train", n_train), ("val", n_val)):
-        rows = []
         for k in rng.integers(len(split_keys[split]), size=n_rows):
             t, a, b, n = split_keys[split][k]
             pool = [w for w in TOPICS[t] if w not in (a, b)]
@@ -75,12 +74,11 @@ def make_synthetic(n_train, n_val, seed):
             if rng.random() < 0.3:  # a wrong count too (lengths differ): one word more or fewer
                 bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
                     [w for w in pool if w not in words]))]
-            rows.append({
+            out[split].append({
                 "prompt": f"user: {n} more like {a} and {b}\nassistant:",
                 "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
                 "rejected": f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} .",
             })
-        out[split] = rows
     return out
 
 
