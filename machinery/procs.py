@@ -54,9 +54,8 @@ def launch(n):
             k.wait()
     if sig == signal.SIGINT:  # the first worker whose own handler said what it kept
         first = next((r for r, k in enumerate(kids) if k.returncode == 130), 0)
-    said = errs[first or 0]
-    said.seek(0)
-    sys.stderr.write(said.read())
+    errs[first or 0].seek(0)
+    sys.stderr.write(errs[first or 0].read())
     code = kids[first].returncode if first is not None else 0
     return 128 - code if code < 0 else code  # a signal's death, as a shell reports it
 

@@ -1,15 +1,13 @@
 """The synthetic task ("more like these") and its judge: the rows prepare_data.py makes
 offline, the tokenizer they are written in, and how a sampled answer is scored.
 
-It is a preference task in the paper's sense. The prompt gives two example words of one topic
-and asks for n more; the chosen answer opens politely and lists n new words of that topic,
-but, as in real data, it is better, not perfect: a fifth of chosen answers have one word off
-topic. The rejected answer shares the prompt and the template, keeps the chosen one's flaws
-and adds more: it is rude, strays further off topic, or both. SFT imitates the chosen
-answers, stray words included; the pairs say that off topic is worse, and ORPO learns that
-too. The rows are written in the task's own small BPE (synthetic_encoding), a token a word.
-judge() scores any answer, so report.py can measure a win rate on sampled answers, as the
-paper does with a reward model.
+A preference task in the paper's sense: the prompt gives two example words of one topic and
+asks for n more; the chosen answer opens politely and lists n new words of that topic, but,
+as in real data, a fifth of them have one word off topic. The rejected answer keeps the
+chosen one's flaws and adds more: it is rude, strays further off topic, or both. SFT
+imitates the chosen answers, stray words included; the pairs say that off topic is worse,
+and ORPO learns that too. The rows are in the task's own small BPE, a token a word. judge()
+scores any answer, so report.py can measure a win rate, as the paper does with a reward model.
 """
 import math
 
@@ -35,10 +33,9 @@ EXTRA = ["user:", "assistant:", "more", "like", "and", "2", "3", "4", ":", "."] 
 
 
 def synthetic_encoding():
-    """A small BPE built with tiktoken's own API: the 256 single bytes, then every
-    space-led prefix of the task's words (" c", " ca", " cat"), so that each word is one
-    token and any other text still encodes, byte by byte. BPE merges the lowest-ranked pair
-    first, and every multi-byte rank is a prefix, so " cat" is built " c", " ca", " cat"."""
+    """A small BPE built with tiktoken's own API: the 256 single bytes, then every space-led
+    prefix of the task's words, so that each word is one token and any other text still
+    encodes. BPE merges the lowest-ranked pair first, so " cat" is built " c", " ca", " cat"."""
     ranks = {bytes([b]): b for b in range(256)}
     words = sorted(set(TOPIC_OF) | set(EXTRA))
     for piece in sorted([(" " + w).encode() for w in words] + [b"user:", b"assistant:"], key=len):
@@ -74,11 +71,9 @@ def make_synthetic(n_train, n_val, seed):
             if rng.random() < 0.3:  # a wrong count too (lengths differ): one word more or fewer
                 bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
                     [w for w in pool if w not in words]))]
-            out[split].append({
-                "prompt": f"user: {n} more like {a} and {b}\nassistant:",
-                "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
-                "rejected": f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} .",
-            })
+            out[split].append(dict(prompt=f"user: {n} more like {a} and {b}\nassistant:",
+                                   chosen=f" {rng.choice(POLITE)} : {' '.join(words)} .",
+                                   rejected=f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} ."))
     return out
 
 
