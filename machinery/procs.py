@@ -39,9 +39,8 @@ def launch(n):
         first = next((r for r, c in enumerate(codes) if c), None)  # the first that failed
     except KeyboardInterrupt:  # the workers had it too, from the terminal, or have it now
         first, sig = 0, signal.SIGINT
-        for _ in range(30):  # a terminal's Ctrl-C reached them all: they end by themselves
-            if all(k.poll() is not None for k in kids):
-                break
+        t_end = time.time() + 3  # a terminal's Ctrl-C reached them all: they end by themselves
+        while None in [k.poll() for k in kids] and time.time() < t_end:
             time.sleep(0.1)
     for k in kids:
         if k.poll() is None:
@@ -100,9 +99,7 @@ def rank0_first(world, rank):
 
 def wrap(model, world, dev, dev_type):
     """The model as the loop trains it: itself, or under DDP, which averages the gradients."""
-    if world == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
+    return model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dev] if dev_type == "cuda" else None)
 
 
@@ -117,8 +114,7 @@ def rng_states(world, dev_type):
 
 
 def stop(world):
-    """End the process group, once the caller has let go of its DDP model: gloo's threads
-    then end here, not in Python's exit, where one that needs the GIL aborts the process."""
+    """End the process group, once the caller has let go of its DDP model (gloo's threads: start())."""
     if world > 1:
         gc.collect()  # a DDP model's last references may sit in cycles
         torch.distributed.destroy_process_group()

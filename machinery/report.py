@@ -30,12 +30,10 @@ class Judge:
                       for o, p, c, _ in index[:min(cfg.n_samples, len(index))].tolist()]
         self.enc, self.meta, self.cfg, self.device, self.amp = enc, meta, cfg, device, amp
 
-    def text(self, ids):
-        return decode(self.enc, [int(i) for i in ids], self.meta["eot"])
-
     @torch.no_grad()
     def __call__(self, model):
         cfg, eot, by_len, out = self.cfg, self.meta["eot"], {}, []
+        text = lambda ids: decode(self.enc, [int(i) for i in ids], eot)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         for r, (prompt, _) in enumerate(self.pairs):  # prompts of one length: one batch
             by_len.setdefault(len(prompt), []).append(r)
@@ -47,8 +45,8 @@ class Judge:
                 with self.amp:
                     ids = model.generate(prompts.to(self.device), cfg.max_new_tokens, cfg.temperature,
                                          cfg.top_k or None, eot, gen)
-                out += [dict(row=r, prompt=self.text(self.pairs[r][0]), sample=self.text(new),
-                             chosen=self.text(self.pairs[r][1])) for r, new in zip(rs, ids[:, p:].tolist())]
+                out += [dict(row=r, prompt=text(self.pairs[r][0]), sample=text(new),
+                             chosen=text(self.pairs[r][1])) for r, new in zip(rs, ids[:, p:].tolist())]
         model.train()
         out.sort(key=lambda s: s["row"])
         if self.meta["tokenizer"] != "synthetic":  # a file's pairs: no judge
@@ -61,9 +59,8 @@ class Judge:
 
 
 def open_log(out_dir, resume_at=None):
-    """out_dir/log.jsonl, open to append, and the samples taken before training (None: not
-    yet). A resumed run keeps the records before its checkpoint's iteration, and its eval:
-    the rest are about to run again."""
+    """out_dir/log.jsonl, open to append, and the samples taken before training (None: not yet).
+    A resumed run keeps the records before its checkpoint, and its eval: the rest run again."""
     name, kept, s0 = os.path.join(out_dir, "log.jsonl"), [], None
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -136,10 +133,9 @@ def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
     what = (f"{loss.name} (beta={cfg.beta})" if loss.ref else "SFT baseline (lam=0)" if sft
             else f"{loss.name} (lam={cfg.lam})" if loss.lam else loss.name)
     moved = lambda k: "rose" if b[k] > a[k] else "fell" if b[k] < a[k] else ""
-    sft_lifts = sft and moved("ell_w") == moved("ell_l") == "rose"
-    pushed = not sft and moved("ell_l") == "fell"
-    note_l = moved("ell_l") + (" with the chosen, as in the paper's Fig. 3" if sft_lifts else
-                               f": {what.split()[0]} pushed it down" if pushed else "")
+    rej = moved("ell_l")
+    note_l = rej + (" with the chosen, as in the paper's Fig. 3" if sft and rej == moved("ell_w") == "rose"
+                    else f": {what.split()[0]} pushed it down" if not sft and rej == "fell" else "")
     row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
     lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations: {seconds:.0f} s in "
              f"the training loop, {wall:.0f} s in all ==",

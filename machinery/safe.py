@@ -109,11 +109,10 @@ def exchange(a, b):
 
 @contextlib.contextmanager
 def staged(folder, own):
-    """folder.new, for the block to write a whole new version of folder's files into; then
-    the two change places (exchange) and the old goes: a kill at any moment leaves folder
-    whole, old or new. A folder holding names not in `own` is refused with ValueError (its
-    files are not ours to move). The caller holds folder's lock; folder.new's is held too, so
-    the folder stays locked as it changes. A folder.new found is a killed writer's, and goes."""
+    """folder.new, for the block to write a whole new version of folder's files into; then the
+    two change places (exchange) and the old goes: a kill at any moment leaves folder whole.
+    A folder holding names not in `own` is refused (ValueError): they are not ours to move.
+    The caller holds folder's lock, and this folder.new's; one found is a killed writer's."""
     foreign = sorted(set(os.listdir(folder)) - set(own) - {".lock"})
     if foreign:
         raise ValueError(f"{folder} holds files that it did not write ({', '.join(foreign[:3])}"
