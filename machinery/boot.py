@@ -58,9 +58,8 @@ def cpu_times():
 
 
 class Threads:
-    """At most every `every` seconds, check() reads what other programs took of the CPUs
-    since the last look (the machine's busy time less this process's), so a reader that waits
-    costs nothing, and gives torch a thread per core left free; it says a change, or None."""
+    """check(), at most every `every` s: torch's threads, one per core that other programs left
+    free since the last look (the machine's busy time less this process's); a change, or None."""
 
     def __init__(self, every=2.0, times=cpu_times):
         self.every, self.times, self.last = every, times, times()

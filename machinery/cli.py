@@ -96,8 +96,7 @@ def setup_device(device, dtype):
     ctx = (contextlib.nullcontext() if dtype == "float32"
            else torch.autocast(device_type=dev_type, dtype=getattr(torch, dtype)))
     if dev_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, dev_type, dtype, ctx
 
 

@@ -42,9 +42,8 @@ def launch(n):
         t_end = time.time() + 3  # a terminal's Ctrl-C reached them all: they end by themselves
         while None in [k.poll() for k in kids] and time.time() < t_end:
             time.sleep(0.1)
-    for k in kids:
-        if k.poll() is None:
-            k.send_signal(sig)
+    for k in kids:  # (send_signal passes over one that has ended)
+        k.send_signal(sig)
     for k in kids:
         try:
             k.wait(timeout=10)
@@ -106,10 +105,9 @@ def wrap(model, world, dev, dev_type):
 def rng_states(world, dev_type):
     """Every process's RNG state (dropout draws from it), gathered for the checkpoint."""
     mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if dev_type == "cuda" else None)
-    if world == 1:
-        return [mine]
-    every = [None] * world
-    torch.distributed.all_gather_object(every, mine)
+    every = [mine] * world
+    if world > 1:
+        torch.distributed.all_gather_object(every, mine)  # fills every place
     return every
 
 

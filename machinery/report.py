@@ -1,6 +1,5 @@
-"""What a run of orpo.py records besides its checkpoint: sampled answers and their verdicts
-(Judge), out_dir/log.jsonl, the lines it prints (Speed: tok/s) and the summary at the end
-(out_dir/summary.json). Its loss, step and loop never read what these make.
+"""What a run of orpo.py records, and its loop never reads: sampled answers and their verdicts
+(Judge), out_dir/log.jsonl, the printed lines (Speed: tok/s) and the summary (summary.json).
 """
 import json
 import os

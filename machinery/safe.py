@@ -48,7 +48,7 @@ def atomic_write(path):
             os.remove(tmp)
 
 
-class lock:
+class lock(contextlib.AbstractContextManager):
     """Hold folder (created if need be): `with lock(d):`, or `held = lock(d)` for the process's
     life; a second process gets ValueError naming the holder its .lock file keeps. The kernel
     drops an flock however its process dies; a clean holder empties the file, so a pid found
@@ -84,9 +84,6 @@ class lock:
         if not self.f.closed:
             self.f.truncate(0)
             self.f.close()  # closing drops the flock
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.release()
