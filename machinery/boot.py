@@ -3,19 +3,14 @@ threads' settings (OpenMP reads its environment once, as torch loads), and a one
 Ctrl-C while torch imports (a second or more, and a 46-line traceback otherwise).
 
 The thread count. torch starts one OpenMP thread per core, and between its small ops the
-threads spin, waiting for each other. On a machine where another program keeps a core
-busy, a spinning thread holds a core the program needs, the thread it waits for is not
-running, and a step runs at half the speed of one thread (BENCHMARKS.md, "A busy machine").
-The options, measured there: OMP_WAIT_POLICY=PASSIVE (threads sleep as they wait) keeps
-its speed when busy but costs a third of it on an idle machine, at every op; one thread
-is as fast as PASSIVE when busy and 25-45% slower idle. So the wait policy stays OpenMP's,
-and the count follows the load while the run goes (Threads): one thread per core that no
-other program is using, at least one, changed between steps with a line that says so. On
-an idle machine nothing changes, and the run is as fast, and its numbers the same, as
-ever. A thread count can change the order of a matmul's sums, and so fp32 results in the
-last bit: a run that shared its machine may give slightly different losses. To fix the
-numbers, or to choose yourself, set OMP_NUM_THREADS (and OMP_WAIT_POLICY if you like): a
-count you set is never changed.
+threads spin, waiting for each other. Where another program keeps a core busy, a spinning
+thread holds a core the thread it waits for needs, and a step runs at half the speed of one
+thread (BENCHMARKS.md, "A busy machine"). Measured there: OMP_WAIT_POLICY=PASSIVE keeps its
+speed when busy but costs a third of it idle, at every op; one thread is as fast as PASSIVE
+when busy and 25-45% slower idle. So the count follows the load (Threads): one thread per
+core no other program uses, at least one, changed between steps with a line that says so;
+on an idle machine nothing changes. A thread count can change fp32 results in the last bit
+(a matmul's order of sums): to fix the numbers, set OMP_NUM_THREADS, a count never changed.
 """
 import atexit
 import os
@@ -42,11 +37,9 @@ atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
 def cores():
-    """The physical cores this process may run on (torch's own count: one thread each).
-    Two hyperthreads of one core list the same siblings."""
-    has = hasattr(os, "sched_getaffinity")
-    cpus = os.sched_getaffinity(0) if has else range(os.cpu_count() or 1)
-    try:
+    """The physical cores this process may run on (torch's own count: one thread each)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    try:  # two hyperthreads of one core list the same siblings
         return len({open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read()
                     for c in cpus})
     except OSError:  # no sysfs: count each logical CPU
@@ -65,12 +58,8 @@ def cpu_times():
 
 
 class Threads:
-    """The thread count as the load goes, while the script runs: at most every `every`
-    seconds, check() reads what other programs' threads took of the machine's CPUs since the
-    last look (its busy time, less this process's) and gives torch one thread per core they
-    left free, at least one. A program that starts beside the run and then waits (a reader of
-    its output) takes nothing, so costs nothing; a CPU-bound one gets its core. A count the
-    user set (OMP_NUM_THREADS) is never changed. check() says a change and why, or None."""
+    """check(), at most every `every` s: torch's threads, one per core that other programs left
+    free since the last look (the machine's busy time less this process's); a change, or None."""
 
     def __init__(self, every=2.0, times=cpu_times):
         self.every, self.times, self.last = every, times, times()

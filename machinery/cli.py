@@ -1,8 +1,6 @@
-"""The command line, as nanoGPT's configurator.py is, without its exec: `--config NAME` picks
-a preset of a config dataclass, then `--key=value` (or `--key value`) overrides its fields,
-each parsed as the field's type and checked against RULES before any work; and the device
-and dtype that --device and --dtype pick. Bad input gets one line naming the key
-and exit status 2, never a traceback. orpo.py and its sibling scripts share it:
+"""The command line, as nanoGPT's configurator.py, without its exec: `--config NAME` picks a
+preset, `--key=value` (or `--key value`) overrides a field, parsed as its type and checked
+against RULES before any work; bad input is one line naming the key, exit 2. Every script:
 
     preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, extra)
 """
@@ -66,10 +64,9 @@ def check(cfg, rules):
     dev = cfg.device
     if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:")):
         die(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
-    if dev == "mps" and not torch.backends.mps.is_available():
-        die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
+    gpu = "CUDA" if dev.startswith("cuda") else "Apple" if dev == "mps" else None
+    if gpu and not (torch.cuda if gpu == "CUDA" else torch.backends.mps).is_available():
+        die(f"--device={dev}, but torch sees no {gpu} GPU here; use --device=cpu (or auto)")
     # inductor writes C++ for the CPU: with no compiler it fails at the first step. (This finds
     # the compiler, $CXX or g++; one that is there but cannot build fails there still.)
     if cfg.compile and (auto_device() if dev == "auto" else dev) == "cpu":
@@ -91,8 +88,7 @@ def settings(cfg):
 
 def setup_device(device, dtype):
     """(device, device type, dtype name, autocast context) for --device and --dtype."""
-    if device == "auto":
-        device = auto_device()
+    device = auto_device() if device == "auto" else device
     dev_type = device.split(":")[0]
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev_type == "cuda" \
@@ -100,8 +96,7 @@ def setup_device(device, dtype):
     ctx = (contextlib.nullcontext() if dtype == "float32"
            else torch.autocast(device_type=dev_type, dtype=getattr(torch, dtype)))
     if dev_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, dev_type, dtype, ctx
 
 
@@ -139,10 +134,9 @@ def print_help(cfg, preset, presets, fields, extra, rules, notes, usage):
 
 def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]",
                keys=None, notes=None, rules=None):
-    """--config NAME (default: small), then overrides of the dataclass config's fields that
-    the script reads (`keys`; None: all), checked against RULES and the script's own `rules`,
-    and of its own options `extra` ({key: default}, described by `notes`). --help lists them
-    with the values of the preset --config names. Returns (preset, cfg, opts)."""
+    """--config NAME (default: small), then overrides of the config's fields that the script
+    reads (`keys`; None: all), checked against RULES and its `rules`, and of its own options
+    `extra` ({key: default}, described by `notes`). Returns (preset, cfg, opts)."""
     extra, args, pairs = dict(extra or {}), [a for a in argv if a not in ("-h", "--help")], []
     while args:
         a = args.pop(0)

@@ -18,10 +18,9 @@ from machinery.safe import die
 
 
 def launch(n):
-    """Run this same command as n DDP workers, with the environment torchrun gives its own, and
-    wait. The first worker's output is the run's; a worker that fails stops the others within
-    seconds, and the first failure's error, not each worker's copy, is said, once; Ctrl-C
-    reaches every worker, and the first one's line says what was kept. Returns the exit status."""
+    """Run this same command as n DDP workers, as torchrun would, and return the exit status.
+    The first worker's output is the run's; a failure stops the others, and the first one's
+    error is said once; on Ctrl-C, the line of the first worker that said what it kept."""
     with socket.socket() as s:  # a free port for the workers to meet on
         s.bind(("127.0.0.1", 0))
         env = dict(os.environ, WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
@@ -30,27 +29,21 @@ def launch(n):
     kids = [subprocess.Popen([sys.executable, *sys.argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                              stdout=None if r == 0 else subprocess.DEVNULL, stderr=errs[r])
             for r in range(n)]
-    first, sig, t_done = None, signal.SIGTERM, None  # t_done: when the first ended well
-    try:
-        while True:
-            codes = [k.poll() for k in kids]
-            first = next((r for r, c in enumerate(codes) if c), None)  # the first that failed
-            if first is not None or None not in codes:
+    sig, t_done = signal.SIGTERM, None  # t_done: when the first ended well
+    try:  # until one fails or all are done
+        while not any(codes := [k.poll() for k in kids]) and None in codes:
+            # the first is done, the run written: the others must not hang on its leaving the group
+            if codes[0] == 0 and time.time() - (t_done := t_done or time.time()) > 10:
                 break
-            if codes[0] == 0:  # the run is written; the others only let go of the group,
-                t_done = t_done or time.time()  # which must not hang on the first one's leaving
-                if time.time() - t_done > 10:
-                    break
             time.sleep(0.1)
+        first = next((r for r, c in enumerate(codes) if c), None)  # the first that failed
     except KeyboardInterrupt:  # the workers had it too, from the terminal, or have it now
         first, sig = 0, signal.SIGINT
-        for _ in range(30):  # a terminal's Ctrl-C reached them all: they end by themselves
-            if all(k.poll() is not None for k in kids):
-                break
+        t_end = time.time() + 3  # a terminal's Ctrl-C reached them all: they end by themselves
+        while None in [k.poll() for k in kids] and time.time() < t_end:
             time.sleep(0.1)
-    for k in kids:
-        if k.poll() is None:
-            k.send_signal(sig)
+    for k in kids:  # (send_signal passes over one that has ended)
+        k.send_signal(sig)
     for k in kids:
         try:
             k.wait(timeout=10)
@@ -59,9 +52,8 @@ def launch(n):
             k.wait()
     if sig == signal.SIGINT:  # the first worker whose own handler said what it kept
         first = next((r for r, k in enumerate(kids) if k.returncode == 130), 0)
-    said = errs[first or 0]
-    said.seek(0)
-    sys.stderr.write(said.read())
+    errs[first or 0].seek(0)
+    sys.stderr.write(errs[first or 0].read())
     code = kids[first].returncode if first is not None else 0
     return 128 - code if code < 0 else code  # a signal's death, as a shell reports it
 
@@ -106,25 +98,21 @@ def rank0_first(world, rank):
 
 def wrap(model, world, dev, dev_type):
     """The model as the loop trains it: itself, or under DDP, which averages the gradients."""
-    if world == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
+    return model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dev] if dev_type == "cuda" else None)
 
 
 def rng_states(world, dev_type):
     """Every process's RNG state (dropout draws from it), gathered for the checkpoint."""
     mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if dev_type == "cuda" else None)
-    if world == 1:
-        return [mine]
-    every = [None] * world
-    torch.distributed.all_gather_object(every, mine)
+    every = [mine] * world
+    if world > 1:
+        torch.distributed.all_gather_object(every, mine)  # fills every place
     return every
 
 
 def stop(world):
-    """End the process group, once the caller has let go of its DDP model: gloo's threads
-    then end here, not in Python's exit, where one that needs the GIL aborts the process."""
+    """End the process group, once the caller has let go of its DDP model (gloo's threads: start())."""
     if world > 1:
         gc.collect()  # a DDP model's last references may sit in cycles
         torch.distributed.destroy_process_group()

@@ -1,9 +1,5 @@
-"""What a run of orpo.py records besides its checkpoint: answers sampled for held-out
-prompts, with the synthetic task's judge's verdicts (Judge); out_dir/log.jsonl (a JSON line
-per optimizer step, per eval and per set of samples); the lines it prints, the loss line's
-tok/s among them (Speed); and the summary at the end (printed, and written to
-out_dir/summary.json with the run's peak memory). orpo.py calls these; its loss, step and
-loop never read what they make.
+"""What a run of orpo.py records, and its loop never reads: sampled answers and their verdicts
+(Judge), out_dir/log.jsonl, the printed lines (Speed: tok/s) and the summary (summary.json).
 """
 import json
 import os
@@ -25,9 +21,7 @@ def decode(enc, ids, eot):
 
 class Judge:
     """Answers sampled for the first n_samples held-out prompts of a split, and, on the
-    synthetic task, the judge's verdicts: a win is an answer scored above the pair's chosen
-    one (a tie counts half), as the paper counts reward-model wins against a reference.
-    enc: the split's tokenizer. Call it with the model to judge."""
+    synthetic task, the judge's verdicts (synthetic.verdict). Call it with the model to judge."""
 
     def __init__(self, split, enc, meta, cfg, device, amp):
         tokens, index = split  # index columns, prepare_data.py's: offset, prompt, chosen, rejected
@@ -35,12 +29,10 @@ class Judge:
                       for o, p, c, _ in index[:min(cfg.n_samples, len(index))].tolist()]
         self.enc, self.meta, self.cfg, self.device, self.amp = enc, meta, cfg, device, amp
 
-    def text(self, ids):
-        return decode(self.enc, [int(i) for i in ids], self.meta["eot"])
-
     @torch.no_grad()
     def __call__(self, model):
         cfg, eot, by_len, out = self.cfg, self.meta["eot"], {}, []
+        text = lambda ids: decode(self.enc, [int(i) for i in ids], eot)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         for r, (prompt, _) in enumerate(self.pairs):  # prompts of one length: one batch
             by_len.setdefault(len(prompt), []).append(r)
@@ -52,8 +44,8 @@ class Judge:
                 with self.amp:
                     ids = model.generate(prompts.to(self.device), cfg.max_new_tokens, cfg.temperature,
                                          cfg.top_k or None, eot, gen)
-                out += [dict(row=r, prompt=self.text(self.pairs[r][0]), sample=self.text(new),
-                             chosen=self.text(self.pairs[r][1])) for r, new in zip(rs, ids[:, p:].tolist())]
+                out += [dict(row=r, prompt=text(self.pairs[r][0]), sample=text(new),
+                             chosen=text(self.pairs[r][1])) for r, new in zip(rs, ids[:, p:].tolist())]
         model.train()
         out.sort(key=lambda s: s["row"])
         if self.meta["tokenizer"] != "synthetic":  # a file's pairs: no judge
@@ -66,10 +58,8 @@ class Judge:
 
 
 def open_log(out_dir, resume_at=None):
-    """out_dir/log.jsonl, open to append, and the samples taken before training. A new run
-    starts an empty log (s0: None, not taken yet); a resumed run keeps the records up to its
-    checkpoint's iteration, s0 among them, as the uninterrupted run's log has them: those
-    after it are about to run again, and so are the samples taken at it after training."""
+    """out_dir/log.jsonl, open to append, and the samples taken before training (None: not yet).
+    A resumed run keeps the records before its checkpoint, and its eval: the rest run again."""
     name, kept, s0 = os.path.join(out_dir, "log.jsonl"), [], None
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -103,8 +93,7 @@ def write(log, rec):
 
 
 def record_eval(log, it, m):
-    """An eval's held-out means: into the log, and one printed line; returned as the run's
-    history holds it."""
+    """An eval's held-out means: into the log, one printed line, and as the history holds it."""
     write(log, dict(kind="eval", iter=it, **m))
     print(f"eval {it:5d} | L_SFT {m['l_sft']:.4f} | L_OR {m['l_or']:.4f} | log P chosen "
           f"{m['ell_w']:.3f} | log P rejected {m['ell_l']:.3f} | log OR {m['log_or']:.3f} | "
@@ -113,9 +102,8 @@ def record_eval(log, it, m):
 
 
 def record_samples(log, it, title, samples, k=3):
-    """Sampled answers: into the log, and k printed. After training, where the judge has
-    scored them, the first k that have a flaw, named, and how many have one: what the model
-    still gets wrong, which SFT and ORPO runs show side by side."""
+    """Sampled answers: into the log, and k printed; after training, the first k that the
+    judge found a flaw in, named, and how many have one: what the model still gets wrong."""
     write(log, dict(kind="samples", iter=it, samples=samples))
     bad = lambda s: [f.replace("_", " ") for f, v in s.get("flaws", {}).items() if v]
     flawed = [s for s in samples if bad(s)] if it else []
@@ -138,18 +126,15 @@ def peak_mem_mb(dev_type):
 
 def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
     """Print the held-out terms at the start and the end, and the judge's verdicts on the
-    samples before (s0) and after (s1) training, each ± 1 standard error; return them as
-    the dict that summary.json holds. The run is named by its loss (orpo.LOSSES' entry); a
-    note says what this run's numbers show, or nothing."""
+    samples before (s0) and after (s1) training (± 1 standard error); return summary.json's dict."""
     a, b = history[0], history[-1]
     sft = loss.lam and cfg.lam == 0  # an ORPO-like loss without its L_OR: plain SFT
     what = (f"{loss.name} (beta={cfg.beta})" if loss.ref else "SFT baseline (lam=0)" if sft
             else f"{loss.name} (lam={cfg.lam})" if loss.lam else loss.name)
     moved = lambda k: "rose" if b[k] > a[k] else "fell" if b[k] < a[k] else ""
-    sft_lifts = sft and moved("ell_w") == moved("ell_l") == "rose"
-    pushed = not sft and moved("ell_l") == "fell"
-    note_l = moved("ell_l") + (" with the chosen, as in the paper's Fig. 3" if sft_lifts else
-                               f": {what.split()[0]} pushed it down" if pushed else "")
+    rej = moved("ell_l")
+    note_l = rej + (" with the chosen, as in the paper's Fig. 3" if sft and rej == moved("ell_w") == "rose"
+                    else f": {what.split()[0]} pushed it down" if not sft and rej == "fell" else "")
     row = lambda name, k, note="": f"  {name:29s} {a[k]:8.3f} {b[k]:8.3f}   {note}".rstrip()
     lines = [f"== summary: {what}, config {preset}, {b['iter']} iterations: {seconds:.0f} s in "
              f"the training loop, {wall:.0f} s in all ==",
@@ -179,8 +164,8 @@ def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
 
 
 def finish(log, cfg, preset, loss, history, s0, s1, seconds, wall, pairs, processes, dev_type):
-    """Close the log; print the summary and write it to out_dir/summary.json, with what the
-    run took: its processes and this one's peak memory."""
+    """Close the log; print the summary and write it to out_dir/summary.json, with the run's
+    processes and this one's peak memory."""
     log.close()
     summary = dict(summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs),
                    processes=processes, peak_mem_mb=round(peak_mem_mb(dev_type)))
@@ -203,20 +188,19 @@ def print_start(preset, raw, dev, dtype, cfg, n_train, world):
           f"micro-steps x {cfg.batch_size} pairs")
 
 
+def threads():
+    """The thread count follows the machine's load (boot.Threads); a change is a line."""
+    if note := boot.THREADS.check():
+        print(note)
+
+
 class Speed:
     """The printed loss line, every log_interval steps, with the tokens per second of every
-    process since the last one, counted on the host from the data's index (no device sync);
-    and a line when the thread count changes with the machine's load (boot.Threads)."""
+    process since the last one, counted on the host from the data's index (no device sync)."""
 
     def __init__(self, index, world):
         self.index, self.world, self.t, self.toks, self.n = index, world, time.time(), 0, 0
-        self.threads()  # before the first eval and samples, from the load since the start
-
-    @staticmethod
-    def threads():
-        """The thread count follows the machine's load (boot.Threads); a change is a line."""
-        if note := boot.THREADS.check():
-            print(note)
+        threads()  # before the first eval and samples, from the load since the start
 
     def step(self, rows, it, vals, lr, show):
         self.toks += sum(batch_tokens(self.index, r, False)[0] for r in rows) * self.world
@@ -226,4 +210,4 @@ class Speed:
             print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
                   f"lr {lr:.2e} | {self.toks / dt:,.0f} tok/s | {1000 * dt / self.n:,.0f} ms/iter")
             self.t, self.toks, self.n = time.time(), 0, 0
-        self.threads()  # at most every 2 s
+        threads()  # at most every 2 s

@@ -1,7 +1,6 @@
 """Failing safely: every error a user can cause is one line and an exit status, never a
 traceback; every file a later run relies on is whole or absent, never half-written or a mix
-of two runs; one process at a time writes a folder. The other modules import from here;
-this file imports nothing of the project's.
+of two runs; one process at a time writes a folder. It imports nothing of the project's.
 """
 import atexit
 import contextlib
@@ -32,10 +31,9 @@ def one_line(e, limit=200, typed=False):
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """Write path whole or not at all: the block writes the temporary file it is given, in
-    path's folder, which then replaces path in one rename. On any exception, Ctrl-C included,
-    the temporary file is removed and path is as it was. A rename never truncates the old
-    file, so a reader that has it open or memory-mapped keeps reading the old contents."""
+    """Write path whole or not at all: the block writes the temporary file it is given, which
+    replaces path in one rename (a reader of the old file keeps it); on any exception, Ctrl-C
+    included, it is removed and path is as it was."""
     tmp = path + ".tmp"
     try:
         yield tmp
@@ -50,12 +48,11 @@ def atomic_write(path):
             os.remove(tmp)
 
 
-class lock:
-    """Hold folder (created if need be) for this process: `with lock(d):`, or `held =
-    lock(d)` for the life of the process. A second process gets ValueError naming the folder
-    and the holder's pid and command, which the folder's .lock file keeps. The kernel drops
-    an flock when its process dies, however it dies; a holder that ends cleanly empties the
-    file, so a pid found in a free lock is one that was killed, and that is said."""
+class lock(contextlib.AbstractContextManager):
+    """Hold folder (created if need be): `with lock(d):`, or `held = lock(d)` for the process's
+    life; a second process gets ValueError naming the holder its .lock file keeps. The kernel
+    drops an flock however its process dies; a clean holder empties the file, so a pid found
+    in a free lock is a killed one's, and that is said."""
 
     def __init__(self, folder):
         if not folder:
@@ -88,9 +85,6 @@ class lock:
             self.f.truncate(0)
             self.f.close()  # closing drops the flock
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
         self.release()
 
@@ -112,14 +106,10 @@ def exchange(a, b):
 
 @contextlib.contextmanager
 def staged(folder, own):
-    """A fresh folder beside folder, folder.new, for the block to write a whole new version
-    of folder's files into; then the two folders change places (exchange) and the old
-    version is removed. A kill or Ctrl-C at any moment leaves folder whole, the old version
-    or the new, and a reader that has an old file open or mapped keeps reading it. A folder
-    that holds anything but the names `own` (the set's files) is refused with ValueError
-    before anything is written: its other files are not ours to move. The caller holds
-    folder's lock; the new version's own lock is held too, so that the folder stays locked as
-    it changes. A folder.new found is a killed writer's, and goes."""
+    """folder.new, for the block to write a whole new version of folder's files into; then the
+    two change places (exchange) and the old goes: a kill at any moment leaves folder whole.
+    A folder holding names not in `own` is refused (ValueError): they are not ours to move.
+    The caller holds folder's lock, and this folder.new's; one found is a killed writer's."""
     foreign = sorted(set(os.listdir(folder)) - set(own) - {".lock"})
     if foreign:
         raise ValueError(f"{folder} holds files that it did not write ({', '.join(foreign[:3])}"

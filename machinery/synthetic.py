@@ -1,16 +1,13 @@
 """The synthetic task ("more like these") and its judge: the rows prepare_data.py makes
 offline, the tokenizer they are written in, and how a sampled answer is scored.
 
-It is a preference task in the paper's sense. The prompt gives two example words of one topic
-and asks for n more; the chosen answer opens politely and lists n new words of that topic,
-but, as in real data, it is better, not perfect: a fifth of chosen answers have one word off
-topic. The rejected answer shares the prompt and the template, keeps the chosen one's flaws
-and adds more: it is rude, strays further off topic, or both. SFT imitates the chosen
-answers, stray words included; the pairs say that off topic is worse, and ORPO learns that
-too. The rows are written in the task's own small BPE (synthetic_encoding), a token a word.
-
-judge() scores any answer, so report.py can measure a win rate on sampled generations, as
-the paper does with a reward model, and flaws() names what it found wrong.
+A preference task in the paper's sense: the prompt gives two example words of one topic and
+asks for n more; the chosen answer opens politely and lists n new words of that topic, but,
+as in real data, a fifth of them have one word off topic. The rejected answer keeps the
+chosen one's flaws and adds more: it is rude, strays further off topic, or both. SFT
+imitates the chosen answers, stray words included; the pairs say that off topic is worse,
+and ORPO learns that too. The rows are in the task's own small BPE, a token a word. judge()
+scores any answer, so report.py can measure a win rate, as the paper does with a reward model.
 """
 import math
 
@@ -36,10 +33,9 @@ EXTRA = ["user:", "assistant:", "more", "like", "and", "2", "3", "4", ":", "."] 
 
 
 def synthetic_encoding():
-    """A small BPE built with tiktoken's own API: the 256 single bytes, then every
-    space-led prefix of the task's words (" c", " ca", " cat"), so that each word is one
-    token and any other text still encodes, byte by byte. BPE merges the lowest-ranked pair
-    first, and every multi-byte rank is a prefix, so " cat" is built " c", " ca", " cat"."""
+    """A small BPE built with tiktoken's own API: the 256 single bytes, then every space-led
+    prefix of the task's words, so that each word is one token and any other text still
+    encodes. BPE merges the lowest-ranked pair first, so " cat" is built " c", " ca", " cat"."""
     ranks = {bytes([b]): b for b in range(256)}
     words = sorted(set(TOPIC_OF) | set(EXTRA))
     for piece in sorted([(" " + w).encode() for w in words] + [b"user:", b"assistant:"], key=len):
@@ -55,48 +51,36 @@ def make_synthetic(n_train, n_val, seed):
     rng = np.random.default_rng(seed)
     keys = [(t, a, b, n) for t, ws in TOPICS.items() for a in ws for b in ws if a != b
             for n in (2, 3, 4)]
-    order = rng.permutation(len(keys))
-    n_val_keys = len(keys) // 10
-    split_keys = {"val": [keys[i] for i in order[:n_val_keys]],
-                  "train": [keys[i] for i in order[n_val_keys:]]}
-    out = {}
+    keys, n_val_keys = [keys[i] for i in rng.permutation(len(keys))], len(keys) // 10
+    split_keys = {"val": keys[:n_val_keys], "train": keys[n_val_keys:]}
+    out = {"train": [], "val": []}
     for split, n_rows in (("train", n_train), ("val", n_val)):
-        rows = []
         for k in rng.integers(len(split_keys[split]), size=n_rows):
             t, a, b, n = split_keys[split][k]
             pool = [w for w in TOPICS[t] if w not in (a, b)]
             words = list(rng.choice(pool, size=n, replace=False))
-            # Like real preference data, the chosen answer is better, not perfect: a fifth of
-            # them have one word off topic. The rejected answer keeps the chosen one's flaws
-            # and adds more: it is rude (half the time), or strays further off topic, or both;
-            # and 30% of them list one word too many or too few, so lengths differ too.
             others = [w for w in TOPIC_OF if TOPIC_OF[w] != t]
-            if rng.random() < 0.2:
+            if rng.random() < 0.2:  # the chosen answer is better, not perfect
                 words[int(rng.integers(n))] = str(rng.choice(others))
             on = [i for i, w in enumerate(words) if TOPIC_OF[w] == t]
-            rude = rng.random() < 0.5
+            rude = rng.random() < 0.5  # the rejected one: rude, further off topic, or both
             n_off = int(rng.integers(0 if rude else 1, len(on) + 1))
             bad = list(words)
             for i in rng.choice(on, size=n_off, replace=False):
                 bad[i] = str(rng.choice(others))
-            if rng.random() < 0.3:  # a wrong count too: one word more or one fewer
+            if rng.random() < 0.3:  # a wrong count too (lengths differ): one word more or fewer
                 bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
                     [w for w in pool if w not in words]))]
-            rows.append({
-                "prompt": f"user: {n} more like {a} and {b}\nassistant:",
-                "chosen": f" {rng.choice(POLITE)} : {' '.join(words)} .",
-                "rejected": f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} .",
-            })
-        out[split] = rows
+            out[split].append(dict(prompt=f"user: {n} more like {a} and {b}\nassistant:",
+                                   chosen=f" {rng.choice(POLITE)} : {' '.join(words)} .",
+                                   rejected=f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} ."))
     return out
 
 
 def read_answer(prompt, response):
-    """The pieces judge() and flaws() check, parsed once, so that the two cannot disagree:
-    the count the prompt asks for; the response's opener (None if it is empty), whether it
-    has the form ' opener : words .', its listed words (all after the opener when it has
-    not), and how many of them are of the prompt's topic. A prompt that is not a whole
-    synthetic one (cut by max_prompt_len, or typed) is a ValueError: there is nothing to judge."""
+    """What judge() and flaws() check, parsed once so that they cannot disagree: (asked count,
+    opener or None, has the form ' opener : words .', listed words, how many are on topic).
+    A prompt that is not a whole synthetic one (cut short, or typed) is a ValueError."""
     head, _, tail = prompt.partition(" more like ")
     try:
         n = int(head.split()[-1])
@@ -110,27 +94,21 @@ def read_answer(prompt, response):
     return n, toks[0] if toks else None, formed, words, on
 
 
+FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four checks
+
+
 def flaws(prompt, response):
-    """judge()'s four checks, as the flaws a response has: off_topic (a listed word is not of
-    the prompt's topic), rude (the opener is not a POLITE one: a RUDE word, any other word and
-    no opener at all are rude alike, as judge() scores them all 0), wrong_count (not the asked
-    number of words) and malformed (not of the form ' opener : words .')."""
+    """judge()'s four checks, as the flaws a response has (rude: any opener but a POLITE one, or none)."""
     n, opener, formed, words, on = read_answer(prompt, response)
-    return {"off_topic": on < len(words), "rude": opener not in POLITE,
-            "wrong_count": len(words) != n, "malformed": not formed}
+    return dict(zip(FLAWS, (on < len(words), opener not in POLITE, len(words) != n, not formed)))
 
 
 def judge(prompt, response):
-    """Score a response to a synthetic prompt in [0, 1]: the mean of four checks, the things
-    the preference pairs teach: a polite opener; the form ' opener : words .'; the asked-for
-    count; the fraction of listed words on the prompt's topic (of the asked count, when fewer
-    are listed). A response scores 1 exactly when flaws() finds none; a chosen response
-    scores 1, or a little less when one of its words is off topic."""
+    """A response's score in [0, 1]: the mean of the four checks the pairs teach, the share of
+    words on topic counted of the asked count when fewer are listed. 1 exactly when flaws()
+    finds none; a chosen response scores 1, or a little less when a word is off topic."""
     n, opener, formed, words, on = read_answer(prompt, response)
     return ((opener in POLITE) + formed + (len(words) == n) + on / max(len(words), n)) / 4
-
-
-FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four checks
 
 
 def win(score, other):
@@ -140,26 +118,23 @@ def win(score, other):
 
 def verdict(prompt, sample, chosen):
     """The judge on a sampled answer: its score and flaws, the chosen answer's flaws, and
-    whether it wins against the chosen answer (a tie counts half), as the paper counts
-    reward-model wins against a reference."""
+    its win against the chosen answer (a tie half), as the paper counts reward-model wins."""
     score, ref = judge(prompt, sample), judge(prompt, chosen)
     return dict(score=score, flaws=flaws(prompt, sample), chosen_flaws=flaws(prompt, chosen),
                 win=win(score, ref))
 
 
 def mean_se(xs, ddof=0):
-    """The mean of xs and its standard error, std / sqrt(n). Over a run's sampled answers
-    (ddof 0) it is the binomial sqrt(p (1 - p) / n) for 0/1 values; over a few seeds, use
-    ddof=1, the unbiased variance, which a handful of values needs (with 3, ddof 0 would
-    understate the error by sqrt(3/2)). One value has no spread: its error is 0."""
+    """The mean of xs and its standard error, std / sqrt(n): for a run's 0/1 verdicts (ddof 0)
+    the binomial sqrt(p (1 - p) / n); over a few seeds ddof=1 (with 3, ddof 0 would understate
+    the error by sqrt(3/2)). One value has no spread: its error is 0."""
     x = np.asarray(xs, dtype=float)
     return float(x.mean()), float(x.std(ddof=ddof) / math.sqrt(len(x))) if len(x) > ddof else 0.0
 
 
 def judged(s0, s1):
-    """(mean, standard error) over the verdicts on answers sampled before (s0) and after (s1)
-    training: the win rate and judge score of each, and the rate of each flaw before, after,
-    and in the chosen answers."""
+    """(mean, standard error) of the verdicts before (s0) and after (s1) training: win rate,
+    judge score, and each flaw's rate before, after and in the chosen answers."""
     sets = dict(before=[s["flaws"] for s in s0], after=[s["flaws"] for s in s1],
                 chosen=[s["chosen_flaws"] for s in s1])
     return dict(win_rate=[mean_se([s["win"] for s in ss]) for ss in (s0, s1)],
