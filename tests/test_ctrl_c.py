@@ -30,6 +30,7 @@ def typed_ctrl_c(argv, after, timeout=180):
     of its session still alive)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session of its own, with the pseudo-terminal as its terminal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a shell starts it, even if we ignore it
         os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, *argv])
     out, tail, typed, t0 = b"", b"", False, time.time()
