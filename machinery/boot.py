@@ -19,11 +19,14 @@ import sys
 import time
 
 
+kept = None  # what a run has kept, for Ctrl-C's line wherever it lands (checkpoint.RunDir sets it)
+
+
 def one_line_exit(kind, value, tb, hook=sys.excepthook):
     """What no script caught, said in one line: Ctrl-C (while torch imports, say), exit
     status 130; output piped to a reader that stopped (`| head`): nothing more, exit 141."""
     if issubclass(kind, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr, flush=True)
+        print(f"error: interrupted; {kept()}" if kept else "interrupted", file=sys.stderr, flush=True)
         os._exit(130)  # 128 + SIGINT, as a shell reports a program that Ctrl-C ended
     if issubclass(kind, BrokenPipeError):
         os._exit(141)  # 128 + SIGPIPE, as for any program whose reader went away

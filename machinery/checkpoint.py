@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from machinery import gpt2
+from machinery import boot, gpt2
 from machinery.cli import settings
 from machinery.safe import atomic_write, die, lock, one_line
 from model import GPT, GPTConfig, padded_vocab
@@ -186,6 +186,7 @@ class RunDir(contextlib.AbstractContextManager):
     def __init__(self, out_dir, rank):
         self.out_dir, self.master, self.held = out_dir, rank == 0, None
         self.path = os.path.join(out_dir, "ckpt.pt")
+        boot.kept = self.kept  # a Ctrl-C that no handler catches (as a DDP peer ends) says it too
 
     def __exit__(self, kind, e, tb):
         try:

@@ -75,7 +75,11 @@ def start(cfg):
         # exits, where one that needs the GIL aborts the process ("terminate called without
         # an active exception"). Imported before init, those defaults are None.
         import torch._dynamo as _  # noqa: F401 (as _: `import torch.x` would make torch local)
+        hook = sys.excepthook  # boot's one line
         torch.distributed.init_process_group("nccl" if nccl else "gloo")
+        # init wraps the hook in one that holds its output in a buffer, to prefix it with the
+        # rank: boot's os._exit would end the process first, and Ctrl-C's line go unsaid
+        sys.excepthook = hook
         if nccl:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)

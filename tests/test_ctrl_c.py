@@ -122,3 +122,13 @@ def test_ctrl_c_in_the_assignment_is_one_line_and_leaves_no_half_copy(tmp_path):
     one_line_130(*typed_ctrl_c(["-m", "course.assignment", "grade", str(hand)], 3.0),
                  "interrupted")
     assert not (hand / "results.json").exists()
+
+
+def test_ctrl_c_in_a_ddp_run_while_the_first_worker_prepares_data_is_one_line(tmp_path, gpt2):
+    """Every process of --nproc's group gets it; one of them blocked in a collective learns it
+    as its peer leaves, where no handler is: boot's hook says the line (init_process_group's
+    own hook would hold it in a buffer that the exit never writes)."""
+    r = typed_ctrl_c(["orpo.py", "--config=tiny", "--nproc=2", "--grad_accum=2",
+                      f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}",
+                      "--data_file=course/data/hh-rlhf-sample.jsonl.gz"], "preparing")
+    one_line_130(*r, "interrupted;")
