@@ -64,9 +64,10 @@ def check(cfg, rules):
     dev = cfg.device
     if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:")):
         die(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
-    gpu = "CUDA" if dev.startswith("cuda") else "Apple" if dev == "mps" else None
-    if gpu and not (torch.cuda if gpu == "CUDA" else torch.backends.mps).is_available():
-        die(f"--device={dev}, but torch sees no {gpu} GPU here; use --device=cpu (or auto)")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device={dev}, but torch sees no CUDA GPU here; use --device=cpu (or auto)")
+    if dev == "mps" and not torch.backends.mps.is_available():
+        die("--device=mps, but torch sees no Apple GPU here; use --device=cpu (or auto)")
     # inductor writes C++ for the CPU: with no compiler it fails at the first step. (This finds
     # the compiler, $CXX or g++; one that is there but cannot build fails there still.)
     if cfg.compile and (auto_device() if dev == "auto" else dev) == "cpu":

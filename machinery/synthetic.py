@@ -98,9 +98,13 @@ FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four chec
 
 
 def flaws(prompt, response):
-    """judge()'s four checks, as the flaws a response has (rude: any opener but a POLITE one, or none)."""
+    """judge()'s four checks, as the flaws a response has (FLAWS, in order); rude: any opener
+    but a POLITE one, or none, as judge() scores them all 0."""
     n, opener, formed, words, on = read_answer(prompt, response)
-    return dict(zip(FLAWS, (on < len(words), opener not in POLITE, len(words) != n, not formed)))
+    return {"off_topic": on < len(words),    # a listed word of another topic
+            "rude": opener not in POLITE,
+            "wrong_count": len(words) != n,  # not the asked number of words
+            "malformed": not formed}         # not of the form ' opener : words .'
 
 
 def judge(prompt, response):
