@@ -1,19 +1,6 @@
 """A GPT in the nanoGPT manner, with GPT-2's module names: pre-LayerNorm blocks of causal
-self-attention and a GELU MLP, tied input and output embeddings, GPT-2 init.
-
-- forward(idx, need) gives logits, at every position or only at those `need` marks: ORPO
-  scores responses, and the vocab projection of the prompt is work it never uses;
-  forward(idx, need, targets) gives log P(target) at those positions instead, through
-  TokenLogProbs, a fused cross-entropy that never holds the (N, vocab) logits.
-- The embedding has vocab_size rows, the tokenizer's n_vocab rounded up to a multiple of 64
-  for speed. Only the first n_vocab ids take probability: the output layer computes only
-  their logits, so a padding id is never in a softmax, never a target, never sampled.
-- Attention is F.scaled_dot_product_attention, or two plain matmuls where those are faster
-  (use_plain says where; GPTConfig.attn can force either).
-- generate() samples from the last position's logits; flops() counts a training step's
-  FLOPs, for MFU; configure_optimizer() gives AdamW its weight-decay groups.
-
-Reading and writing GPT-2's Hugging Face files is machinery/gpt2.py's work, not this file's.
+self-attention and a GELU MLP, tied input and output embeddings, GPT-2 init. Reading and
+writing GPT-2's Hugging Face files is machinery/gpt2.py's work, not this file's.
 """
 import inspect
 import math
@@ -34,7 +21,6 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in its Linears and LayerNorms
-    attn: str = "auto"  # how attention is computed: "auto" (see use_plain), "sdpa" or "plain"
 
 
 def padded_vocab(n_vocab):
@@ -42,15 +28,6 @@ def padded_vocab(n_vocab):
     return -(-n_vocab // 64) * 64
 
 
-# Attention runs one of two ways. SDPA's fused kernel never holds the (T, T) scores: it is
-# the one for fp32 (the reference numbers were made with it), for long blocks, for dropout,
-# on GPUs, and on CPUs that emulate bf16. On a CPU that multiplies bf16 in hardware (AMX
-# tiles or AVX-512 BF16), under 16-bit autocast, at blocks up to PLAIN_MAX_T tokens, the
-# flash kernel spends several times its matmuls' time outside them, so there attention is
-# the textbook two batched matmuls around an fp32 softmax, whose (T, T) probabilities
-# autograd keeps (6 bytes per score: fp32 and bf16 copies, B nh T^2 of them a layer).
-# BENCHMARKS.md has the measurements; bench.py --attn=sdpa|plain overrides the choice
-# through GPTConfig.attn.
 def native_bf16_cpu():
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
     emulated, and slower than fp32."""
@@ -58,31 +35,10 @@ def native_bf16_cpu():
                for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-NATIVE_BF16 = native_bf16_cpu()  # the machine's, asked once: torch.compile sees a constant
-PLAIN_MAX_T = 256
-
-
-def use_plain(attn, T, cpu16):
-    """Whether attention over T tokens runs as plain_attention: attn (GPTConfig.attn) says
-    so, or leaves it to the machine ("auto") and we are under a CPU's 16-bit autocast
-    (cpu16) on a CPU with bf16 hardware, at a block of up to PLAIN_MAX_T tokens."""
-    return attn == "plain" or (attn == "auto" and cpu16 and NATIVE_BF16 and T <= PLAIN_MAX_T)
-
-
-def plain_attention(q, k, v):
-    """softmax(q k^T / sqrt(hs), causal) v for q (B, nh, T, hs) and k, v (B, nh, S, hs): two
-    batched matmuls. The T queries are the last T of the S positions (S > T: a KV cache's)."""
-    T, S = q.size(-2), k.size(-2)
-    att = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, S); q: fewer to scale
-    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)  # key after query
-    att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32)
-    return att.to(v.dtype) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout, self.kind = cfg.n_head, cfg.dropout, cfg.attn
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -94,17 +50,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv is not None:  # generate's KV cache: this layer's keys and values so far ([])
             if kv:  # the earlier S - T positions' keys and values, computed once, not again
+                assert T == 1, "after the first pass the KV cache takes one token at a time"
                 k, v = torch.cat((kv[0], k), 2), torch.cat((kv[1], v), 2)  # (B, nh, S, hs)
             kv[:] = [k, v]
-        cpu16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")  # bf16 or fp16
-        plain = use_plain(self.kind, T, cpu16) and not (self.training and self.dropout)
-        if plain or 1 < T < k.size(2):  # (no dropout in this path; SDPA's mask fits T = 1 or S)
-            y = plain_attention(q, k, v)  # (B, nh, T, hs)
-        else:
-            # one new query (T = 1) after a cache sees every key: no mask (is_causal would
-            # align it with the first key); else T = S and the mask is the causal one
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,  # (B, nh, T, hs)
-                                               dropout_p=self.dropout if self.training else 0.0)
+        # one new query (T = 1) after a cache sees every key: no mask (is_causal would align
+        # it with the first key); else T = S and the mask is the causal one
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,  # (B, nh, T, hs)
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.drop(self.c_proj(y))
 
@@ -135,10 +87,6 @@ class Block(nn.Module):
         return x
 
 
-# The fused token log-probs. ORPO reads one log-prob per response token; with GPT-2's
-# vocabulary of 50k, the (N, vocab) logits behind them would be gigabytes, written, read
-# once and kept for the backward. TokenLogProbs computes the same numbers a slice of the
-# vocabulary at a time.
 def _like(buf, t):
     """A contiguous tensor of t's shape over the start of the flat buffer buf."""
     return buf[:t.numel()].view(t.shape)
@@ -158,18 +106,18 @@ def _logsumexp(z, buf):
 
 class TokenLogProbs(torch.autograd.Function):
     """log softmax(h W^T)[y] at N positions: the fused cross-entropy that ORPO's log-probs
-    come from. log p(y) = z_y - logsumexp_v z_v with z = h W^T: z_y is one dot product per
-    position, and the logsumexp is taken a slice of `chunk` vocabulary columns at a time, so
-    the (N, vocab) logits never exist and each (N, chunk) slice is still in cache for its
-    softmax. The backward recomputes each slice's logits (one more matmul) rather than
-    keeping them: with a 50k vocabulary that saves gigabytes, and the time to allocate them.
-    Only W's first n_vocab rows (default: all) take probability; the others get zero gradient.
+    come from. With GPT-2's vocabulary of 50k, the (N, vocab) logits would be gigabytes,
+    written, read once and kept for the backward. Instead log p(y) = z_y - logsumexp_v z_v
+    with z = h W^T takes z_y as one dot product per position and the logsumexp a slice of
+    `chunk` vocabulary columns at a time, each (N, chunk) slice still in cache for its
+    softmax; the backward recomputes each slice's logits (one more matmul) rather than keeping
+    them, which saves those gigabytes and the time to allocate them.
 
-    Under autocast the matmuls run in its dtype (bf16) and the softmax in fp32. The slices'
-    temporaries live in buffers allocated once per call, not in fresh 4-16 MB tensors for
-    each slice (memory the system must map and zero each time), and each elementwise step
-    writes its result where the next one reads it: z - max is one pass from the logits into
-    the fp32 buffer, not a copy and then a subtraction (BENCHMARKS.md has the timings)."""
+    The slices' temporaries live in buffers allocated once per call, not in fresh 4-16 MB
+    tensors for each slice (memory the system must map and zero each time), and each
+    elementwise step writes its result where the next one reads it: z - max is one pass from
+    the logits into the fp32 buffer, not a copy and then a subtraction (BENCHMARKS.md has
+    the timings)."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk, n_vocab=None):
@@ -215,7 +163,6 @@ class GPT(nn.Module):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
         assert 0 <= cfg.n_vocab <= cfg.vocab_size, "n_vocab must be at most vocab_size"
-        assert cfg.attn in ("auto", "sdpa", "plain"), "attn must be auto, sdpa or plain"
         self.cfg = cfg
         self.n_vocab = cfg.n_vocab or cfg.vocab_size
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -254,11 +201,10 @@ class GPT(nn.Module):
         return self.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, need=None, targets=None):
-        """Logits over the n_vocab real ids: (B, T, n_vocab) at every position, or with a bool
-        mask `need` (B, T) only at the N positions it marks, (N, n_vocab). Given targets (N,)
-        too: log P(target) (N,) there instead, fp32 or wider, the same numbers as
-        log_softmax of those logits picked at the targets, through TokenLogProbs, which never
-        holds the (N, n_vocab) logits. (DDP and torch.compile wrap forward alone, so the loss
+        """Logits over the n_vocab real ids: (B, T, n_vocab), or with a bool mask `need` (B, T)
+        only at the N positions it marks, (N, n_vocab): ORPO scores the responses, and never
+        uses the prompt's. Given targets (N,) too: log P(target) (N,) there instead, fp32 or
+        wider, through TokenLogProbs. (DDP and torch.compile wrap forward alone, so the loss
         reads the model through it.)"""
         x = self.hidden(idx)  # (B, T, C)
         if need is not None:
@@ -320,9 +266,8 @@ class GPT(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # The fused kernel updates each tensor in one pass, several times faster on a CPU
         # than the for-each version (BENCHMARKS.md). Its rounding differs in the last
-        # bit, which moves fp32 results after hundreds of steps; so fp32 training on the CPU
-        # keeps the for-each version, whose numbers are the reference ones. CUDA, and bf16
-        # or fp16 training (the training dtype, `dtype`) anywhere, fuse.
+        # bit, which moves fp32 results after hundreds of steps; so fp32 training (`dtype`)
+        # on the CPU keeps the for-each version, whose numbers are the reference ones.
         fused = device_type == "cuda" or dtype != "float32"
         fused = fused and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))

@@ -1,13 +1,11 @@
-"""Speed: time orpo.py's training step on random pairs that fill block_size (half prompt,
-half response); print one JSON line: tokens/s; the limit, the step's FLOPs (GPT.flops) at
-the machine's matmul rate (a GPU's vendor peak, GPU_PEAK; on a CPU, measured: cpu_peak); the
-fraction of it reached (`mfu`); peak memory. BENCHMARKS.md says more.
+"""Speed: time orpo.py's training step; print one JSON line: tokens/s; the limit, the
+step's FLOPs (GPT.flops) at the machine's matmul rate (a GPU's vendor peak, GPU_PEAK; on a CPU,
+measured: cpu_peak); the fraction of it reached (`mfu`); peak memory. BENCHMARKS.md says more.
 
     python -m experiments.bench --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 \\
-        --batch_size=8 --vocab_size=50304 --dtype=bfloat16 [--attn=plain|sdpa]
+        --batch_size=8 --vocab_size=50304 --dtype=bfloat16
 """
 from machinery import boot  # first: it sets what torch reads as it loads; Ctrl-C: one line
-import dataclasses
 import json
 import sys
 import time
@@ -25,9 +23,8 @@ GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10
             "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 FLOP/s, vendor specs
 
 def cpu_peak(raw, n_tokens, n_scored, dtype, min_s=0.2):
-    """(FLOP/s, the shape) of the step's largest class of matmul, as autograd runs it (X W^T,
-    a transposed view): the output layer's slice of raw.chunk vocabulary columns at the
-    scored positions, or the MLP's widening [C, 4C] at every token."""
+    """(FLOP/s, the shape) of the step's largest class of matmul as autograd runs it (X W^T, a
+    transposed view): the output layer's vocabulary slice, or the MLP's widening Linear."""
     C = raw.cfg.n_embd
     blocks = sum(p.numel() for p in raw.h.parameters()) * n_tokens
     out = C * raw.n_vocab * n_scored > blocks  # GPT.flops: the output layer outweighs the blocks
@@ -42,14 +39,13 @@ def cpu_peak(raw, n_tokens, n_scored, dtype, min_s=0.2):
         times.append(time.perf_counter() - t)
     return 2 * m * C * n / min(times), f"{name} [{m},{C}]@[{C},{n}]"
 
-def bench(cfg, steps, attn):
-    """Time orpo.train_step on B random pairs (a prompt of T/2 tokens and two responses that
-    fill the block: T + 1 tokens, as make_batch shifts by one): two warm-up steps (a
-    compiled model compiles in the first: first_step_s), then `steps`, whose median counts."""
+def bench(cfg, steps):
+    """Time orpo.train_step on B random pairs that fill the block (T + 1 tokens: make_batch
+    shifts by one), after two warm-up steps (a compiled model compiles in the first)."""
     dev, dev_type, dtype, amp = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, T, V = cfg.batch_size, cfg.block_size, cfg.vocab_size or 50304
-    raw = GPT(dataclasses.replace(checkpoint.model_config(cfg, dict(vocab_size=V)), attn=attn)).to(dev)
+    raw = GPT(checkpoint.model_config(cfg, dict(vocab_size=V))).to(dev)
     opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     p, n = T // 2, T + 1 - T // 2
@@ -80,22 +76,19 @@ def bench(cfg, steps, attn):
         sft_on_prompt=cfg.sft_on_prompt, compile=cfg.compile, params=raw.num_params(), tokens_per_step=toks,
         logit_positions=n_scored, steps=steps, ms_per_step=round(s * 1e3, 1), tokens_per_s=round(toks / s, 1),
         peak_gflops=round(peak / 1e9, 1), peak_shape=shape, limit_tokens_per_s=round(toks * peak / flops, 1),
-        mfu=float(f"{flops / s / peak:.4g}"), first_step_s=round(times[0], 1), attn=attn,
+        mfu=float(f"{flops / s / peak:.4g}"), first_step_s=round(times[0], 1),
         peak_mem_mb=round(report.peak_mem_mb(dev_type)))))
 
 def main():
     _, cfg, opts = parse_args(
-        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10, attn="auto"),
+        sys.argv[1:], orpo.Config, orpo.PRESETS, dict(steps=10),
         keys=("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "vocab_size", "lam",
               "sft_on_prompt", "hand_grad", "batch_size", "grad_accum", "lr", "weight_decay", "beta1",
               "beta2", "grad_clip", "device", "dtype", "compile", "seed"),
-        notes=dict(steps="timed optimizer steps (after two warm-up steps); the median is printed",
-                   attn="auto, sdpa or plain: how attention is computed"))
+        notes=dict(steps="timed optimizer steps (after two warm-up steps); the median is printed"))
     if opts["steps"] < 1:
         die(f"--steps must be an integer >= 1, got {opts['steps']}")
-    if opts["attn"] not in ("auto", "sdpa", "plain"):
-        die(f"--attn must be auto, sdpa or plain, got {opts['attn']!r}")
-    bench(cfg, opts["steps"], opts["attn"])
+    bench(cfg, opts["steps"])
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 """GPT-2 checkpoints as Hugging Face keeps them (on the hub, or as transformers' save_pretrained
-writes them), read into model.GPT and written back. The module names are model.py's already
-(GPT-2's, less the `transformer.` prefix); Conv1D stores its weights (in, out) where a Linear
-stores (out, in). Everything that cannot be read is a ValueError naming the path."""
+writes them), read into model.GPT and written back; the module names are model.py's already.
+Everything that cannot be read is a ValueError naming the path."""
 import json
 import os
 
@@ -22,9 +21,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def _read(path):
-    """The dict in a JSON file (config.json, an index.json) or a weights file ({name: tensor}:
-    .safetensors through safetensors, any other through torch.load with weights_only, so that
-    a pickle cannot run code)."""
+    """The dict in a JSON file or a weights file ({name: tensor}); torch.load reads with
+    weights_only, so that a pickle cannot run code."""
     js, st = path.endswith(".json"), path.endswith(".safetensors")
     if st and safetensors_torch is None:
         raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
@@ -41,9 +39,9 @@ def _read(path):
 
 
 def _read_gpt2(path):
-    """(config.json's dict or None, state dict without the `transformer.` prefix) of a GPT-2:
-    a weights file, a save_pretrained directory (one file, or the shards its index.json names),
-    or one of GPT2_NAMES, downloaded into huggingface_hub's cache."""
+    """(config.json's dict, state dict without the `transformer.` prefix) of a GPT-2: a weights
+    file with config.json beside it, a save_pretrained directory (one file, or the shards its
+    index.json names), or one of GPT2_NAMES, downloaded into huggingface_hub's cache."""
     # model.safetensors first, as transformers does, when it can be read; without the package
     # a .bin beside it serves, and a lone .safetensors asks for it
     names = ("model.safetensors", "pytorch_model.bin")[::1 if safetensors_torch else -1]
@@ -70,7 +68,9 @@ def _read_gpt2(path):
             shards = _read(files[0] + ".index.json").get("weight_map", {}).values()
             files = [os.path.join(path, s) for s in sorted(set(shards))]
     config = os.path.join(os.path.dirname(files[0]), "config.json")
-    hf = _read(config) if os.path.isfile(config) else None
+    if not os.path.isfile(config):
+        raise ValueError(f"{path}: no config.json beside the weights, and a GPT-2's shape is read from it")
+    hf = _read(config)
     sd = {}
     for f in files:
         sd.update(_read(f))
@@ -109,28 +109,17 @@ def load_state_dict(model, sd):
 
 
 def from_pretrained(name_or_path, block_size=1024, dropout=0.0):
-    """A GPT-2 from wherever it is kept (_read_gpt2), of the shape its config.json gives, or,
-    with none, its tensors."""
+    """A GPT-2 from wherever it is kept (_read_gpt2), of the shape its config.json gives."""
     hf, sd = _read_gpt2(name_or_path)
     try:  # what does not fit is named after name_or_path, below
-        if hf is not None:
-            kind = hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new")
-            if kind[0] != "gpt2" or kind[1] not in ("gelu_new", "gelu_pytorch_tanh"):  # one tanh GELU
-                raise ValueError(f"config.json describes a {kind[0]} with {kind[1]}: no GPT-2")
-            keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-            try:
-                n_layer, n_head, n_embd, n_positions, n_vocab = (int(hf[k]) for k in keys)
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"config.json lacks a GPT-2 size ({one_line(e)})") from e
-        elif "wte.weight" not in sd or "wpe.weight" not in sd:
-            raise ValueError("no wte.weight and wpe.weight: not a GPT-2 state dict")
-        else:  # the shape from the tensors, and GPT-2's rule of 64 channels a head
-            n_vocab, n_embd = sd["wte.weight"].shape
-            if n_embd % 64:
-                raise ValueError(f"no config.json beside it to give n_head, and {n_embd} channels "
-                                 "are not GPT-2's 64 a head")
-            n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})  # h.0. ... h.{L-1}.
-            n_head, n_positions = n_embd // 64, sd["wpe.weight"].size(0)
+        kind = hf.get("model_type", "gpt2"), hf.get("activation_function", "gelu_new")
+        if kind[0] != "gpt2" or kind[1] not in ("gelu_new", "gelu_pytorch_tanh"):  # one tanh GELU
+            raise ValueError(f"config.json describes a {kind[0]} with {kind[1]}: no GPT-2")
+        keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+        try:
+            n_layer, n_head, n_embd, n_positions, n_vocab = (int(hf[k]) for k in keys)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"config.json lacks a GPT-2 size ({one_line(e)})") from e
         if n_embd % n_head or n_layer < 1:
             raise ValueError(f"{n_layer} layers of {n_embd} channels in {n_head} heads is no GPT-2")
         if block_size > n_positions:
@@ -146,9 +135,8 @@ def from_pretrained(name_or_path, block_size=1024, dropout=0.0):
 
 @torch.no_grad()
 def export_hf(model, out_dir, eot=None):
-    """Write model as a directory that GPT2LMHeadModel.from_pretrained(out_dir) loads:
-    config.json, pytorch_model.bin, and model.safetensors when safetensors is installed; the
-    vocabulary cut back to n_vocab, eot the bos and eos id (GPT-2's convention)."""
+    """Write model as a directory that GPT2LMHeadModel.from_pretrained(out_dir) loads, with
+    eot as the bos and eos id (GPT-2's convention)."""
     c = model.cfg
     if not c.bias:
         raise ValueError("export_hf needs bias=True: GPT-2 has a bias in every Linear and LayerNorm")

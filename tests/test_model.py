@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
 from machinery import gpt2
 from model import GPT, GPTConfig
 
@@ -115,50 +114,10 @@ def test_token_logps_are_forwards_log_softmax_over_the_real_ids():
     assert got.dtype == torch.float32 and (got < 0).all() and (got > -10).all()
 
 
-def test_plain_attention_is_sdpas_causal_attention():
-    """The two attention paths (model.py picks one) give the same fp32 logits and gradients,
-    and each position still sees only itself and the past."""
-    x = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(3))
-    out = {}
-    for attn in ("sdpa", "plain"):
-        model = tiny_model(attn=attn)  # the same weights each time: tiny_model seeds
-        logits = model(x)
-        logits.square().mean().backward()
-        out[attn] = [logits] + [p.grad.clone() for p in model.parameters()]
-    for a, b in zip(out["sdpa"], out["plain"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    q = torch.randn(1, 1, 4, 8)
-    v = torch.eye(4)[None, None].repeat(1, 1, 1, 2)  # value j: a one-hot at j
-    p = model_module.plain_attention(q, torch.randn(1, 1, 4, 8), v)[0, 0, :, :4]  # (4, 4)
-    assert torch.equal(p.triu(1), torch.zeros(4, 4)) and torch.allclose(p.sum(1), torch.ones(4))
-
-
-def test_gpt_config_attn_picks_the_path(monkeypatch):
-    """attn forces a path; "auto" keeps SDPA for fp32 (the reference numbers' kernel) and
-    for long blocks, and takes the plain one only under a CPU's 16-bit autocast on bf16
-    hardware."""
-    calls = []
-    plain = model_module.plain_attention
-    monkeypatch.setattr(model_module, "plain_attention", lambda *a: calls.append(1) or plain(*a))
-    x = torch.zeros(1, 8, dtype=torch.long)
-    for attn, want in (("plain", 2), ("sdpa", 0), ("auto", 0)):  # fp32: 2 layers each
-        calls.clear()
-        tiny_model(attn=attn)(x)
-        assert len(calls) == want, attn
-    assert not model_module.use_plain("auto", 16, cpu16=False)
-    assert not model_module.use_plain("auto", model_module.PLAIN_MAX_T + 1, cpu16=True)
-    assert model_module.use_plain("auto", 16, cpu16=True) == model_module.NATIVE_BF16
-    assert model_module.use_plain("plain", 4096, cpu16=False)
-    assert not model_module.use_plain("sdpa", 16, cpu16=True)
-    with pytest.raises(AssertionError, match="attn"):
-        tiny_model(attn="flash")
-
-
-def train_losses(dtype, attn="auto", steps=6):
+def train_losses(dtype, steps=6):
     """The losses of a few AdamW steps of a tiny GPT's mean token log-prob on fixed random
-    tokens, in fp32 or under the CPU's 16-bit autocast, as orpo.py trains, attention
-    computed as attn (GPTConfig.attn) says."""
-    model = tiny_model(block_size=64, vocab_size=64, n_embd=32, attn=attn)
+    tokens, in fp32 or under the CPU's 16-bit autocast, as orpo.py trains."""
+    model = tiny_model(block_size=64, vocab_size=64, n_embd=32)
     opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), "cpu", dtype)
     g = torch.Generator().manual_seed(4)
     x, need = torch.randint(0, 64, (4, 64), generator=g), torch.rand(4, 64, generator=g) > 0.5
@@ -175,12 +134,11 @@ def train_losses(dtype, attn="auto", steps=6):
     return losses
 
 
-@pytest.mark.parametrize("attn", ["plain", "sdpa"])
-def test_bf16_steps_stay_within_bf16_rounding_of_fp32(attn):
+def test_bf16_steps_stay_within_bf16_rounding_of_fp32():
     """bf16 rounds each matmul's inputs to 8 significant bits, a relative error of up to
     2^-9; averaged over many products the losses of six steps stay within 2^-9 (0.2%) of
     fp32's (measured: within 0.02%), and they learn as fp32 does."""
-    fp32, bf16 = train_losses("float32", attn), train_losses("bfloat16", attn)
+    fp32, bf16 = train_losses("float32"), train_losses("bfloat16")
     assert fp32[-1] < fp32[0] - 0.05  # the steps do learn: a drift would show
     assert bf16 != fp32  # bf16 did run: its rounding differs
     for a, b in zip(fp32, bf16):
@@ -262,6 +220,12 @@ def gpt2_state_dict(prefix="", n_layer=12):
     return {prefix + k: v for k, v in sd.items()}
 
 
+def gpt2_config(d, n_layer=12):
+    """The config.json that GPT-2 small's shape has, with n_layer layers, written into d."""
+    (d / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=n_layer, n_head=12,
+                                                   n_embd=768, n_positions=1024, vocab_size=50257)))
+
+
 def gpt2_by_hand(sd, idx):
     """GPT-2's forward pass written out from the paper and the state dict alone."""
     B, T = idx.shape
@@ -285,7 +249,8 @@ def test_from_pretrained_maps_every_gpt2_tensor(tmp_path, prefix, n_layer):
     sd = gpt2_state_dict(prefix, n_layer)
     path = str(tmp_path / "pytorch_model.bin")
     torch.save(sd, path)
-    model = gpt2.from_pretrained(path).eval()  # no config.json: the shape from the tensors
+    gpt2_config(tmp_path, n_layer)
+    model = gpt2.from_pretrained(path).eval()
     if n_layer == 12:
         assert sum(p.numel() for p in model.parameters()) == 124_475_904  # 50304-row wte, tied
     assert (model.cfg.n_head, model.cfg.vocab_size, model.n_vocab) == (12, 50304, 50257)
@@ -308,6 +273,7 @@ def test_padding_ids_take_no_probability_from_gpt2(tmp_path):
     sd["wte.weight"][:, 0] = 1.0
     sd["ln_f.weight"][0], sd["ln_f.bias"][0] = 0.0, -60.0
     torch.save(sd, tmp_path / "pytorch_model.bin")
+    gpt2_config(tmp_path, n_layer=2)
     model = gpt2.from_pretrained(str(tmp_path / "pytorch_model.bin")).eval()
     idx, need, y = ids_and_targets(50257, 2, 12)
     # float64 shows the normalisation exact; in fp32 a logit near -60 is only good to its
@@ -389,21 +355,13 @@ def test_export_hf_gives_back_the_gpt2_it_loaded(tmp_path):
     the same names, the Conv1D layout, the 50257 rows (the causal-mask buffers aside)."""
     sd = gpt2_state_dict("transformer.", n_layer=2)
     torch.save(sd, tmp_path / "in.bin")
+    gpt2_config(tmp_path, n_layer=2)
     gpt2.export_hf(gpt2.from_pretrained(str(tmp_path / "in.bin")), str(tmp_path / "out"))
     out = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
     sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}
     assert set(out) == set(sd) | {"lm_head.weight"}
     assert all(torch.equal(out[k], v) for k, v in sd.items())
     assert torch.equal(out["lm_head.weight"], sd["transformer.wte.weight"])
-
-
-def test_a_bare_pytorch_model_bin_loads_by_its_shapes(tmp_path):
-    model = small_gpt(50, 50, n_embd=128, n_head=2)  # GPT-2's rule: 64 channels a head
-    gpt2.export_hf(model, str(tmp_path / "hf"))
-    os.rename(tmp_path / "hf" / "pytorch_model.bin", tmp_path / "pytorch_model.bin")
-    back = gpt2.from_pretrained(str(tmp_path / "pytorch_model.bin"), block_size=32).eval()
-    assert (back.cfg.n_layer, back.cfg.n_head, back.cfg.n_embd, back.n_vocab) == (2, 2, 128, 50)
-    same_logits(model, back, 50)
 
 
 def test_a_sharded_checkpoint_loads(tmp_path):
@@ -440,7 +398,7 @@ def test_export_hf_needs_biases(tmp_path):
 
 def test_from_pretrained_hub_names_read_their_own_config(tmp_path, monkeypatch):
     """gpt2-medium through huggingface_hub (faked: no network here), its shape from its own
-    config.json: 4 heads, where a guess from the tensors would say 1."""
+    config.json."""
     hub = pytest.importorskip("huggingface_hub")
     model = small_gpt(50257, 50304)
     gpt2.export_hf(model, str(tmp_path))
@@ -468,7 +426,7 @@ EDITS = {  # a state dict broken in place
 WANT = dict(missing="no such file", name="not one of gpt2", garbage="not a readable weights file",
             truncated="not a readable weights file", tensor="not a state dict",
             safetensors="not a readable weights file", config="not a readable JSON file",
-            bert="describes a bert", empty="no model.safetensors or pytorch_model.bin",
+            bert="describes a bert", bare="no config.json beside the weights", empty="no model.safetensors or pytorch_model.bin",
             lacks=r"lacks \['h.1.mlp.c_fc.bias'\]", extra="'h.9.ln_1.bias' has no place",
             shape=r"h.0.attn.c_proj.weight: shape \(63, 64\) does not fit \(64, 64\)",
             untied="lm_head.weight differs", block="block_size 64 exceeds the checkpoint's 32")
@@ -498,6 +456,9 @@ def broken(tmp_path, case):
         (d / "config.json").write_text("{not json")
     elif case == "bert":
         (d / "config.json").write_text('{"model_type": "bert"}')
+    elif case == "bare":  # the weights alone, as a file
+        (d / "config.json").unlink()
+        return str(b)
     elif case in EDITS:
         sd = torch.load(b, weights_only=True)
         EDITS[case](sd)
@@ -526,11 +487,10 @@ def test_from_pretrained_hub_failure_is_a_value_error(monkeypatch):
         gpt2.from_pretrained("gpt2-xl")
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "plain"])
-def test_kv_cache_logits_equal_full_recompute_at_every_position(attn):
+def test_kv_cache_logits_equal_full_recompute_at_every_position():
     """Fed a token at a time through the cache, the model gives at each position the logits
     that running the whole sequence gives there (forward, no cache), within fp32 rounding."""
-    model = tiny_model(attn=attn).eval()
+    model = tiny_model().eval()
     idx = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(idx)  # (3, 20, vocab): every position at once
@@ -538,6 +498,8 @@ def test_kv_cache_logits_equal_full_recompute_at_every_position(attn):
         got = [F.linear(model.hidden(idx[:, :5], kv), model.lm_head.weight)]  # a 5-token prompt
         got += [F.linear(model.hidden(idx[:, t:t + 1], kv), model.lm_head.weight)
                 for t in range(5, 20)]  # then one token at a time
+        with pytest.raises(AssertionError, match="one token at a time"):
+            model.hidden(idx[:, :2], kv)  # after the first pass, no more than one
     assert kv[0][0].shape == (3, model.cfg.n_head, 20, model.cfg.n_embd // model.cfg.n_head)
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
 
