@@ -3,10 +3,9 @@ GPT-2 directory (config.json and the weights) for the usual evaluation tools.
 
     python sample.py --out_dir=out-small --prompt="user: 3 more like cat and dog\\nassistant:"
     python sample.py --out_dir=out-small --export=hf-small
-
-It takes orpo.py's --config NAME and the --key=value overrides that --help lists.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
+import contextlib
 import json
 import os
 import sys
@@ -24,9 +23,8 @@ MARK = "orpo_export.json"  # in an export: which checkpoint, and the files writt
 
 def export(model, meta, ck_path, d):
     """Write model as a Hugging Face GPT-2 folder d: a new or empty one, or over an earlier
-    export (the plain files in d that its MARK lists: not `../x`, `/abs/x` or a link out of d).
-    It is written beside d and takes its place in one rename: an export that fails or is
-    stopped leaves the earlier one whole."""
+    export (the plain files in d that its MARK lists: not `../x`, `/abs/x` or a link out of d),
+    which it replaces whole (safe.staged): one that fails or is stopped leaves the earlier."""
     if os.path.exists(d) and not os.path.isdir(d):
         die(f"--export={d} is a file, not a folder")
     found, old = sorted(set(os.listdir(d)) - {".lock"}) if os.path.isdir(d) else [], []
@@ -107,10 +105,8 @@ def main():
         answer = report.decode(enc, row, meta["eot"])
         line = f"{text!r} ->{answer!r}"
         if meta["tokenizer"] == "synthetic":  # the synthetic task, not a file of pairs
-            try:
+            with contextlib.suppress(ValueError, KeyError, IndexError):  # a prompt outside it: no score
                 line += f"   judge {synthetic.judge(text, answer):.2f}"
-            except (ValueError, KeyError, IndexError):
-                pass  # a prompt outside the synthetic task has no judge score
         print(line)
 
 

@@ -1,9 +1,7 @@
-"""Checkpoints (what resume needs to go on exactly as the uninterrupted run would; written
-whole or not at all, read with every mismatch named), the model a run starts from, and RunDir,
-a run's folder: one run at a time holds it, and a new run never writes over another's."""
+"""Checkpoints (what resume needs to go on exactly as the uninterrupted run would), the model
+a run starts from, and RunDir, a run's folder."""
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -25,8 +23,7 @@ CKPT_FIELDS = dict(
                            (int, float))], seconds=(int, float))   # what was measured so far
 # the first release's names of a block's layers, without attn. and mlp.
 FIRST_NAMES = dict(c_attn="attn.c_attn", c_proj="attn.c_proj", c_fc="mlp.c_fc", mlp_proj="mlp.c_proj")
-# what a resumed run must share with the run it continues: the shape, the data, and the
-# objective; the learning-rate schedule is checked as lr_at computes it (resume_state)
+# what a resumed run must share with the run it continues (the schedule: resume_state)
 RESUME_SAME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dataset", "data_file",
                "batch_size", "seed", "lam", "sft_on_prompt", "loss", "beta", "ref", "dropout",
                "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip")
@@ -35,20 +32,8 @@ SCHEDULE = ("lr", "min_lr", "warmup_iters")  # and where the cosine ends: lr_dec
 
 
 def save_checkpoint(path, **state):
-    """Whole or not at all (safe.atomic_write): a crash, Ctrl-C or a full disk mid-save
-    leaves the last good checkpoint intact, and the partial file is removed."""
     with atomic_write(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except (OSError, RuntimeError) as e:
-            # torch.save's stream errors carry no errno: a disk is full when, with the
-            # partial file still there, less than a MiB is left on it
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            full = getattr(e, "errno", None) == errno.ENOSPC or free < 2**20
-            why = "the disk is full" if full else one_line(e)
-            kept = ("the last good checkpoint is unchanged" if os.path.exists(path)
-                    else "no checkpoint was written yet")
-            die(f"could not write {path}: {why}; {kept}")
+        torch.save(state, tmp)
 
 
 def check_fields(path, x, spec, at=""):
@@ -105,15 +90,6 @@ def check_same(path, have, want, who):
             die(f"checkpoint {path} has {k}={have.get(k)}, but {who} {k}={v}")
 
 
-def on_disk(path, then=""):
-    """What the checkpoint file says of itself, for a message: its iteration, read from disk."""
-    try:
-        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return f"{path} holds iteration {ck['iter']}{then}"
-    except Exception:  # none, or unreadable: either way there is nothing to resume from
-        return "no checkpoint was written yet"
-
-
 def model_from_checkpoint(ck, path):
     """The GPT a checkpoint holds: its shape (model_args), its weights, all finite (NaN or inf,
     from a run that diverged, are named before they train, sample or export anything)."""
@@ -137,7 +113,6 @@ def model_from_checkpoint(ck, path):
 
 
 def model_config(cfg, meta):
-    """The GPT's shape for a run's config and its data's vocabulary."""
     n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
     return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
                      n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -171,8 +146,7 @@ def build_model(cfg, meta, path, ck=None):
 
 
 def load_reference(cfg, meta, policy):
-    """DPO's frozen reference: the checkpoint --ref, of the policy's shape, in eval mode (no
-    dropout), its weights never given a gradient."""
+    """DPO's frozen reference, --ref, of the policy's shape; in eval mode: it must not drop out."""
     ck = load_checkpoint(cfg.ref, meta=meta)
     shape = ("n_layer", "n_head", "n_embd", "vocab_size", "n_vocab")
     check_same(cfg.ref, ck["model_args"], {k: getattr(policy.cfg, k) for k in shape}, "the policy has")
@@ -196,9 +170,13 @@ class RunDir(contextlib.AbstractContextManager):
             if self.held:
                 self.held.release()
 
-    def kept(self):
+    def kept(self, then=": go on with --init_from=resume"):
         """What the folder holds to go on from, read from the disk, for a last line."""
-        return on_disk(self.path, ": go on with --init_from=resume")
+        try:
+            ck = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)
+            return f"{self.path} holds iteration {ck['iter']}{then}"
+        except Exception:  # none, or unreadable: either way there is nothing to resume from
+            return "no checkpoint was written yet"
 
     def hold(self):
         """The first process holds the folder; a second run is told which process does."""
@@ -223,12 +201,12 @@ class RunDir(contextlib.AbstractContextManager):
         if cfg.max_iters < ck["iter"]:
             die(f"{self.path} holds iteration {ck['iter']}, past --max_iters={cfg.max_iters}; "
                 f"resume with --max_iters of {ck['iter']} or more")
-        sched = lambda c: ", ".join([f"{k}={c.get(k)}" for k in SCHEDULE] +  # as lr_at reads it
-                                    [f"cosine to {c.get('lr_decay_iters') or c.get('max_iters')}"])
-        if sched(had) != sched(dataclasses.asdict(cfg)):
-            die(f"{self.path} was trained on the schedule {sched(had)}; the run asks for "
-                f"{sched(dataclasses.asdict(cfg))}. To train on past it, keep the schedule with "
-                f"--lr_decay_iters={had.get('lr_decay_iters') or had.get('max_iters')}")
+        sched = lambda c: (*[c.get(k) for k in SCHEDULE], c.get("lr_decay_iters") or c.get("max_iters"))
+        was, asks = sched(had), sched(dataclasses.asdict(cfg))  # as lr_at reads them
+        if was != asks:
+            said = lambda s: ", ".join(f"{k}={v}" for k, v in zip(SCHEDULE, s)) + f", cosine to {s[-1]}"
+            die(f"{self.path} was trained on the schedule {said(was)}; the run asks for {said(asks)}. "
+                f"To train on past it, keep the schedule with --lr_decay_iters={was[-1]}")
         if self.master and not os.path.exists(os.path.join(self.out_dir, "log.jsonl")):
             die(f"{self.out_dir}/log.jsonl is gone: it holds the evals and the samples before "
                 f"iteration {ck['iter']}, which the summary needs; start a new --out_dir")
@@ -251,7 +229,7 @@ class RunDir(contextlib.AbstractContextManager):
         except (OSError, ValueError, AttributeError):
             had = None
         if not (cfg.fresh or had == settings(cfg) or found == ["log.jsonl"]):
-            what = on_disk(self.path) if "ckpt.pt" in found else f"its {', '.join(found)}"
+            what = self.kept("") if "ckpt.pt" in found else f"its {', '.join(found)}"
             die(f"{self.out_dir} holds another run ({what}): continue it with --init_from=resume, "
                 f"give another --out_dir, or start over with --fresh=true (the earlier run moves "
                 f"to {self.out_dir}/previous)")

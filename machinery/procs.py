@@ -1,6 +1,4 @@
-"""Process setup: one process, or one of several (DDP), which `--nproc=N` starts (launch) or
-torchrun does. orpo.py calls each piece once: start() before anything, rank0_first() around
-the data, wrap() around the model, rng_states() at each checkpoint and stop() at the end."""
+"""Process setup: one process, or one of several (DDP), started by `--nproc=N` or torchrun."""
 import contextlib
 import ctypes
 import gc
@@ -18,9 +16,8 @@ from machinery.safe import die
 
 
 def launch(n):
-    """Run this same command as n DDP workers, as torchrun would, and return the exit status.
-    The first worker's output is the run's; a failure stops the others, and the first one's
-    error is said once; on Ctrl-C, the line of the first worker that said what it kept."""
+    """Run this same command as n DDP workers, as torchrun would, and return the exit status;
+    a failure stops the others, and the first one's error is said once."""
     with socket.socket() as s:  # a free port for the workers to meet on
         s.bind(("127.0.0.1", 0))
         env = dict(os.environ, WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
@@ -59,8 +56,7 @@ def launch(n):
 
 
 def start(cfg):
-    """(rank, world size, device): one process, or one of several; with --nproc=N (N > 1) this
-    process starts the N workers (launch) and ends with their exit status."""
+    """(rank, world size, device); with --nproc=N, it runs the workers and ends with their status."""
     if cfg.nproc > 1 and "RANK" not in os.environ:
         sys.exit(launch(cfg.nproc))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,7 +88,6 @@ def start(cfg):
 
 @contextlib.contextmanager
 def rank0_first(world, rank):
-    """The first process runs the block (it prepares the data) before the others do."""
     if world > 1 and rank != 0:
         torch.distributed.barrier()
     yield
@@ -101,7 +96,6 @@ def rank0_first(world, rank):
 
 
 def wrap(model, world, dev, dev_type):
-    """The model as the loop trains it: itself, or under DDP, which averages the gradients."""
     return model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dev] if dev_type == "cuda" else None)
 

@@ -1,7 +1,5 @@
-"""Failing safely: every error a user can cause is one line and an exit status, never a
-traceback; every file a later run relies on is whole or absent, never half-written or a mix
-of two runs; one process at a time writes a folder. It imports nothing of the project's.
-"""
+"""Failing safely: an error a user can cause is one line, never a traceback; a file a later run
+relies on is whole or absent; one process at a time writes a folder. It imports nothing of the project's."""
 import atexit
 import contextlib
 import ctypes
@@ -23,8 +21,7 @@ def die(msg, status=2):
 
 
 def one_line(e, limit=200, typed=False):
-    """An exception's message on one line (its type's name when it has none), cut to limit;
-    typed: after its type's name, as `OSError: ...`, where the type says what went wrong."""
+    """typed: after its type's name, as `OSError: ...`, where the type says what went wrong."""
     msg = (" ".join(str(e).split()) or type(e).__name__)[:limit]
     return f"{type(e).__name__}: {msg}" if typed else msg
 
@@ -33,26 +30,25 @@ def one_line(e, limit=200, typed=False):
 def atomic_write(path):
     """Write path whole or not at all: the block writes the temporary file it is given, which
     replaces path in one rename (a reader of the old file keeps it); on any exception, Ctrl-C
-    included, it is removed and path is as it was."""
+    included, it is removed and path is as it was. A write that fails is one line, for every writer."""
     tmp = path + ".tmp"
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:  # a full disk is one line for every writer; other errors are theirs
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+    except (OSError, RuntimeError) as e:
+        # no errno (torch.save's stream errors): full if under a MiB is left, the partial file still there
+        full = (e.errno in (errno.ENOSPC, errno.EDQUOT) if getattr(e, "errno", None) is not None
+                else shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20)
         kept = "the old file is unchanged" if os.path.exists(path) else "nothing was written"
-        die(f"could not write {path}: the disk is full; {kept}")
+        die(f"could not write {path}: {'the disk is full' if full else one_line(e)}; {kept}")
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
 class lock(contextlib.AbstractContextManager):
-    """Hold folder (created if need be): `with lock(d):`, or `held = lock(d)` for the process's
-    life; a second process gets ValueError naming the holder its .lock file keeps. The kernel
-    drops an flock however its process dies; a clean holder empties the file, so a pid found
-    in a free lock is a killed one's, and that is said."""
+    """`with lock(d):`, or `held = lock(d)` for the process's life. The kernel drops an flock
+    however its process dies; a clean holder empties the file: a pid in a free lock is a killed one's."""
 
     def __init__(self, folder):
         if not folder:
@@ -108,7 +104,6 @@ def exchange(a, b):
 def staged(folder, own):
     """folder.new, for the block to write a whole new version of folder's files into; then the
     two change places (exchange) and the old goes: a kill at any moment leaves folder whole.
-    A folder holding names not in `own` is refused (ValueError): they are not ours to move.
     The caller holds folder's lock, and this folder.new's; one found is a killed writer's."""
     foreign = sorted(set(os.listdir(folder)) - set(own) - {".lock"})
     if foreign:

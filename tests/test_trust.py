@@ -551,6 +551,17 @@ def test_a_full_disk_in_any_atomic_write_is_one_line(tmp_path, monkeypatch, caps
     assert err.count("\n") == 1 and "the disk is full; the old file is unchanged" in err
 
 
+def test_a_write_that_fails_with_room_left_is_one_line_with_its_reason(tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(SystemExit) as e:
+        with safe.atomic_write(str(path)) as tmp:
+            open(tmp, "w").write("part")
+            raise RuntimeError("basic_ios::clear: iostream error")  # torch.save's, the disk not full
+    assert e.value.code == 2 and os.listdir(tmp_path) == []
+    assert capsys.readouterr().err == (f"error: could not write {path}: basic_ios::clear: iostream "
+                                       f"error; nothing was written\n")
+
+
 def test_assignment_make_on_a_full_disk_leaves_no_half_handout(tmp_path, monkeypatch, capsys):
     from course import assignment
     calls, copy = [], shutil.copy2
