@@ -52,9 +52,9 @@ def read_json(path):
 
 
 def read_parquet(path):
-    """A .parquet file's rows, checked one by one as any file's are. Read on this thread alone: a
-    process that exits soon after a threaded read (no usable rows, say) aborts in Arrow's thread
-    pool ("terminate called without an active exception": 16 exits of 20 here; none read this way)."""
+    """A .parquet file's rows. Read on this thread alone: a process that exits soon after a
+    threaded read (no usable rows, say) aborts in Arrow's thread pool ("terminate called
+    without an active exception": 16 exits of 20 here; none read this way)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
