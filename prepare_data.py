@@ -1,9 +1,4 @@
 """Turn preference pairs (prompt, chosen, rejected) into token files that orpo.py reads.
-The synthetic task, which makes pairs offline and judges answers, is machinery/synthetic.py.
-
-    python prepare_data.py                      # the offline synthetic task -> data/synthetic
-    python prepare_data.py --source hh-rlhf     # or ultrafeedback: from the hub (datasets)
-    python prepare_data.py --source mine --file pairs.jsonl [--val_file val.jsonl]
 
 Output, in --out:
     {train,val}.tokens.npy   every row's prompt, chosen and rejected tokens, back to back
@@ -12,9 +7,8 @@ Output, in --out:
                              max_prompt_len), tokenizer, vocab size, special ids, row counts
 Both responses end with the end-of-text token, unless truncated.
 
-Real data comes in three shapes (SHAPES), found from the keys. Rows are numbered as an editor
-numbers a .jsonl's lines, from 1. Bad rows are named, counted and dropped; bad files or limits
-stop with a one-line error (exit 2).
+Rows are numbered as an editor numbers a .jsonl's lines, from 1. Bad rows are named, counted
+and dropped; bad files or limits stop with a one-line error (exit 2).
 """
 import argparse
 import hashlib
@@ -30,9 +24,6 @@ from machinery.safe import die, lock, one_line, staged
 from machinery.synthetic import N_TRAIN, N_VAL, SEED, make_synthetic, synthetic_encoding
 
 OFF, PROMPT, CHOSEN, REJECTED = range(4)  # the columns of {split}.index.npy: offset, lengths
-
-# ----------------------------------------------------------------------------------------
-# Real preference data, from the hub or a file, as rows of {prompt, chosen, rejected} strings
 
 ASSISTANT = "\n\nAssistant:"
 ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -102,9 +93,6 @@ def to_triple(row, shape):
             "rejected": " " + rejected[-1]["content"]}
 
 
-# ----------------------------------------------------------------------------------------
-# Tokenize and write
-
 def get_encoding(tok):
     """The tokenizer named by meta['tokenizer']; tiktoken downloads GPT-2's on first use."""
     if tok == "synthetic":
@@ -137,11 +125,10 @@ def check(row, shape):
 
 def write_split(rows, enc, out_dir, split, max_len, max_prompt_len, name, shape="triple",
                 first_row=1):
-    """Tokenize rows (rows[0] is row first_row of name), write {split}.tokens.npy and .index.npy,
-    return the counts. A long row is cut to fit max_len: the prompt keeps its last max_prompt_len
-    tokens, each response its first max_len - len(prompt). A cut response loses its end-of-text
-    token (the model should not learn to stop there); a row whose cut responses are empty or the
-    same is no pair, and is dropped as too_long."""
+    """rows[0] is row first_row of name. A long row is cut to fit max_len: the prompt keeps its
+    last max_prompt_len tokens, each response its first max_len - len(prompt). A cut response
+    loses its end-of-text token (the model should not learn to stop there); a row whose cut
+    responses are empty or the same is no pair, and is dropped as too_long."""
     counts = {"read": len(rows), "kept": 0, "truncated": 0, "dropped": dict.fromkeys(
         ("blank", "malformed", "empty_response", "identical", "too_long"), 0)}
     triples, dropped = [], counts["dropped"]
@@ -214,8 +201,7 @@ def tokenizer(source, file):  # the synthetic task's own rows have their own voc
 
 
 def recipe(source, file, val_file, subset, seed, n_train, n_val, max_len, max_prompt_len):
-    """What prepared data is made from, as meta.json records it (files as absolute paths):
-    the same recipe and file contents make the same data. Seed and counts: synthetic only."""
+    """What data is made from, as meta.json has it: same recipe and file contents, same data."""
     synth = tokenizer(source, file) == "synthetic"
     return dict(source=source, file=file and os.path.abspath(file),
                 val_file=val_file and os.path.abspath(val_file), subset=subset,
@@ -231,10 +217,9 @@ def holds(out):  # what out holds, read from the disk, to end a failed or stoppe
 
 def prepare(source, out, seed=SEED, n_train=N_TRAIN, n_val=N_VAL,
             max_len=1024, max_prompt_len=512, file=None, subset=None, val_file=None):
-    """Write the source's train and val splits, and meta.json with each file's size and hash, to
-    out; return the meta. Bad input is a one-line ValueError. The files go into a new folder that
-    then takes out's place (safe.staged): a preparation that fails or is killed leaves the previous
-    data whole, and a trainer that has the old files mapped keeps them."""
+    """The meta.json written with the data; bad input is a one-line ValueError. The files go into
+    a new folder that then takes out's place (safe.staged): a preparation that fails or is killed
+    leaves the previous data whole, and a trainer that has the old files mapped keeps them."""
     if not 1 <= max_prompt_len < max_len:  # a kept row needs a prompt token and a response's
         raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 1 and below max_len "
                          f"{max_len}, to leave room for the prompt and the responses")
@@ -340,10 +325,8 @@ def stale(data_dir, want, explicit):
 
 
 def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explicit=False):
-    """The data orpo.py trains on, load() of data_dir: from source, or file, in pairs of at most
-    max_len tokens. The default folder is prepared, saying why, when its data is absent or stale.
-    A folder the user named (explicit) is theirs: data made from another source or file, or the
-    file before it changed, is refused in one line; an absent one is prepared only from a file."""
+    """load() of data_dir, prepared first if stale(). A folder the user named (explicit) is
+    theirs: stale data is refused in one line, absent data is prepared only from a file."""
     want = recipe(source, file, None, None, SEED, N_TRAIN, N_VAL, max_len, max_prompt_len)
     why = stale(data_dir, want, explicit)
     if why and explicit and os.path.isfile(os.path.join(data_dir, "meta.json")):
@@ -359,8 +342,7 @@ def ensure(data_dir, source, file=None, max_len=1024, max_prompt_len=512, explic
 
 
 def for_run(cfg):
-    """meta, {split: (tokens, index)} and the tokenizer of the data orpo.py's config cfg reads
-    (ensure), or a one-line exit: too few training pairs for a batch, say."""
+    """ensure()'s data for orpo.py's config cfg, and its tokenizer; or a one-line exit."""
     name = named(cfg.dataset, cfg.data_file)  # a file's data: the file's name
     d = cfg.data_dir or os.path.join("data", name)
     tok = tokenizer(name, cfg.data_file)

@@ -1,13 +1,12 @@
-"""The synthetic task ("more like these") and its judge: the rows prepare_data.py makes
-offline, the tokenizer they are written in, and how a sampled answer is scored.
+"""The synthetic task ("more like these"), whose rows prepare_data.py makes offline, and its judge.
 
 A preference task in the paper's sense: the prompt gives two example words of one topic and
 asks for n more; the chosen answer opens politely and lists n new words of that topic, but,
 as in real data, a fifth of them have one word off topic. The rejected answer keeps the
 chosen one's flaws and adds more: it is rude, strays further off topic, or both. SFT
 imitates the chosen answers, stray words included; the pairs say that off topic is worse,
-and ORPO learns that too. The rows are in the task's own small BPE, a token a word. judge()
-scores any answer, so report.py can measure a win rate, as the paper does with a reward model.
+and ORPO learns that too. judge() scores any answer, so report.py can measure a win rate, as
+the paper does with a reward model.
 """
 import math
 
@@ -46,8 +45,7 @@ def synthetic_encoding():
 
 
 def make_synthetic(n_train, n_val, seed):
-    """Rows of {prompt, chosen, rejected}. Val prompts (example pair and count) never occur
-    in train, so held-out accuracy measures generalisation, not recall."""
+    """Val prompts (pair and count) are not in train: val tests generalisation, not recall."""
     rng = np.random.default_rng(seed)
     keys = [(t, a, b, n) for t, ws in TOPICS.items() for a in ws for b in ws if a != b
             for n in (2, 3, 4)]
@@ -98,8 +96,7 @@ FLAWS = ("off_topic", "rude", "wrong_count", "malformed")  # flaws()'s four chec
 
 
 def flaws(prompt, response):
-    """judge()'s four checks, as the flaws a response has (FLAWS, in order); rude: any opener
-    but a POLITE one, or none, as judge() scores them all 0."""
+    """judge()'s four checks in FLAWS' order; rude: no POLITE opener, as judge() scores it."""
     n, opener, formed, words, on = read_answer(prompt, response)
     return {"off_topic": on < len(words),    # a listed word of another topic
             "rude": opener not in POLITE,
@@ -108,21 +105,18 @@ def flaws(prompt, response):
 
 
 def judge(prompt, response):
-    """A response's score in [0, 1]: the mean of the four checks the pairs teach, the share of
-    words on topic counted of the asked count when fewer are listed. 1 exactly when flaws()
-    finds none; a chosen response scores 1, or a little less when a word is off topic."""
+    """A response's score in [0, 1], the mean of the four checks the pairs teach: 1 exactly when
+    flaws() finds none; a chosen response scores 1, or a little less when a word is off topic."""
     n, opener, formed, words, on = read_answer(prompt, response)
     return ((opener in POLITE) + formed + (len(words) == n) + on / max(len(words), n)) / 4
 
 
 def win(score, other):
-    """A win (1), a tie (0.5) or a loss (0) of one judge score against another."""
     return 1.0 if score > other else 0.5 if score == other else 0.0
 
 
 def verdict(prompt, sample, chosen):
-    """The judge on a sampled answer: its score and flaws, the chosen answer's flaws, and
-    its win against the chosen answer (a tie half), as the paper counts reward-model wins."""
+    """A sample against the chosen answer, judged as the paper counts reward-model wins."""
     score, ref = judge(prompt, sample), judge(prompt, chosen)
     return dict(score=score, flaws=flaws(prompt, sample), chosen_flaws=flaws(prompt, chosen),
                 win=win(score, ref))
@@ -137,8 +131,7 @@ def mean_se(xs, ddof=0):
 
 
 def judged(s0, s1):
-    """(mean, standard error) of the verdicts before (s0) and after (s1) training: win rate,
-    judge score, and each flaw's rate before, after and in the chosen answers."""
+    """(mean, standard error) of each verdict, before (s0) and after (s1) training."""
     sets = dict(before=[s["flaws"] for s in s0], after=[s["flaws"] for s in s1],
                 chosen=[s["chosen_flaws"] for s in s1])
     return dict(win_rate=[mean_se([s["win"] for s in ss]) for ss in (s0, s1)],

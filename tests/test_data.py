@@ -454,36 +454,45 @@ def test_a_home_that_cannot_be_written_needs_no_cache_for_a_file(tmp_path, gpt2,
 
 
 MSGS = UF_ROW["chosen"]
-COLUMN_BUG = "not text or a list of {role, content} messages"
+NONE_USABLE = "no usable rows in split 'train'"
 
 
-@pytest.mark.parametrize("columns, words", [
-    ({"prompt": ["q"] * 3, "chosen": [b"y"] * 3, "rejected": ["n"] * 3},
-     ["column 'chosen' is binary, " + COLUMN_BUG]),
-    ({"prompt": ["q"] * 3, "chosen": ["y"] * 3, "rejected": [[1, 2]] * 3},
-     ["column 'rejected' is list<", "int64>, " + COLUMN_BUG]),
-    ({"prompt": [{"text": "q"}] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3},
-     ["column 'prompt' is struct<text: string>, not text"]),
-    ({"chosen": [[{"role": "assistant", "content": 1}]] * 3, "rejected": [MSGS] * 3},
-     ["column 'chosen' is list<", "content: int64>>, " + COLUMN_BUG]),
-    ({"chosen": [MSGS] * 3, "rejected": ["n"] * 3}, ["column 'chosen' is list<", "but 'rejected' is string"]),
-    ({"prompt": ["q"] * 3, "chosen": ["y", None, None], "rejected": ["n"] * 3},
-     ["column 'chosen' is null in 2 of 3 rows (the first: row 2)"]),
-    ({"prompt": [None, "q", "r"], "chosen": ["y"] * 3, "rejected": ["n"] * 3},
-     ["column 'prompt' is null in 1 of 3 rows (the first: row 1)"]),
-    ({"prompt": ["q"] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3}, ["no rows to read"]),
+@pytest.mark.parametrize("columns, bad_rows, why, end", [
+    ({"prompt": ["q"] * 3, "chosen": [b"y"] * 3, "rejected": ["n"] * 3}, [1, 2, 3],
+     "'chosen' is bytes, not a string", NONE_USABLE),
+    ({"prompt": ["q"] * 3, "chosen": [1, 2, 3], "rejected": ["n"] * 3}, [1, 2, 3],
+     "'chosen' is int, not a string", NONE_USABLE),
+    ({"prompt": ["q"] * 3, "chosen": ["y"] * 3, "rejected": [[1, 2]] * 3}, [1, 2, 3],
+     "'rejected' is list, not a string", NONE_USABLE),
+    ({"prompt": [{"text": "q"}] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3}, [1, 2, 3],
+     "'prompt' is dict, not a string", NONE_USABLE),
+    ({"chosen": [[{"role": "assistant", "content": 1}]] * 3, "rejected": [MSGS] * 3}, [1, 2, 3],
+     "a message is not a {role, content} object", NONE_USABLE),
+    ({"chosen": [MSGS] * 3, "rejected": ["n"] * 3}, [1, 2, 3],
+     "'rejected' is not a non-empty list of messages", NONE_USABLE),
+    ({"prompt": ["q"] * 3, "chosen": ["y", None, None], "rejected": ["n"] * 3}, [2, 3],
+     "'chosen' is NoneType, not a string", NONE_USABLE),  # row 1, usable, is held out as val
+    ({"prompt": [None] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3}, [1, 2, 3],
+     "'prompt' is NoneType, not a string", NONE_USABLE),
+    ({"prompt": ["q"] * 3, "chosen": ["y"] * 3, "rejected": ["n"] * 3}, [], None, "no rows to read"),
 ])
-def test_a_parquet_column_of_the_wrong_type_or_with_nulls_is_one_line(tmp_path, columns, words):
+def test_a_parquet_column_of_the_wrong_type_or_with_nulls_is_named_row_by_row(tmp_path, gpt2, columns,
+                                                                              bad_rows, why, end):
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.table(columns)
     path = str(tmp_path / "pairs.parquet")
-    pq.write_table(table if words != ["no rows to read"] else table.slice(0, 0), path)
+    pq.write_table(table.slice(0, 0) if end == "no rows to read" else table, path)
     out = tmp_path / "o"  # data prepared before: a failed preparation leaves it as it was
     prepare_data.prepare("synthetic", str(out), n_train=20, n_val=5)
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     r = cli(tmp_path, "--source", "mine", "--file", path, "--out", str(out))
-    fails_in_one_line(r, path, *words)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    *named, last = r.stderr.splitlines()
+    assert len(named) == len(bad_rows), r.stderr
+    for line, i in zip(named, bad_rows):
+        assert line.startswith(f"  bad row: {path} row {i}: {why}"), line
+    assert last.startswith(f"prepare_data: {path}: {end}"), r.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
