@@ -1,6 +1,5 @@
-"""The paper's findings (FIGURES), from runs of orpo.py, each its own process, in turn. A
-figure writes its numbers as CSVs to out_dir/NAME/, beside its runs, prints the short ones,
-and draws NAME.png from them (with matplotlib). orpo.py's --config and --key=value follow NAME:
+"""The paper's findings (FIGURES), from runs of orpo.py, each its own process, in turn: their
+numbers as CSVs in out_dir/NAME/, and NAME.png. orpo.py's --config and --key=value follow NAME:
 
     python -m experiments.figures NAME [--seeds=3] [--key=value ...]
 """
@@ -24,11 +23,7 @@ from machinery import checkpoint, report, synthetic
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die
 
-# ----------------------------------------------------------------------------------------
-# The runs, each a `python orpo.py` process; the models they leave, evaluated here
-
 def train(f, name, flags):
-    """`python orpo.py` into f.d/name, with the figure's flags and these; its summary and log."""
     out, f.k = os.path.join(f.d, name), f.k + 1
     shutil.rmtree(out, ignore_errors=True)  # a figure made again replaces its own runs
     left = f", about {(time.time() - f.t0) / (f.k - 1) * (f.n - f.k + 1):.0f} s left" if f.k > 1 else ""
@@ -95,13 +90,9 @@ def cost(run, f, model):
     return dict(steps=s["iters"], policy_passes=passes, ref_passes=passes if dpo else 0,
                 gflop=round(flops / 1e9, 3), train_s=round(s["seconds"], 1), peak_mb=s["peak_mem_mb"])
 
-# ----------------------------------------------------------------------------------------
-# What each figure adds to its runs' curves: tables
-
 def judged(f, runs):
-    """sft-vs-orpo: per seed, ORPO's answers against SFT's on the same prompts (ties half),
-    and their off-topic rates, that run's standard errors apart; each model's flaw rates,
-    mean ± standard error over the seeds (one seed: over its prompts)."""
+    """sft-vs-orpo: per seed, ORPO's answers against SFT's on the same prompts, and their
+    off-topic rates, that run's standard errors apart; each model's flaw rates over the seeds."""
     seeds = sorted({s for _, s in runs})
     if "flaw_rates" not in runs["SFT", seeds[0]]["summary"]:
         return {}  # data that has no judge
@@ -177,9 +168,8 @@ def tune_dpo(f, sft, n_report):
     return best, [dict(p["row"], chosen=p is best) for p in points]
 
 def methods(f, runs):
-    """SFT for max_iters, then DPO from it (tune_dpo), against ORPO for max_iters from
-    scratch: what each costs, and what comes out on the first n_samples held-out prompts,
-    and why. Each phase is its own process, so its peak memory is its own."""
+    """SFT, then DPO from it (tune_dpo), against ORPO from scratch: what each costs, what comes
+    out and why. Each phase is its own process, so its peak memory is its own."""
     n_report = min(f.cfg.n_samples, len(f.val[1]) - f.opts["n_tune"])
     if n_report < 1:
         die(f"--tune_samples={f.opts['n_tune']} leaves none of the {len(f.val[1])} held-out prompts "
@@ -200,9 +190,6 @@ def methods(f, runs):
                              h2h_vs_orpo=h2h[0], h2h_vs_orpo_se=h2h[1]))
     costs = [dict(method=m, **c[m]) for m in ("SFT", "DPO phase", "SFT then DPO", "ORPO")]
     return dict(grid=grid, costs=costs, outcomes=outcomes)
-
-# ----------------------------------------------------------------------------------------
-# The figures: their runs, and what they add and show; making one
 
 FIGURES = {  # name: ({run: orpo.py's flags}, what the figure adds to the runs' curves)
     "sft-vs-orpo": ({"SFT": ["--lam=0"], "ORPO": ["--lam=1"]}, judged),  # Figs. 3, 7: SFT lifts both
@@ -231,7 +218,6 @@ def panels(t):
     return p + [(plot.bars, t[k], *bar) for k in BARS if k in t for bar in BARS[k]]
 
 def changed(cfg, preset):
-    """The settings of cfg that differ from its preset's."""
     base = orpo.Config(**orpo.PRESETS[preset])
     return {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(base, k)}
 
@@ -272,22 +258,7 @@ OPTIONS = {  # figures.py's own options: (default, what --help says)
     "dpo_betas": ("0.01,0.03,0.1", "methods: DPO's betas to tune over, comma-separated"),
     "dpo_lrs": ("3e-5,1e-4,3e-4", "methods: DPO's learning rates to tune over, comma-separated"),
     "tune_samples": (200, "methods: held-out prompts, after those reported, that pick DPO's setting"),
-    "replot": (False, "draw NAME.png again from the tables in out_dir/NAME, with no training"),
 }
-
-def check(opts):
-    """figures.py's own options, before any work; methods' grid of (beta, lr) into opts."""
-    try:
-        betas, lrs = ([float(v) for v in opts[k].split(",")] for k in ("dpo_betas", "dpo_lrs"))
-    except ValueError:
-        die(f"--dpo_betas and --dpo_lrs take numbers, comma-separated, got {opts['dpo_betas']!r} "
-            f"and {opts['dpo_lrs']!r}")
-    grid = [(b, lr) for b in betas for lr in lrs]
-    if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["tune_samples"] < 0 or min(betas + lrs) <= 0:
-        die("--seeds must be >= 1, --dpo_iters and --tune_samples >= 0, DPO's betas and lrs > 0")
-    if len(grid) > 1 and not opts["tune_samples"]:
-        die(f"--tune_samples=0 chooses none of the {len(grid)} DPO settings: give one beta and one lr")
-    opts.update(grid=grid, n_tune=opts["tune_samples"] if len(grid) > 1 else 0)
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)
@@ -299,7 +270,17 @@ def main():
         args, orpo.Config, orpo.PRESETS, {k: v[0] for k, v in OPTIONS.items()}, rules=orpo.RULES,
         usage=f"NAME [--config NAME] [--key=value ...]; NAME: {', '.join(FIGURES)};",
         notes={k: v[1] for k, v in OPTIONS.items()})
-    check(opts)
+    try:  # figures.py's own options, before any work; methods' grid of (beta, lr) into opts
+        betas, lrs = ([float(v) for v in opts[k].split(",")] for k in ("dpo_betas", "dpo_lrs"))
+    except ValueError:
+        die(f"--dpo_betas and --dpo_lrs take numbers, comma-separated, got {opts['dpo_betas']!r} "
+            f"and {opts['dpo_lrs']!r}")
+    grid = [(b, lr) for b in betas for lr in lrs]
+    if opts["seeds"] < 1 or opts["dpo_iters"] < 0 or opts["tune_samples"] < 0 or min(betas + lrs) <= 0:
+        die("--seeds must be >= 1, --dpo_iters and --tune_samples >= 0, DPO's betas and lrs > 0")
+    if len(grid) > 1 and not opts["tune_samples"]:
+        die(f"--tune_samples=0 chooses none of the {len(grid)} DPO settings: give one beta and one lr")
+    opts.update(grid=grid, n_tune=opts["tune_samples"] if len(grid) > 1 else 0)
     if hasattr(orpo, "holes_left"):  # the assignment's handout: the holes that every run
         orpo.holes_left(cfg)  # reaches are named before any work
     # about 30 evaluations per run, so that a curve shows its shape, not its corners
@@ -308,21 +289,13 @@ def main():
         print(f"evals every {opts['every']} iterations, not --eval_interval={cfg.eval_interval}: about "
               f"30 points a curve over {cfg.max_iters} iterations; a smaller --eval_interval gives more")
     d = os.path.join(cfg.out_dir, name)
-    if opts["replot"]:  # NAME.png again from the tables in d, with no training
-        names = sorted(n for n in os.listdir(d) if n.endswith(".csv")) if os.path.isdir(d) else []
-        if not names:
-            die(f"{d} holds no tables of the figure {name}: make it first, without --replot")
-        tables = {n[:-4]: plot.read_csv(os.path.join(d, n)) for n in names}
-    else:
-        try:
-            tables = make(name, d, cfg, preset, opts)
-        except KeyboardInterrupt:
-            die(f"interrupted; safe on disk in {d}: each finished run's folder, the unfinished one's "
-                f"ckpt.pt as of its last eval; the tables and the PNG are written at the end", 130)
+    try:
+        tables = make(name, d, cfg, preset, opts)
+    except KeyboardInterrupt:
+        die(f"interrupted; safe on disk in {d}: each finished run's folder, the unfinished one's "
+            f"ckpt.pt as of its last eval; the tables and the PNG are written at the end", 130)
     png = os.path.join(d, f"{name}.png")
-    fig = plot.draw(png, run_title(name, preset, cfg, opts["seeds"]), panels(tables), os.path.join(d, ""))
-    if fig is None and not opts["replot"]:  # no matplotlib: the tables are written, to draw later
-        print(f"then `python -m experiments.figures {name} ... --replot=true` draws it, with no training")
+    plot.draw(png, run_title(name, preset, cfg, opts["seeds"]), panels(tables), os.path.join(d, ""))
 
 if __name__ == "__main__":
     main()

@@ -32,16 +32,6 @@ def write_csv(path, rows):
         w.writeheader()
         w.writerows(rows)
 
-def read_csv(path):
-    """The rows that write_csv wrote, numbers as numbers."""
-    def value(v):
-        try:
-            return float(v) if any(c in v for c in ".eEn") else int(v)  # nan, inf, 1e-4: floats
-        except ValueError:
-            return v
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
 def show(title, rows):
     """A table in aligned columns, under its title."""
     cols = [[k, *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for r in rows)] for k in rows[0]]
@@ -101,7 +91,6 @@ def draw(png, title, panels, where):
     return fig
 
 def main():
-    """The command: each run's curves, side by side; the figure."""
     args = sys.argv[1:]
     if {"-h", "--help"} & set(args):
         print(__doc__.strip())

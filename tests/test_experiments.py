@@ -1,6 +1,7 @@
 """experiments/ as a user runs it: the figures (runs of orpo.py, their CSVs and PNGs), the
 picture of any runs, and the benchmark. The figures are made once, in one fixture; what needs no training runs here,
 in this process."""
+import csv
 import importlib.util
 import json
 import os
@@ -35,7 +36,15 @@ def module(name, *args, prefix="", popen=False):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-rows = plot.read_csv  # a figure's CSV: its rows, numbers as numbers
+def rows(path):
+    """A figure's CSV: its rows, numbers as numbers."""
+    def value(v):
+        try:
+            return float(v) if any(c in v for c in ".eEn") else int(v)  # nan, inf, 1e-4: floats
+        except ValueError:
+            return v
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def main(monkeypatch, capsys, mod, *argv):
@@ -162,13 +171,19 @@ def test_each_run_says_which_of_how_many_and_the_time_left(made):
         assert line.endswith(" s left ==") and "about " in line
 
 
-def test_a_png_has_no_empty_panel(made, tmp_path):
-    """Without matplotlib a figure says how to get its PNG, in one line, and writes none;
-    with it, each figure's panels, drawn here from its CSVs (the ratio figure's histogram
-    too), each draw something and fill the grid they sit in."""
+def test_a_figure_made_without_matplotlib_writes_its_tables_and_says_how_to_get_the_png(made):
+    """One line: install matplotlib and run the figure again; the numbers are in its folder."""
+    tables = {"sft-vs-orpo": ["curves", "end", "seeds", "flaws"], "methods": ["grid", "costs", "outcomes"]}
     for name, (out, d) in made.items():
         line = next(l for l in out.splitlines() if "matplotlib is not installed" in l)
-        assert f"no {d / name}.png: `pip install matplotlib`" in line and not (d / f"{name}.png").exists()
+        assert f"no {d / name}.png: `pip install matplotlib` (or -r requirements-extra.txt)" in line
+        assert line.endswith(f"run this again; the numbers are in {d}/") and not (d / f"{name}.png").exists()
+        assert sorted(p.name for p in d.glob("*.csv")) == sorted(f"{t}.csv" for t in tables[name])
+
+
+def test_a_png_has_no_empty_panel(made, tmp_path):
+    """Each figure's panels, drawn here from its CSVs (the ratio figure's histogram too),
+    each draw something and fill the grid they sit in."""
     pytest.importorskip("matplotlib", reason="pip install -r requirements-extra.txt")
     tables = {name: {c[:-4]: rows(d / c) for c in os.listdir(d) if c.endswith(".csv")}
               for name, (_, d) in made.items()}
@@ -202,20 +217,6 @@ def test_plot_draws_any_runs_side_by_side(made, monkeypatch, capsys, tmp_path):
         assert (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = main(monkeypatch, capsys, plot, str(tmp_path))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
-
-
-def test_replot_draws_the_png_from_the_tables_with_no_training(made, data_dir, tmp_path):
-    """Made without matplotlib, a figure says how to draw it later; --replot=true then draws
-    the PNG from its tables, with no run trained again; with no tables it is one line."""
-    out, d = made["sft-vs-orpo"]
-    assert "--replot=true` draws it, with no training" in out
-    ckpts = {p: p.stat().st_mtime_ns for p in d.glob("*/ckpt.pt")}
-    r = module("figures", "sft-vs-orpo", *TINY, f"--out_dir={d.parent}", f"--data_dir={data_dir}",
-               "--seeds=2", "--replot=true")
-    assert r.returncode == 0 and (d / "sft-vs-orpo.png").exists(), r.stderr[-2000:]
-    assert ckpts and {p: p.stat().st_mtime_ns for p in d.glob("*/ckpt.pt")} == ckpts
-    r = module("figures", "lambda", *TINY, f"--out_dir={tmp_path}", "--replot=true")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds no tables of the figure lambda" in r.stderr
 
 
 def test_ctrl_c_in_methods_is_one_line_and_stops_the_run(tmp_path, data_dir):
