@@ -39,16 +39,6 @@ sys.excepthook = one_line_exit
 atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
-def cores():
-    """The physical cores this process may run on (torch's own count: one thread each)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    try:  # two hyperthreads of one core list the same siblings
-        return len({open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read()
-                    for c in cpus})
-    except OSError:  # no sysfs: count each logical CPU
-        return len(cpus)
-
-
 def cpu_times():
     """(now, the machine's busy CPU seconds, this process's CPU seconds); None without /proc."""
     try:
@@ -67,7 +57,7 @@ class Threads:
     def __init__(self, every=2.0, times=cpu_times):
         self.every, self.times, self.last = every, times, times()
         self.fixed = "OMP_NUM_THREADS" in os.environ or self.last is None
-        self.cores, self.cpus = cores(), os.cpu_count() or 1
+        self.cores, self.cpus = None, os.cpu_count() or 1  # cores: torch's count, at the first check
 
     def check(self):
         now = None if self.fixed else self.times()
@@ -76,6 +66,7 @@ class Threads:
         (dt, busy, mine), self.last = (a - b for a, b in zip(now, self.last)), now
         others = min(self.cpus, max(0.0, (busy - mine) / dt))  # CPUs' worth of their work
         import torch  # loaded by now: this module only ever runs before it
+        self.cores = self.cores or torch.get_num_threads()  # before any change: one per physical core
         old, n = torch.get_num_threads(), max(1, round(self.cores * (1 - others / self.cpus)))
         if n == old:
             return None
