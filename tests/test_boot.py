@@ -10,7 +10,7 @@ from machinery import boot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_threads_follow_the_load_while_the_run_goes(monkeypatch):
+def test_threads_follow_the_load_while_the_run_goes(monkeypatch, capsys):
     """Between steps, one thread per core that other programs left free, from what they took
     since the last look: a reader that waits costs nothing; a busy program gets its core,
     and when it ends the threads come back; each change is a line; a user's count stays."""
@@ -30,6 +30,7 @@ def test_threads_follow_the_load_while_the_run_goes(monkeypatch):
         note = th.check()
         assert torch.get_num_threads() == 1 and note.startswith("note: 1 thread(s), not 2: other "
                                                                  "programs used 1.0 of the 2 CPUs")
+        assert capsys.readouterr().out == note + "\n"  # the run's line
         clock.append((12.0, 20.0, 15.8))  # it ended: this run alone again
         assert th.check().startswith("note: 2 thread(s), not 1") and torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
