@@ -1,7 +1,6 @@
 """ORPO: Odds Ratio Preference Optimization (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 One phase, no reference model: L = L_SFT + lam * L_OR (Eq. 6), averaged over the pairs.
-Top to bottom: the loss and its gradient by hand, the ablations and compared methods, the
-config, batching, one step, eval, train(). machinery/ holds what a student need not read.
+machinery/ holds what a student need not read.
 
     python orpo.py --config small     # the CPU demo (prepares its data itself); --lam=0: SFT
     python orpo.py --help             # every key, what it does, and the presets
@@ -61,7 +60,6 @@ def odds_ratio_loss(ell_w, ell_l):
     return -F.logsigmoid(log_or), log_or  # Eq. 7: L_OR = -log sigma(log OR)
 
 def pair_means(l_sft, l_or, ell_w, ell_l, log_or):
-    """A batch's terms, averaged over the pairs, and the share of pairs ranked right."""
     return dict(l_sft=l_sft.mean(), l_or=l_or.mean(), ell_w=ell_w.mean(), ell_l=ell_l.mean(),
                 log_or=log_or.mean(), acc=(log_or > 0).float().mean())
 
@@ -244,8 +242,7 @@ PRESETS = {
 RULES = {"loss": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES))}  # cli.check's, for --loss
 
 # ----------------------------------------------------------------------------------------
-# Batching: prepare_data.py's token arrays -> one padded (2B, T) tensor per batch, chosen
-# rows first, so one forward pass serves both sides of every pair.
+# Batching: prepare_data.py's token arrays -> padded batches: one forward pass serves both sides
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask
@@ -270,8 +267,7 @@ def make_batch(split, rows, device):
 
 def batch_order(index, batch_size, seed, epoch):
     """One epoch's batches, a function of (seed, epoch) alone, so a resumed run sees what an
-    uninterrupted one would: pairs shuffled, sorted by length within windows of 64 batches
-    (so a batch pads little), cut into batches, the batches shuffled."""
+    uninterrupted one would; sorted by length within windows of 64 batches, so a batch pads little."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(index))
     length = index[:, PROMPT] + np.maximum(index[:, CHOSEN], index[:, REJECTED])
@@ -326,7 +322,6 @@ def objective(cfg, amp, ref=None):
                              hand_grad=cfg.hand_grad)
 
 def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / cfg.warmup_iters
     end = cfg.lr_decay_iters or cfg.max_iters
@@ -334,9 +329,8 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 def train_step(model, opt, scaler, batches, loss_fn, lr, grad_clip):
-    """One optimizer step at lr over this process's micro-batches, gradients averaged (by DDP
-    over the processes too) and clipped. Returns [loss, L_SFT, L_OR], averaged over every
-    process, as floats (one device sync); FloatingPointError, before the step, if not finite."""
+    """One optimizer step at lr; returns [loss, L_SFT, L_OR], averaged over the micro-batches and
+    every process, as floats (one device sync); FloatingPointError, before the step, if not finite."""
     for g in opt.param_groups:
         g["lr"] = lr
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -362,7 +356,6 @@ def train_step(model, opt, scaler, batches, loss_fn, lr, grad_clip):
     opt.zero_grad(set_to_none=True)
     return vals
 
-# Eval: ORPO's terms on held-out pairs (report.Judge samples answers for the judge)
 @torch.no_grad()
 def evaluate(model, split, cfg, device, amp):
     """ORPO's terms on the first eval_pairs held-out pairs, whatever the objective trained."""
@@ -381,8 +374,7 @@ def evaluate(model, split, cfg, device, amp):
 # Training: set up, then the loop
 
 def train(cfg, preset="custom"):
-    """Train as cfg says: the set-up, the data, the model and the optimizer, then the loop.
-    Returns the summary (process 0's; None on the others)."""
+    """Train as cfg says; returns the summary (process 0's; None on the others)."""
     t_begin, loss = time.time(), LOSSES[cfg.loss]
     rank, world, device = procs.start(cfg)  # one process, or one of torchrun's
     master, log, s0, summary = rank == 0, None, None, None  # the log: process 0's alone

@@ -2,14 +2,13 @@
 threads' settings (OpenMP reads its environment once, as torch loads), and a one-line
 Ctrl-C while torch imports (a second or more, and a 46-line traceback otherwise).
 
-The thread count. torch starts one OpenMP thread per core, and between its small ops the
-threads spin, waiting for each other. Where another program keeps a core busy, a spinning
+The thread count. torch starts one OpenMP thread per physical core, and between its small ops
+the threads spin, waiting for each other. Where another program keeps a core busy, a spinning
 thread holds a core the thread it waits for needs, and a step runs at half the speed of one
-thread (BENCHMARKS.md, "A busy machine"). Measured there: OMP_WAIT_POLICY=PASSIVE keeps its
-speed when busy but costs a third of it idle, at every op; one thread is as fast as PASSIVE
-when busy and 25-45% slower idle. So the count follows the load (Threads): one thread per
-core no other program uses, at least one, changed between steps with a line that says so;
-on an idle machine nothing changes. A thread count can change fp32 results in the last bit
+thread. Busy, OMP_WAIT_POLICY=PASSIVE and one thread both keep the speed; idle, PASSIVE costs a
+third of it, at every op, and one thread 25-45% (BENCHMARKS.md, "A busy machine"). So the count
+follows the load (Threads): one thread per core no other program uses, at least one, changed
+between steps with a line that says so. A thread count can change fp32 results in the last bit
 (a matmul's order of sums): to fix the numbers, set OMP_NUM_THREADS, a count never changed.
 """
 import atexit
@@ -39,16 +38,6 @@ sys.excepthook = one_line_exit
 atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
-def cores():
-    """The physical cores this process may run on (torch's own count: one thread each)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    try:  # two hyperthreads of one core list the same siblings
-        return len({open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read()
-                    for c in cpus})
-    except OSError:  # no sysfs: count each logical CPU
-        return len(cpus)
-
-
 def cpu_times():
     """(now, the machine's busy CPU seconds, this process's CPU seconds); None without /proc."""
     try:
@@ -62,12 +51,12 @@ def cpu_times():
 
 class Threads:
     """check(), at most every `every` s: torch's threads, one per core that other programs left
-    free since the last look (the machine's busy time less this process's); a change, or None."""
+    free since the last look (the machine's busy time less this process's); a change, printed."""
 
     def __init__(self, every=2.0, times=cpu_times):
         self.every, self.times, self.last = every, times, times()
         self.fixed = "OMP_NUM_THREADS" in os.environ or self.last is None
-        self.cores, self.cpus = cores(), os.cpu_count() or 1
+        self.cores, self.cpus = None, os.cpu_count() or 1  # cores: torch's count, at the first check
 
     def check(self):
         now = None if self.fixed else self.times()
@@ -76,12 +65,15 @@ class Threads:
         (dt, busy, mine), self.last = (a - b for a, b in zip(now, self.last)), now
         others = min(self.cpus, max(0.0, (busy - mine) / dt))  # CPUs' worth of their work
         import torch  # loaded by now: this module only ever runs before it
+        self.cores = self.cores or torch.get_num_threads()  # before any change: one per physical core
         old, n = torch.get_num_threads(), max(1, round(self.cores * (1 - others / self.cpus)))
         if n == old:
             return None
         torch.set_num_threads(n)
-        return (f"note: {n} thread(s), not {old}: other programs used {others:.1f} of the "
+        note = (f"note: {n} thread(s), not {old}: other programs used {others:.1f} of the "
                 f"{self.cpus} CPUs over the last {dt:.0f} s")
+        print(note)
+        return note
 
 
 THREADS = Threads()  # measured from here on: by the first check, the load while the run began

@@ -1,9 +1,5 @@
-"""The command line, as nanoGPT's configurator.py, without its exec: `--config NAME` picks a
-preset, `--key=value` (or `--key value`) overrides a field, parsed as its type and checked
-against RULES before any work; bad input is one line naming the key, exit 2. Every script:
-
-    preset, cfg, opts = parse_args(sys.argv[1:], orpo.Config, orpo.PRESETS, extra)
-"""
+"""The command line, as nanoGPT's configurator.py without its exec (parse_args; `--key value`
+works as `--key=value`), and the device (setup_device); bad input is one line naming the key, exit 2."""
 import contextlib
 import dataclasses
 import inspect
@@ -37,7 +33,6 @@ RULES = {  # key: (test, what it accepts)
 
 
 def auto_device():
-    """What --device=auto picks: cuda, then mps, then cpu."""
     return "cuda" if torch.cuda.is_available() else (
         "mps" if torch.backends.mps.is_available() else "cpu")
 
@@ -102,7 +97,6 @@ def setup_device(device, dtype):
 
 
 def parse_value(key, val, default):
-    """The string val as the type of the key's default."""
     typ = type(default)
     if typ is bool:
         if val.lower() not in ("true", "false", "1", "0"):
@@ -112,25 +106,6 @@ def parse_value(key, val, default):
         return typ(val)
     except ValueError:
         die(f"--{key} expects {typ.__name__}, got {val!r}")
-
-
-def print_help(cfg, preset, presets, fields, extra, rules, notes, usage):
-    """--help: every key with its value under the preset, what it accepts and what it does:
-    the script's notes, else the field's comment in the config class's source."""
-    said = dict(notes)
-    for line in inspect.getsource(type(cfg)).splitlines():
-        name, colon, rest = line.strip().partition(":")
-        if colon and "#" in rest and name.isidentifier():
-            said.setdefault(name, rest.split("#", 1)[1].strip())
-    spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as `python -m package.module`
-    script = f"-m {spec.name}" if spec and spec.name else os.path.basename(sys.argv[0])
-    lines = [f"usage: python {script} {usage}   presets: {', '.join(presets)}"
-             f" (values shown: --config {preset})"]
-    lines += [f"  --{f.name}={getattr(cfg, f.name)!r}  ({rules.get(f.name, (0, f.type.__name__))[1]})"
-              f"  {said.get(f.name, '')}".rstrip() for f in fields]
-    lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
-    print("\n".join(lines), flush=True)  # `--help | head`: boot's one_line_exit, exit 141
-    sys.exit(0)
 
 
 def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=value ...]",
@@ -154,8 +129,21 @@ def parse_args(argv, config, presets, extra=None, usage="[--config NAME] [--key=
         die(f"unknown config {preset!r}; presets: {', '.join(presets)}")
     fields = [f for f in dataclasses.fields(config) if keys is None or f.name in keys]
     cfg, opts, known, rules = config(**presets[preset]), dict(extra), {f.name for f in fields}, dict(RULES, **(rules or {}))
-    if {"-h", "--help"} & set(argv):
-        print_help(cfg, preset, presets, fields, extra, rules, notes or {}, usage)
+    if {"-h", "--help"} & set(argv):  # each key: its value, what it accepts, what it does
+        said = dict(notes or {})  # what it does: the script's notes, else the field's comment
+        for line in inspect.getsource(config).splitlines():
+            name, colon, rest = line.strip().partition(":")
+            if colon and "#" in rest and name.isidentifier():
+                said.setdefault(name, rest.split("#", 1)[1].strip())
+        spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as `python -m package.module`
+        script = f"-m {spec.name}" if spec and spec.name else os.path.basename(sys.argv[0])
+        lines = [f"usage: python {script} {usage}   presets: {', '.join(presets)}"
+                 f" (values shown: --config {preset})"]
+        lines += [f"  --{f.name}={getattr(cfg, f.name)!r}  ({rules.get(f.name, (0, f.type.__name__))[1]})"
+                  f"  {said.get(f.name, '')}".rstrip() for f in fields]
+        lines += [f"  --{k}={v!r}  {said.get(k, '')}".rstrip() for k, v in extra.items()]
+        print("\n".join(lines), flush=True)  # `--help | head`: boot's one_line_exit, exit 141
+        sys.exit(0)
     for key, val in pairs:
         if key in opts:
             opts[key] = parse_value(key, val, extra[key])

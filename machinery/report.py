@@ -1,6 +1,5 @@
 """What a run of orpo.py records, and its loop never reads: sampled answers and their verdicts
-(Judge), out_dir/log.jsonl, the printed lines (Speed: tok/s) and the summary (summary.json).
-"""
+(Judge), out_dir/log.jsonl, the printed lines (Speed: tok/s) and the summary (summary.json)."""
 import json
 import os
 import sys
@@ -15,13 +14,11 @@ from machinery.safe import atomic_write, die, one_line
 
 
 def decode(enc, ids, eot):
-    """Token ids -> text, up to the first end-of-text token (a sample's end)."""
     return enc.decode(ids[:ids.index(eot)] if eot in ids else ids)
 
 
 class Judge:
-    """Answers sampled for the first n_samples held-out prompts of a split, and, on the
-    synthetic task, the judge's verdicts (synthetic.verdict). Call it with the model to judge."""
+    """Answers sampled for a split's first n_samples prompts, and on the synthetic task the judge's."""
 
     def __init__(self, split, enc, meta, cfg, device, amp):
         tokens, index = split  # index columns, prepare_data.py's: offset, prompt, chosen, rejected
@@ -93,7 +90,6 @@ def write(log, rec):
 
 
 def record_eval(log, it, m):
-    """An eval's held-out means: into the log, one printed line, and as the history holds it."""
     write(log, dict(kind="eval", iter=it, **m))
     print(f"eval {it:5d} | L_SFT {m['l_sft']:.4f} | L_OR {m['l_or']:.4f} | log P chosen "
           f"{m['ell_w']:.3f} | log P rejected {m['ell_l']:.3f} | log OR {m['log_or']:.3f} | "
@@ -116,7 +112,6 @@ def record_samples(log, it, title, samples, k=3):
 
 
 def peak_mem_mb(dev_type):
-    """This process's peak memory: its GPU allocations on CUDA, else its resident set."""
     if dev_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
@@ -125,8 +120,7 @@ def peak_mem_mb(dev_type):
 
 
 def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
-    """Print the held-out terms at the start and the end, and the judge's verdicts on the
-    samples before (s0) and after (s1) training (± 1 standard error); return summary.json's dict."""
+    """Print the held-out terms at start and end, the judge's on samples s0 (before) and s1 (after)."""
     a, b = history[0], history[-1]
     sft = loss.lam and cfg.lam == 0  # an ORPO-like loss without its L_OR: plain SFT
     what = (f"{loss.name} (beta={cfg.beta})" if loss.ref else "SFT baseline (lam=0)" if sft
@@ -164,8 +158,7 @@ def summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs):
 
 
 def finish(log, cfg, preset, loss, history, s0, s1, seconds, wall, pairs, processes, dev_type):
-    """Close the log; print the summary and write it to out_dir/summary.json, with the run's
-    processes and this one's peak memory."""
+    """Close the log; print the summary and write out_dir/summary.json (peak memory: this process's)."""
     log.close()
     summary = dict(summarize(cfg, preset, loss, history, s0, s1, seconds, wall, pairs),
                    processes=processes, peak_mem_mb=round(peak_mem_mb(dev_type)))
@@ -188,19 +181,13 @@ def print_start(preset, raw, dev, dtype, cfg, n_train, world):
           f"micro-steps x {cfg.batch_size} pairs")
 
 
-def threads():
-    """The thread count follows the machine's load (boot.Threads); a change is a line."""
-    if note := boot.THREADS.check():
-        print(note)
-
-
 class Speed:
     """The printed loss line, every log_interval steps, with the tokens per second of every
     process since the last one, counted on the host from the data's index (no device sync)."""
 
     def __init__(self, index, world):
         self.index, self.world, self.t, self.toks, self.n = index, world, time.time(), 0, 0
-        threads()  # before the first eval and samples, from the load since the start
+        boot.THREADS.check()  # before the first eval and samples, from the load since the start
 
     def step(self, rows, it, vals, lr, show):
         self.toks += sum(batch_tokens(self.index, r, False)[0] for r in rows) * self.world
@@ -210,4 +197,4 @@ class Speed:
             print(f"iter {it:5d} | loss {vals[0]:.4f} | L_SFT {vals[1]:.4f} | L_OR {vals[2]:.4f} | "
                   f"lr {lr:.2e} | {self.toks / dt:,.0f} tok/s | {1000 * dt / self.n:,.0f} ms/iter")
             self.t, self.toks, self.n = time.time(), 0, 0
-        threads()  # at most every 2 s
+        boot.THREADS.check()  # the thread count follows the load: at most every 2 s

@@ -10,7 +10,7 @@ from machinery import boot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_threads_follow_the_load_while_the_run_goes(monkeypatch):
+def test_threads_follow_the_load_while_the_run_goes(monkeypatch, capsys):
     """Between steps, one thread per core that other programs left free, from what they took
     since the last look: a reader that waits costs nothing; a busy program gets its core,
     and when it ends the threads come back; each change is a line; a user's count stays."""
@@ -18,18 +18,19 @@ def test_threads_follow_the_load_while_the_run_goes(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     clock = [(0.0, 0.0, 0.0)]  # (now, machine busy CPU s, this process's CPU s)
     th = boot.Threads(every=2.0, times=lambda: clock[-1])
-    th.cores, th.cpus = 2, 2
+    th.cpus = 2
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(2)  # torch's own count, read at the first check: 2 cores
         clock.append((1.0, 2.0, 2.0))
         assert th.check() is None  # too soon to say
         clock.append((4.0, 8.0, 7.9))  # 4 s: this run used both CPUs, a reader ~nothing
-        assert th.check() is None and torch.get_num_threads() == 2
+        assert th.check() is None and torch.get_num_threads() == 2 and th.cores == 2
         clock.append((8.0, 16.0, 11.9))  # another program took 1 CPU of the 2
         note = th.check()
         assert torch.get_num_threads() == 1 and note.startswith("note: 1 thread(s), not 2: other "
                                                                  "programs used 1.0 of the 2 CPUs")
+        assert capsys.readouterr().out == note + "\n"  # the run's line
         clock.append((12.0, 20.0, 15.8))  # it ended: this run alone again
         assert th.check().startswith("note: 2 thread(s), not 1") and torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
