@@ -75,6 +75,7 @@ def load_checkpoint(path, meta=None):
         ck["model"] = {".".join(FIRST_NAMES.get(p, p) for p in k.split(".")): w
                        for k, w in ck["model"].items()}
     check_fields(path, ck, {k: CKPT_FIELDS[k] for k in ("meta", "model", "model_args")})
+    ck["model_args"].pop("attn", None)  # how attention ran, in releases before it was SDPA alone
     args, n = ck["model_args"], ck["meta"]["vocab_size"]
     if (args.get("n_vocab") or args["vocab_size"]) != n:  # sampled ids its tokenizer lacks
         die(f"{path}: model_args has n_vocab={args.get('n_vocab')}, vocab_size={args['vocab_size']}, "

@@ -254,7 +254,7 @@ def test_a_figure_says_the_settings_that_differ():
 def test_help_describes_every_option(monkeypatch, capsys, mod):
     code, out, err = main(monkeypatch, capsys, mod, "--help")
     assert code == 0 and err == "", err
-    own = {figures: list(figures.OPTIONS), bench: ["steps", "attn"], plot: ["out"]}[mod]
+    own = {figures: list(figures.OPTIONS), bench: ["steps"], plot: ["out"]}[mod]
     for key in own:
         line = next(l for l in out.splitlines() if l.lstrip().startswith(f"--{key}="))
         assert len(line.split(None, 1)) == 2, line  # the option, then what it does

@@ -289,7 +289,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         checkpoint.save_checkpoint(path, x=2)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err == f"error: could not write {path}: the disk is full; the last good checkpoint is unchanged\n"
+    assert err == f"error: could not write {path}: the disk is full; the old file is unchanged\n"
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the partial .tmp is gone
     monkeypatch.undo()
     assert torch.load(path)["x"] == 1
