@@ -28,13 +28,6 @@ def padded_vocab(n_vocab):
     return -(-n_vocab // 64) * 64
 
 
-def native_bf16_cpu():
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
-    emulated, and slower than fp32."""
-    return any(getattr(torch.cpu, f, lambda: False)()
-               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()

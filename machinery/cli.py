@@ -8,7 +8,6 @@ import sys
 
 import torch
 
-from model import native_bf16_cpu
 from machinery.gpt2 import GPT2_NAMES
 from machinery.safe import die, one_line
 
@@ -35,6 +34,13 @@ RULES = {  # key: (test, what it accepts)
 def auto_device():
     return "cuda" if torch.cuda.is_available() else (
         "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def native_bf16_cpu():
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16); elsewhere bf16 is
+    emulated, and slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def check(cfg, rules):
