@@ -242,7 +242,7 @@ PRESETS = {
 RULES = {"loss": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES))}  # cli.check's, for --loss
 
 # ----------------------------------------------------------------------------------------
-# Batching: prepare_data.py's token arrays -> padded batches: one forward pass serves both sides
+# Batching: token arrays -> one padded (2B, T) batch, so one forward pass serves both sides of each pair
 
 def make_batch(split, rows, device):
     """Pairs `rows` of a split -> x, y (2B, T) int64, and two float masks (2B, T): resp_mask
