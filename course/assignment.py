@@ -3,12 +3,6 @@
     python -m course.assignment make DIR         # the handout, a student copy, into DIR (new or empty)
     python -m course.assignment grade DIR        # grade the copy in DIR: a table, DIR/results.json
     python -m course.assignment autograder OUT   # the grader for Gradescope, OUT/autograder.zip
-
-The handout cuts the graded functions' bodies out of orpo.py (each raises NotImplementedError
-naming its exercise) and leaves out every file that holds an answer. The grader reads a
-copy's orpo.py and answers.txt and runs each graded function alone on frozen inputs, with
-stand-ins for the graded functions it calls: one wrong or missing function costs its own
-points only. It never calls the solution; tests/assignment_freeze.py does, to freeze them.
 """
 from machinery import boot  # first: it sets what torch reads as it loads
 import ast
@@ -23,6 +17,7 @@ import sys
 import time
 import traceback
 import zipfile
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,30 +27,14 @@ import torch.nn.functional as F
 from machinery.safe import atomic_write, die, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's root
-REF = os.path.join(ROOT, "tests", "assignment_ref.json")
+REF = os.path.join(ROOT, "tests", "assignment_ref.json")  # frozen by tests/assignment_freeze.py
 TEACHER = os.path.join(ROOT, "course", "teacher")  # the teacher's kit: never in a handout
 
 # ----------------------------------------------------------------------------------------
-# What is graded: one row per check, (id, exercise, what, points); 100 points in all
+# The handout: the graded functions' bodies cut out of orpo.py with ast, so that the cut
+# follows the code wherever the functions sit
 
-ROWS = [
-    ("1a", 1, "odds ratio by hand (answers.txt)", 5),
-    ("1b", 1, "odds_ratio_loss: Eqs. 4, 5, 7", 10),
-    ("1c", 1, "orpo_loss and prob_ratio_loss: Eq. 6", 10),
-    ("2", 2, "log1mexp: stable in float64 and float32", 10),
-    ("3a", 3, "masks by hand (answers.txt)", 5),
-    ("3b", 3, "make_batch: x, y and the masks", 10),
-    ("3c", 3, "response_logps: Eq. 3, mean and sum", 10),
-    ("4a", 4, "orpo_grad: dL/dl_w, dL/dl_l", 10),
-    ("4b", 4, "HandORPO.backward: down to the logits", 10),
-    ("10a", 10, "simpo_loss", 5),
-    ("10b", 10, "simpo_objective", 5),
-    ("11", 11, "dpo_loss", 10),
-]
-BY_HAND = ("1a", "3a")  # the rows of answers.txt; the others run orpo.py's functions
-
-# The holes: function (or Class.method) -> the message its NotImplementedError carries
-HOLES = {
+HOLES = {  # function (or Class.method) -> the message its NotImplementedError carries
     "log1mexp": "exercise 2: log(1 - e^x) for x < 0, stable near 0 and far from it",
     "response_logps": "exercise 3: place tok at `scored`, then Eq. 3's mean (or sum) over resp_mask",
     "odds_ratio_loss": "exercise 1: L_OR per pair and log OR, from the log odds (Eqs. 4, 5, 7)",
@@ -105,10 +84,6 @@ def hole_reached(kind, value, tb, hook=sys.excepthook):
 sys.excepthook = hole_reached  # the handout's holes, wherever a command reaches one
 '''
 
-# ----------------------------------------------------------------------------------------
-# The handout: holes cut into orpo.py with ast, so that the cut follows the code wherever
-# the functions sit
-
 def cut(src):
     """orpo.py's source -> the handout's: the edits (first line, last line, new lines), 1-based
     and inclusive, made from the bottom up, so that the line numbers above each hold."""
@@ -149,7 +124,6 @@ def cut(src):
     return out
 
 def drop_tests(src, name):
-    """The test file `name` without the tests DROP_TESTS names, and the blank lines before each."""
     lines = src.splitlines()
     for node in sorted((n for n in ast.parse(src).body if getattr(n, "name", "") in DROP_TESTS[name]),
                        key=lambda n: -n.lineno):
@@ -168,7 +142,7 @@ def project_files():
 
 def left_out(name):
     """Whether the handout leaves out the project's file `name` (a figure: it shows a result)."""
-    return name.endswith(".png") or any(name == x or name.startswith(x) for x in LEAVE_OUT)
+    return name.endswith(".png") or name.startswith(LEAVE_OUT)
 
 def unlink(md, name):
     """The Markdown file `name`, its links to what the handout leaves out made plain text."""
@@ -218,20 +192,19 @@ def fresh(dst, write, what):
         shutil.rmtree(tmp, ignore_errors=True)
 
 def make(dst):
-    """Write the handout to dst; the solution here is not touched."""
     n = fresh(dst, write_handout, "the handout")
     print(f"wrote the handout to {dst}: {n} files, {len(HOLES) + 1} holes in orpo.py; "
           f"grade it with `python -m course.assignment grade {dst}`")
 
 # ----------------------------------------------------------------------------------------
-# Grading, inside a worker process: the student's graded functions, run one at a time
+# Grading, inside a worker process: each graded function runs alone, on frozen inputs
 
 class Fail(Exception):
     """A graded value is wrong, or a stand-in was asked for one the reference does not hold."""
 
 def standins(refs):
-    """The graded functions as the others see them: each returns the frozen values at the frozen
-    inputs, element by element, and refuses any other input, and any keyword but its defaults."""
+    """The graded functions as the others see them, so that one wrong or missing function costs
+    its own points only: the frozen values, element by element, at the frozen inputs only."""
     def stand_in(name, n_in, **defaults):
         table = {tuple(r[:n_in]): r[n_in:] for r in refs["standins"][name]}
 
@@ -250,42 +223,33 @@ def standins(refs):
                 simpo_loss=stand_in("simpo_loss", 2, beta=2.0, gamma=1.0),
                 orpo_grad=stand_in("orpo_grad", 3))
 
-def loader(path, refs):
-    """A function that returns one graded function of the student's orpo.py, executed alone:
-    with torch, numpy and math, the data's column numbers, the student's own helpers and
-    imports, and stand-ins for the other graded functions; no other code of the copy runs."""
+def load_graded(path, refs, qualname):
+    """One graded function of the student's orpo.py, with torch, numpy, math, the data's column
+    numbers, the student's own helpers and imports, and stand-ins; no other code of the copy runs."""
     try:
         with open(path) as f:
             tree = ast.parse(f.read())
     except (OSError, SyntaxError, ValueError) as e:
-        why = f"orpo.py cannot be read: {one_line(e, typed=True)}"
-
-        def unread(qualname):
-            raise Fail(why)
-        return unread
+        raise Fail(f"orpo.py cannot be read: {one_line(e, typed=True)}")
     top = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     graded = {q.split(".")[0] for q in HOLES} | {"make_batch"}
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) and not {
         (getattr(n, "module", None) or a.name).split(".")[0] for a in n.names} & {
             "model", "prepare_data", "machinery", "orpo"}]  # the student's, but of no file of ours
-    stand = standins(refs)
-
-    def load(qualname):
-        name, _, method = qualname.partition(".")
-        if name not in top:
-            raise Fail(f"orpo.py has no {name}")
-        ns = dict(torch=torch, F=F, np=np, math=math, **refs["columns"])
-        exec(compile(ast.Module(imports, []), path, "exec"), ns)
-        ns.update({k: v for k, v in stand.items() if k != name})
-        todo, done = [name], set()
-        while todo:  # the graded function, and the helpers of the student's it names
-            n = top[todo.pop()]
-            done.add(n.name)
-            exec(compile(ast.Module([n], []), path, "exec"), ns)
-            todo += [x.id for x in ast.walk(n) if isinstance(x, ast.Name) and x.id in top and
-                     x.id not in done and x.id not in graded]
-        return getattr(ns[name], method) if method else ns[name]
-    return load
+    name, _, method = qualname.partition(".")
+    if name not in top:
+        raise Fail(f"orpo.py has no {name}")
+    ns = dict(torch=torch, F=F, np=np, math=math, **refs["columns"])
+    exec(compile(ast.Module(imports, []), path, "exec"), ns)
+    ns.update({k: v for k, v in standins(refs).items() if k != name})
+    todo, done = [name], set()
+    while todo:  # the graded function, and the helpers of the student's it names
+        n = top[todo.pop()]
+        done.add(n.name)
+        exec(compile(ast.Module([n], []), path, "exec"), ns)
+        todo += [x.id for x in ast.walk(n) if isinstance(x, ast.Name) and x.id in top and
+                 x.id not in done and x.id not in graded]
+    return getattr(ns[name], method) if method else ns[name]
 
 def compare(what, got, want, at="", rtol=1e-9, atol=1e-12):
     """got (a tensor) against the frozen want; a Fail names the first element that differs and
@@ -311,7 +275,6 @@ def T(v, dtype="float64"):
     return torch.tensor(v, dtype=getattr(torch, dtype))
 
 def pairs(c, extra=""):
-    """Where a per-pair value was wrong: its pair, and the batch it came in."""
     w, l, B = c["ell_w"], c["ell_l"], len(c["ell_w"])
     return lambda i: (f" in a batch of {B} pair(s){extra}" if i is None else
                       f" at pair {i} (l_w={w[i]!r}, l_l={l[i]!r}) of a batch of {B}{extra}")
@@ -352,7 +315,6 @@ def check_odds(load, cases):
         compare("odds_ratio_loss: L_OR", l_or, c["l_or"], pairs(c))
 
 def check_objective(load, cases):
-    """orpo_loss and prob_ratio_loss (row 1c), simpo_objective (10b): (ℓ, L_SFT) -> (loss, parts)."""
     for c in cases:
         name = c["fn"]
         loss, parts = load(name)(T(c["ell"]), T(c["l_sft"]), lam=c["lam"])
@@ -380,8 +342,7 @@ def check_masks(load, c):
     fn = load("make_batch")
     split = np.array(c["tokens"], np.uint16), np.array(c["index"], np.int64)
     for call in c["calls"]:
-        got = fn(split, call["rows"], "cpu")
-        for k, g in zip(("x", "y", "resp_mask", "seq_mask"), got):
+        for k, g in zip(("x", "y", "resp_mask", "seq_mask"), fn(split, call["rows"], "cpu")):
             compare(f"make_batch: {k}", g, call[k], f" (row, position) for the pairs (prompt, "
                     f"chosen, rejected) {[c['rows'][r] for r in call['rows']]}", rtol=0, atol=0)
 
@@ -434,21 +395,32 @@ def check_dpo(load, cases):
         loss.backward()
         compare("dpo_loss: its gradient with respect to pi", pi.grad, c["grad"], at)
 
-CHECKS = {"1a": check_answers, "1b": check_odds, "1c": check_objective, "2": check_log1mexp,
-          "3a": check_answers, "3b": check_masks, "3c": check_response_logps, "4a": check_grad,
-          "4b": check_backward, "10a": check_simpo, "10b": check_objective, "11": check_dpo}
+ROWS = [  # what is graded, one row per check: (id, exercise, what, points, check); 100 in all
+    ("1a", 1, "odds ratio by hand (answers.txt)", 5, check_answers),
+    ("1b", 1, "odds_ratio_loss: Eqs. 4, 5, 7", 10, check_odds),
+    ("1c", 1, "orpo_loss and prob_ratio_loss: Eq. 6", 10, check_objective),
+    ("2", 2, "log1mexp: stable in float64 and float32", 10, check_log1mexp),
+    ("3a", 3, "masks by hand (answers.txt)", 5, check_answers),
+    ("3b", 3, "make_batch: x, y and the masks", 10, check_masks),
+    ("3c", 3, "response_logps: Eq. 3, mean and sum", 10, check_response_logps),
+    ("4a", 4, "orpo_grad: dL/dl_w, dL/dl_l", 10, check_grad),
+    ("4b", 4, "HandORPO.backward: down to the logits", 10, check_backward),
+    ("10a", 10, "simpo_loss", 5, check_simpo),
+    ("10b", 10, "simpo_objective", 5, check_objective),
+    ("11", 11, "dpo_loss", 10, check_dpo),
+]
+BY_HAND = [r[0] for r in ROWS if r[4] is check_answers]  # the rows of answers.txt, given the copy
 
 def grade_rows(d, ids, ref):
     """Grade the copy in d against the reference file ref: yields (row, points scored, message)."""
     torch.set_num_threads(1)
-    points = {r[0]: r[3] for r in ROWS}
     with open(ref) as f:
         refs = json.load(f)
-    load = loader(os.path.join(d, "orpo.py"), refs)
-    for i in ids:
+    load = partial(load_graded, os.path.join(d, "orpo.py"), refs)  # load(qualname)
+    for i, _, _, points, check in [r for r in ROWS if r[0] in ids]:
         try:
-            CHECKS[i](d if i in BY_HAND else load, refs["rows"][i])
-            yield i, points[i], ""
+            check(d if i in BY_HAND else load, refs["rows"][i])
+            yield i, points, ""
         except NotImplementedError as e:
             yield i, 0, f"NotImplementedError: {one_line(e, 300)}"
         except Fail as e:
@@ -459,14 +431,12 @@ def grade_rows(d, ids, ref):
             yield i, 0, f"{one_line(e, 300, typed=True)}{where}"
 
 # ----------------------------------------------------------------------------------------
-# Grading, from the outside: workers that a crash or an endless loop cannot take down with
-# the grader; the table, and results.json in the shape Gradescope's autograder reads
+# Grading, from the outside: workers, which a crash or an endless loop cannot take down
 
 WORKER_TIMEOUT = 60  # seconds for one worker; the whole grade takes a few seconds
 
 def run_workers(d, ref):
-    """Grade every row in worker processes; a row whose worker dies or hangs scores 0, and
-    a new worker grades the rows after it."""
+    """A row whose worker dies or hangs scores 0, and a new worker grades the rows after it."""
     todo, got = [r[0] for r in ROWS], {}
     while todo:
         cmd = [sys.executable, "-m", "course.assignment", "_worker", d, ref, *todo]
@@ -484,10 +454,17 @@ def run_workers(d, ref):
             got[todo.pop(0)] = (0, why + (f": {one_line(tail[0])}" if tail else ""))
     return got
 
-def report(d, got, seconds):
+def grade(d):
+    if not os.path.isfile(os.path.join(d, "orpo.py")):
+        die(f"{d} has no orpo.py: give the folder of a copy made by `python -m course.assignment make`")
+    if not os.path.isfile(REF):
+        die(f"no reference values at {REF}: run `python -m tests.assignment_freeze` in the full project")
+    t0 = time.time()
+    got = run_workers(os.path.abspath(d), REF)
+    seconds = time.time() - t0
     tests, total = [], 0
     print(f"{'exercise':<9}{'row':<5}{'what':<42}{'points':>7}  result")
-    for i, ex, what, pts in ROWS:
+    for i, ex, what, pts, _ in ROWS:
         score, msg = got[i]
         total += score
         print(f"{ex:<9}{i:<5}{what:<42}{f'{score}/{pts}':>7}  {'pass' if score == pts else 'FAIL'}")
@@ -496,26 +473,15 @@ def report(d, got, seconds):
         tests.append(dict(name=f"exercise {ex} ({i}): {what}", score=score, max_score=pts,
                           output=msg or "pass"))
     print(f"total {total}/{sum(r[3] for r in ROWS)} ({seconds:.1f} s)")
-    res = dict(score=total, tests=tests, execution_time=round(seconds, 1))
     path = os.path.join(d, "results.json")
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
+    with atomic_write(path) as tmp, open(tmp, "w") as f:  # as Gradescope reads it
+        json.dump(dict(score=total, tests=tests, execution_time=round(seconds, 1)), f, indent=1)
     print(f"wrote {path}")
 
-def grade(d):
-    if not os.path.isfile(os.path.join(d, "orpo.py")):
-        die(f"{d} has no orpo.py: give the folder of a copy made by `python -m course.assignment make`")
-    if not os.path.isfile(REF):
-        die(f"no reference values at {REF}: run `python -m tests.assignment_freeze` in the full project")
-    t0 = time.time()
-    report(d, run_workers(os.path.abspath(d), REF), time.time() - t0)
-
 # ----------------------------------------------------------------------------------------
-# Gradescope: its two scripts (teacher/gradescope/), beside a fresh handout whose frozen
-# references grade each submission, and the zip it takes, the scripts at its top
+# Gradescope: the zip it takes, its two scripts (teacher/gradescope/) and the handout they grade with
 
 def write_package(out):
-    """The package into the new folder out, and out/autograder.zip of it; the handout's files."""
     n = write_handout(os.path.join(out, "handout"))
     for name in ("setup.sh", "run_autograder"):
         shutil.copy2(os.path.join(TEACHER, "gradescope", name), os.path.join(out, name))
@@ -532,17 +498,16 @@ def autograder(out):
 
 def main():
     args = sys.argv[1:]
+    commands = dict(make=make, grade=grade, autograder=autograder)
     if args[:1] == ["_worker"]:  # _worker DIR REF ROW...: grade_rows in a process of its own
         for row in grade_rows(args[1], args[3:], args[2]):
             print("@@ " + json.dumps(row), flush=True)
-        return
-    commands = dict(make=make, grade=grade, autograder=autograder)
-    if args[:1] in (["-h"], ["--help"]):
-        print("\n\n".join(__doc__.split("\n\n")[:2]))  # what it does: the commands
-        return
-    if len(args) != 2 or args[0] not in commands:
+    elif args[:1] in (["-h"], ["--help"]):
+        print(__doc__.rstrip())
+    elif len(args) != 2 or args[0] not in commands:
         die("usage: python -m course.assignment make DIR | grade DIR | autograder OUT")
-    commands[args[0]](args[1])
+    else:
+        commands[args[0]](args[1])
 
 
 if __name__ == "__main__":

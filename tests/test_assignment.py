@@ -107,7 +107,7 @@ def test_solution_full_marks_handout_zero_from_the_command_line(tmp_path):
     with open(os.path.join(hand, "results.json")) as f:
         res = json.load(f)
     assert res["score"] == 0 and len(res["tests"]) == len(FULL)
-    for t, (i, ex, _, pts) in zip(res["tests"], assignment.ROWS):
+    for t, (i, ex, _, pts, _) in zip(res["tests"], assignment.ROWS):
         assert t["score"] == 0 and t["max_score"] == pts and t["name"].startswith(f"exercise {ex} ")
         want = ["is blank"] if i in assignment.BY_HAND else ["NotImplementedError: ", f"exercise {ex}:"]
         assert all(w in t["output"] for w in want), t
