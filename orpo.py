@@ -389,10 +389,10 @@ def train(cfg, preset="custom"):
         # raw under torch.compile and DDP where asked (they wrap forward, the fused log-probs)
         raw = checkpoint.build_model(cfg, meta, run.path, ck).to(dev)
         ref = checkpoint.load_reference(cfg, meta, raw).to(dev) if loss.ref else None
-        run.claim(cfg, resume=ck is not None)  # one run per out_dir
         opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
         scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
         it, epoch, pos, history, seconds = run.restore(ck, opt, scaler, rank, world, dev_type)
+        run.claim(cfg, resume=ck is not None)  # one run per out_dir
         model = procs.wrap(torch.compile(raw) if cfg.compile else raw, world, dev, dev_type)
         judge = report.Judge(val, enc, meta, cfg, dev, amp)  # samples answers; judges them
         if master:  # a resumed run keeps its log up to the checkpoint, and the samples before

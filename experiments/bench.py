@@ -6,6 +6,7 @@ measured: cpu_peak); the fraction of it reached (`mfu`); peak memory. BENCHMARKS
         --batch_size=8 --vocab_size=50304 --dtype=bfloat16
 """
 from machinery import boot  # first: it sets what torch reads as it loads; Ctrl-C: one line
+import dataclasses
 import json
 import sys
 import time
@@ -17,7 +18,6 @@ import orpo
 from machinery import checkpoint, report
 from machinery.cli import parse_args, setup_device
 from machinery.safe import die
-from model import GPT
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
             "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 FLOP/s, vendor specs
@@ -45,7 +45,8 @@ def bench(cfg, steps):
     dev, dev_type, dtype, amp = setup_device(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     B, T, V = cfg.batch_size, cfg.block_size, cfg.vocab_size or 50304
-    raw = GPT(checkpoint.model_config(cfg, dict(vocab_size=V))).to(dev)
+    cfg = dataclasses.replace(cfg, init_from="scratch")  # random weights: a step takes as long
+    raw = checkpoint.build_model(cfg, dict(vocab_size=V), None).to(dev)
     opt = raw.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev_type, dtype)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     p, n = T // 2, T + 1 - T // 2

@@ -113,13 +113,6 @@ def model_from_checkpoint(ck, path):
 # The model to train, and DPO's frozen reference
 
 
-def model_config(cfg, meta):
-    n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
-    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
-                     n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-
-
 def build_model(cfg, meta, path, ck=None):
     """The model to train: from scratch, resumed from the checkpoint ck (read from path),
     the weights of another run's checkpoint (.pt), or a pretrained GPT-2."""
@@ -132,8 +125,12 @@ def build_model(cfg, meta, path, ck=None):
     if ck is not None:
         return model_from_checkpoint(ck, path)
     if cfg.init_from == "scratch":
+        n_vocab = meta["vocab_size"]  # the tokenizer's; the embedding's rows are padded
+        shape = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or padded_vocab(n_vocab),
+                          n_vocab=n_vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
         try:
-            return GPT(model_config(cfg, meta))
+            return GPT(shape)
         except (RuntimeError, MemoryError) as e:  # the allocator's, in its own words
             die(f"the model does not fit in memory (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
                 f"vocab_size={cfg.vocab_size}): {one_line(e, 100)}")

@@ -78,7 +78,7 @@ def _read_gpt2(path):
 
 
 @torch.no_grad()
-def load_state_dict(model, sd):
+def load_weights(model, sd):
     """Copy a GPT-2 state dict, as _read_gpt2 gives it, into model, checking that every tensor
     is used and every shape fits; ValueError names the first that does not."""
     sd = {k: v for k, v in sd.items()
@@ -127,7 +127,7 @@ def from_pretrained(name_or_path, block_size=1024, dropout=0.0):
         model = GPT(GPTConfig(block_size=block_size, vocab_size=padded_vocab(n_vocab),
                               n_vocab=n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                               dropout=dropout, bias=True))
-        load_state_dict(model, sd)
+        load_weights(model, sd)
     except ValueError as e:
         raise ValueError(f"{name_or_path}: {e}") from e
     return model
