@@ -10,6 +10,7 @@ Both responses end with the end-of-text token, unless truncated.
 Rows are numbered as an editor numbers a .jsonl's lines, from 1. Bad rows are named, counted
 and dropped; bad files or limits stop with a one-line error (exit 2).
 """
+from machinery import boot  # first: a Ctrl-C while numpy and tiktoken import is one line too
 import argparse
 import hashlib
 import json

@@ -47,6 +47,7 @@ def synthetic_encoding():
 def make_synthetic(n_train, n_val, seed):
     """Val prompts (pair and count) are not in train: val tests generalisation, not recall."""
     rng = np.random.default_rng(seed)
+    one = lambda xs: xs[rng.choice(len(xs))]  # by index: numpy can lose a Ctrl-C converting strs
     keys = [(t, a, b, n) for t, ws in TOPICS.items() for a in ws for b in ws if a != b
             for n in (2, 3, 4)]
     keys, n_val_keys = [keys[i] for i in rng.permutation(len(keys))], len(keys) // 10
@@ -56,22 +57,21 @@ def make_synthetic(n_train, n_val, seed):
         for k in rng.integers(len(split_keys[split]), size=n_rows):
             t, a, b, n = split_keys[split][k]
             pool = [w for w in TOPICS[t] if w not in (a, b)]
-            words = list(rng.choice(pool, size=n, replace=False))
+            words = [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
             others = [w for w in TOPIC_OF if TOPIC_OF[w] != t]
             if rng.random() < 0.2:  # the chosen answer is better, not perfect
-                words[int(rng.integers(n))] = str(rng.choice(others))
+                words[int(rng.integers(n))] = one(others)
             on = [i for i, w in enumerate(words) if TOPIC_OF[w] == t]
             rude = rng.random() < 0.5  # the rejected one: rude, further off topic, or both
             n_off = int(rng.integers(0 if rude else 1, len(on) + 1))
             bad = list(words)
-            for i in rng.choice(on, size=n_off, replace=False):
-                bad[i] = str(rng.choice(others))
+            for j in rng.choice(len(on), size=n_off, replace=False):
+                bad[on[j]] = one(others)
             if rng.random() < 0.3:  # a wrong count too (lengths differ): one word more or fewer
-                bad = bad[:-1] if rng.random() < 0.5 else bad + [str(rng.choice(
-                    [w for w in pool if w not in words]))]
+                bad = bad[:-1] if rng.random() < 0.5 else bad + [one([w for w in pool if w not in words])]
             out[split].append(dict(prompt=f"user: {n} more like {a} and {b}\nassistant:",
-                                   chosen=f" {rng.choice(POLITE)} : {' '.join(words)} .",
-                                   rejected=f" {rng.choice(RUDE if rude else POLITE)} : {' '.join(bad)} ."))
+                                   chosen=f" {one(POLITE)} : {' '.join(words)} .",
+                                   rejected=f" {one(RUDE if rude else POLITE)} : {' '.join(bad)} ."))
     return out
 
 

@@ -86,9 +86,10 @@ def test_ctrl_c_in_a_figure_between_runs_is_one_line(tmp_path, data_dir):
     one_line_130(*r, "interrupted")
 
 
-def test_ctrl_c_in_data_preparation_is_one_line_and_keeps_no_half_data(tmp_path):
+@pytest.mark.parametrize("after", ["", 2.0, "tokenizing"])  # importing, making rows, writing
+def test_ctrl_c_in_data_preparation_is_one_line_and_keeps_no_half_data(tmp_path, after):
     d = tmp_path / "d"
-    one_line_130(*typed_ctrl_c(["prepare_data.py", "--n_train=400000", f"--out={d}"], ""),
+    one_line_130(*typed_ctrl_c(["prepare_data.py", "--n_train=400000", f"--out={d}"], after),
                  "interrupted")
     assert not os.path.exists(f"{d}.new")
 
